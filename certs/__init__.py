@@ -1,0 +1,1 @@
+"""Certificate tooling (certificates themselves are generated, never committed)."""

@@ -1,0 +1,1 @@
+"""The site client: runs inside a hospital and is the only code that touches DICOM."""

@@ -1,0 +1,117 @@
+"""What a site process keeps between rounds: its data and its model, built once.
+
+A Flower site process (a Ray actor in simulation, a SuperNode's ClientApp process in deployment)
+handles many rounds. Reading DICOM and building the network every round is the main cost of a
+naive app, so both are cached here per process: samples are decoded, preprocessed and stacked
+into tensors once; the model object is reused and only its weights are replaced each round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from client.dataset import SiteData, load_site
+from client.dicom import DicomError
+from common.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from common.model import build_model
+from common.task import Batchable, stack_samples
+
+__all__ = ["LoadedSite", "resolve_site_dir", "default_sites_root", "loaded_site", "model_for", "site_seed", "apply_threads"]
+
+log = logging.getLogger("fedsite.client")
+
+
+@dataclass(frozen=True)
+class LoadedSite:
+    """A site's data as tensors, plus the counts that may be reported."""
+
+    data: SiteData
+    train: Batchable
+    val: Batchable
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+
+def default_sites_root(cfg: RunConfig) -> Path:
+    """Where simulated sites live when ``data.root`` is empty: one folder per generator setting."""
+    base = Path(os.environ.get("FEDSITE_CACHE", Path.home() / ".cache" / "fedsite")) / "sites"
+    return base / f"seed{cfg.seed}-p{cfg.data.synth_patients}-s{cfg.data.synth_slices}"
+
+
+def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
+    """Find this site's data folder.
+
+    In deployment the SuperNode names it: ``--node-config "data-dir='/path/to/site'"``.
+    In simulation ``partition-id`` picks ``site-NN`` under ``data.root``; a simulated site that is
+    not there yet is generated (deterministically, from the run seed).
+
+    Raises:
+        DicomError: If neither ``data-dir`` nor ``partition-id`` is given, or ``data-dir`` is missing.
+    """
+    if "data-dir" in node_config:
+        path = Path(str(node_config["data-dir"])).expanduser()
+        if not path.is_dir():
+            raise DicomError(f"node config data-dir={path} is not a folder; point it at the site's data folder")
+        return path
+    if "partition-id" not in node_config:
+        raise DicomError(
+            "this SuperNode has no data folder: start it with --node-config \"data-dir='/path/to/site'\""
+        )
+    index = int(node_config["partition-id"])
+    root = Path(cfg.data.root).expanduser() if cfg.data.root else default_sites_root(cfg)
+    # Imported here: only a simulated site generates its own data.
+    from simulations.synth import site_name, write_site
+
+    path = root / site_name(index)
+    if not path.is_dir():
+        log.info("simulated site %s not found under %s: generating it", site_name(index), root)
+        write_site(root, index, seed=cfg.seed, patients=cfg.data.synth_patients, slices=cfg.data.synth_slices)
+    return path
+
+
+@lru_cache(maxsize=16)
+def _load(site_dir: str, data_cfg: DataConfig, seed: int) -> LoadedSite:
+    data = load_site(Path(site_dir), data_cfg, seed=seed)
+    log.info(
+        "site %s: %d train / %d validation slices from %d/%d patients, %d series used, %d files or series rejected",
+        data.name, len(data.train), len(data.val), data.train_patients, data.val_patients, data.series_used, len(data.rejected),
+    )
+    return LoadedSite(data=data, train=stack_samples(data.train), val=stack_samples(data.val))
+
+
+def loaded_site(site_dir: Path, cfg: RunConfig) -> LoadedSite:
+    """The site's samples, read once per process and reused every round."""
+    return _load(str(Path(site_dir).resolve()), cfg.data, cfg.seed)
+
+
+_MODELS: dict[ModelConfig, torch.nn.Module] = {}
+
+
+def model_for(cfg: ModelConfig) -> torch.nn.Module:
+    """The process' model for ``cfg``, built once; callers overwrite its weights each round."""
+    if cfg not in _MODELS:
+        _MODELS[cfg] = build_model(cfg)
+    return _MODELS[cfg]
+
+
+def site_seed(seed: int, site: str, server_round: int) -> int:
+    """A per-site, per-round seed derived from the run seed."""
+    digest = hashlib.sha256(f"{seed}:{site}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def apply_threads(cfg: TrainConfig) -> int:
+    """Set torch's intra-op threads when ``train.threads`` > 0; returns the threads torch uses."""
+    if cfg.threads > 0 and torch.get_num_threads() != cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return torch.get_num_threads()

@@ -1,0 +1,1 @@
+"""What the site client and the coordinator share: config, model factory, tasks, record conversion."""

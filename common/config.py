@@ -1,0 +1,262 @@
+"""Run configuration: parsed once, at the edge, into frozen dataclasses.
+
+Flower hands every app a flat ``run_config`` dict built from ``[tool.flwr.app.config]`` in
+``pyproject.toml`` plus ``--run-config`` overrides, with dotted keys for groups
+(``train.local-epochs``). :func:`parse_run_config` turns that dict into a :class:`RunConfig`;
+an unknown key, a value of the wrong type or a value out of range raises :class:`ConfigError`
+naming the key, the value and what is allowed.
+
+The dataclass defaults below are the same values as ``pyproject.toml`` (a test keeps them equal),
+so code that runs outside Flower (the CLI, benchmarks, tests) gets the same defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "StrategyConfig",
+    "SimConfig",
+    "OutputConfig",
+    "RunConfig",
+    "parse_run_config",
+    "flatten",
+    "default_flat_config",
+]
+
+
+class ConfigError(ValueError):
+    """A run-config key or value is invalid; the message names it and what is allowed."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a site's data is and how samples are made from it."""
+
+    root: str = field(default="", metadata={"help": "simulation: folder holding site-01, site-02, ... ('' = ~/.cache/fedsite/sites)"})
+    image_size: int = field(default=64, metadata=_range(16, 1024))
+    spacing_mm: float = field(default=3.75, metadata=_range(0.0, 100.0, lo_open=True))
+    val_fraction: float = field(default=0.25, metadata=_range(0.0, 0.9, lo_open=True))
+    synth_patients: int = field(default=8, metadata=_range(2, 10_000))
+    synth_slices: int = field(default=12, metadata=_range(1, 1_000))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The MONAI network every site trains (same on every site)."""
+
+    name: str = field(default="unet", metadata=_choice("unet"))
+    channels: str = field(default="16,32,64,128", metadata={"help": "comma-separated feature sizes"})
+    num_res_units: int = field(default=1, metadata=_range(0, 8))
+    norm: str = field(default="instance", metadata=_choice("instance", "batch", "group"))
+
+    @property
+    def channel_tuple(self) -> tuple[int, ...]:
+        """The feature sizes as integers, e.g. ``(16, 32, 64, 128)``."""
+        return tuple(int(c) for c in self.channels.split(","))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site."""
+
+    local_epochs: int = field(default=3, metadata=_range(1, 1_000))
+    batch_size: int = field(default=8, metadata=_range(1, 4_096))
+    lr: float = field(default=3e-3, metadata=_range(0.0, 10.0, lo_open=True))
+    optimizer: str = field(default="adam", metadata=_choice("adam", "sgd"))
+    threads: int = field(default=0, metadata={**_range(0, 256), "help": "torch threads per site process (0 = what the runtime gives)"})
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side aggregation."""
+
+    name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox"))
+    proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
+    fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    min_sites: int = field(default=2, metadata=_range(1, 100_000))
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The one-machine simulation (ignored in deployment)."""
+
+    sites: int = field(default=3, metadata=_range(1, 1_000))
+    cpus_per_site: float = field(default=1.0, metadata=_range(0.0, 256.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the server writes results, the final model and the MLflow store."""
+
+    dir: str = field(default="", metadata={"help": "'' = ./fedsite-runs/<timestamp>"})
+    tracking_uri: str = field(default="", metadata={"help": "MLflow tracking URI ('' = sqlite store in the output folder)"})
+    experiment: str = "fedsite"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole, validated run configuration."""
+
+    seed: int = field(default=42, metadata=_range(0, 2**31 - 1))
+    num_server_rounds: int = field(default=3, metadata=_range(1, 100_000))
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    sim: SimConfig = SimConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[dataclasses.Field[Any], type]]:
+    """Map every flat dotted key (``train.local-epochs``) to its field and owning class."""
+    out: dict[str, tuple[dataclasses.Field[Any], type]] = {}
+    for f in fields(cls):
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(f.default):
+            out.update(_leaf_fields(type(f.default), key + "."))
+        else:
+            out[key] = (f, cls)
+    return out
+
+
+_LEAVES = _leaf_fields(RunConfig)
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field[Any]) -> Any:
+    typ = type(f.default)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
+        value = int(value)
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {allowed}")
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and value > hi
+        if too_low or too_high:
+            lo_txt = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+            hi_txt = "" if hi is None else f"<= {hi}"
+            allowed = " and ".join(t for t in (lo_txt, hi_txt) if t)
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range; it must be {allowed}")
+    return value
+
+
+def parse_run_config(raw: Mapping[str, Any] | None) -> RunConfig:
+    """Validate a flat Flower run config and build a :class:`RunConfig`.
+
+    Keys that are absent take their defaults (the same as ``pyproject.toml``).
+
+    Args:
+        raw: Flat mapping with dotted keys, e.g. ``{"train.local-epochs": 2}``.
+
+    Returns:
+        The frozen, validated configuration.
+
+    Raises:
+        ConfigError: For an unknown key (with the closest known keys) or an invalid value.
+    """
+    raw = dict(raw or {})
+    unknown = sorted(k for k in raw if k not in _LEAVES)
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(_LEAVES), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(
+            f"unknown config key '{k}'{hint} Known keys: {', '.join(sorted(_LEAVES))}"
+        )
+    groups: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        f, _owner = _LEAVES[key]
+        coerced = _coerce(key, value, f)
+        if "." in key:
+            group, _ = key.split(".", 1)
+            groups.setdefault(group.replace("-", "_"), {})[f.name] = coerced
+        else:
+            top[f.name] = coerced
+    kwargs: dict[str, Any] = dict(top)
+    for f in fields(RunConfig):
+        if dataclasses.is_dataclass(f.default):
+            kwargs[f.name] = dataclasses.replace(f.default, **groups.get(f.name, {}))
+    cfg = RunConfig(**kwargs)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: RunConfig) -> None:
+    try:
+        channels = cfg.model.channel_tuple
+    except ValueError:
+        raise ConfigError(
+            f"config key 'model.channels' = {cfg.model.channels!r}: expected comma-separated whole numbers, e.g. '16,32,64'"
+        ) from None
+    if len(channels) < 2 or any(c < 1 for c in channels):
+        raise ConfigError(
+            f"config key 'model.channels' = {cfg.model.channels!r}: needs at least two positive sizes, e.g. '16,32,64'"
+        )
+    depth = 2 ** (len(channels) - 1)
+    if cfg.data.image_size % depth:
+        raise ConfigError(
+            f"config key 'data.image-size' = {cfg.data.image_size}: must be divisible by {depth} "
+            f"for a UNet with {len(channels)} levels ('model.channels' = {cfg.model.channels!r})"
+        )
+    if cfg.model.norm == "group" and any(c % 8 for c in channels):
+        raise ConfigError(
+            f"config key 'model.channels' = {cfg.model.channels!r}: group norm uses 8 groups, so every size must be a multiple of 8"
+        )
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """The flat, dotted-key form of ``cfg`` (what Flower's run config holds)."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + _key(f.name) + ".")
+            else:
+                out[prefix + _key(f.name)] = value
+
+    walk(cfg, "")
+    return out
+
+
+def default_flat_config() -> dict[str, Any]:
+    """The defaults as a flat dict; equal to ``[tool.flwr.app.config]`` in pyproject.toml."""
+    return flatten(RunConfig())

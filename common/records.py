@@ -1,0 +1,76 @@
+"""Conversion between model weights and Flower records, with checks a bad message cannot pass.
+
+This is the one module in ``common`` that imports Flower: the handlers use it to translate;
+training and model code never see a record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+__all__ = ["RecordError", "to_arrays", "load_arrays", "check_arrays"]
+
+
+class RecordError(ValueError):
+    """A record's content does not fit the model or holds non-finite numbers."""
+
+
+def to_arrays(model: torch.nn.Module) -> ArrayRecord:
+    """The model's full state (parameters and buffers) as an ``ArrayRecord``, keyed by state-dict name."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def check_arrays(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Check that ``arrays`` has exactly the reference's keys and shapes and only finite values.
+
+    Args:
+        arrays: Weights received in a message.
+        reference: A state dict of the expected model.
+
+    Returns:
+        The arrays as NumPy arrays, keyed by name.
+
+    Raises:
+        RecordError: Naming the first missing, extra, misshapen or non-finite entry.
+    """
+    got = set(arrays.keys())
+    want = set(reference.keys())
+    if got != want:
+        missing = sorted(want - got)[:3]
+        extra = sorted(got - want)[:3]
+        raise RecordError(
+            f"weights do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'} "
+            "(do the site and the server run the same model.* config?)"
+        )
+    out: dict[str, np.ndarray] = {}
+    for key in reference:
+        arr = arrays[key].numpy()
+        if tuple(arr.shape) != tuple(reference[key].shape):
+            raise RecordError(
+                f"weight '{key}' has shape {tuple(arr.shape)}, the model expects {tuple(reference[key].shape)}"
+            )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise RecordError(f"weight '{key}' holds NaN or infinite values")
+        out[key] = arr
+    return out
+
+
+def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Load ``arrays`` into ``model`` after :func:`check_arrays`.
+
+    Raises:
+        RecordError: If the arrays do not fit the model.
+    """
+    reference = model.state_dict()
+    checked = check_arrays(arrays, reference)
+    model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)).to(reference[k].dtype) for k, v in checked.items()})
+
+
+def finite(value: float) -> bool:
+    """True when ``value`` is a finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,185 @@
+"""Training and evaluation of the segmentation task. Plain PyTorch and MONAI; no Flower.
+
+Samples arrive as MONAI-style dicts (``{"image": (1, H, W), "label": (1, H, W), ...}``);
+:func:`stack_samples` turns a list of them into two tensors once, so that every epoch after the
+first reads memory, not dicts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from monai.losses import DiceCELoss
+
+__all__ = ["Batchable", "stack_samples", "train", "evaluate", "TrainResult", "dice_from_counts"]
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """A split held as two tensors: images ``(N, 1, H, W)`` float32, labels ``(N, 1, H, W)`` int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def stack_samples(samples: Sequence[Mapping[str, object]]) -> Batchable:
+    """Stack MONAI sample dicts into one :class:`Batchable`.
+
+    Args:
+        samples: Dicts with ``"image"`` and ``"label"`` arrays or tensors of shape ``(1, H, W)``.
+
+    Returns:
+        The stacked split (empty tensors if ``samples`` is empty).
+    """
+    if not samples:
+        return Batchable(torch.zeros(0, 1, 1, 1), torch.zeros(0, 1, 1, 1, dtype=torch.long))
+    images = torch.stack([torch.as_tensor(s["image"], dtype=torch.float32) for s in samples])
+    labels = torch.stack([torch.as_tensor(s["label"]).long() for s in samples])
+    # MetaTensor -> plain tensor: metadata is not needed in the training loop.
+    return Batchable(images.as_tensor() if hasattr(images, "as_tensor") else images,
+                     labels.as_tensor() if hasattr(labels, "as_tensor") else labels)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :func:`train` did."""
+
+    num_examples: int
+    """Training samples seen per epoch (not batches): the weight of this site in FedAvg."""
+    steps: int
+    loss: float
+    """Mean training loss over the last epoch (task loss, without the proximal term)."""
+    seconds: float
+
+
+def _loss_fn() -> DiceCELoss:
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train(
+    model: torch.nn.Module,
+    data: Batchable,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "adam",
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """Train ``model`` in place on ``data``.
+
+    Args:
+        model: The network; its current weights are the starting (global) weights.
+        data: The site's training split.
+        epochs: Local epochs (full passes over ``data``).
+        batch_size: Samples per optimizer step.
+        lr: Learning rate.
+        optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        proximal_mu: FedProx weight; adds ``mu/2 * ||w - w_global||^2`` to the loss when > 0.
+        seed: Seeds the shuffling order, so a round is repeatable.
+        device: Where to train.
+
+    Returns:
+        A :class:`TrainResult` with ``num_examples`` = number of training samples.
+
+    Raises:
+        ValueError: If ``data`` is empty.
+    """
+    if len(data) == 0:
+        raise ValueError("no training samples: the site's training split is empty")
+    start = time.perf_counter()
+    device = torch.device(device)
+    model.to(device).train()
+    loss_fn = _loss_fn()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(params, lr=lr)
+    global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    gen = torch.Generator().manual_seed(seed)
+    steps = 0
+    epoch_loss = 0.0
+    for _ in range(epochs):
+        total, seen = 0.0, 0
+        for idx in _batches(len(data), batch_size, gen):
+            x = data.images[idx].to(device, non_blocking=True)
+            y = data.labels[idx].to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            task_loss = loss_fn(model(x), y)
+            loss = task_loss
+            if proximal_mu > 0:
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params))
+                loss = loss + (proximal_mu / 2.0) * prox
+            loss.backward()
+            opt.step()
+            steps += 1
+            total += float(task_loss.detach()) * len(idx)
+            seen += len(idx)
+        epoch_loss = total / max(seen, 1)
+    return TrainResult(num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start)
+
+
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """Dice = 2TP / (2TP + FP + FN); 1.0 when there is nothing to find and nothing was found."""
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else float(2 * tp / denom)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    data: Batchable,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Evaluate lesion segmentation on ``data``.
+
+    Dice is computed over the whole split (all pixels of all slices pooled), so slices without
+    lesion count through their false positives instead of being undefined.
+
+    Args:
+        model: The network to evaluate.
+        data: A validation split.
+        batch_size: Samples per forward pass.
+        device: Where to run.
+
+    Returns:
+        ``{"dice": ..., "loss": ..., "num-examples": N}``; loss is the mean Dice+CE loss per sample.
+
+    Raises:
+        ValueError: If ``data`` is empty.
+    """
+    if len(data) == 0:
+        raise ValueError("no validation samples: the site's validation split is empty")
+    device = torch.device(device)
+    model.to(device).eval()
+    loss_fn = _loss_fn()
+    tp = fp = fn = 0.0
+    loss_sum = 0.0
+    for idx in _batches(len(data), batch_size, None):
+        x = data.images[idx].to(device)
+        y = data.labels[idx].to(device)
+        logits = model(x)
+        loss_sum += float(loss_fn(logits, y)) * len(idx)
+        pred = logits.argmax(dim=1, keepdim=True)
+        tp += float(((pred == 1) & (y == 1)).sum())
+        fp += float(((pred == 1) & (y != 1)).sum())
+        fn += float(((pred != 1) & (y == 1)).sum())
+    return {"dice": dice_from_counts(tp, fp, fn), "loss": loss_sum / len(data), "num-examples": float(len(data))}

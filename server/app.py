@@ -1,0 +1,119 @@
+"""The coordinator's Flower ServerApp: read the config, run the strategy, keep what it learns.
+
+Thin over plain modules: :mod:`server.strategies` (aggregation, per-site results, reply checks),
+:mod:`server.results` (results.json and the table), :mod:`server.tracking` (MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig, flatten, parse_run_config
+from common.model import build_model
+from common.records import to_arrays
+from server.results import build_results, round_metrics, site_table, write_json
+from server.strategies import RoundRecord, make_strategy
+from server.tracking import Tracker, library_versions, ui_hint
+
+app = ServerApp()
+log = logging.getLogger("fedsite.server")
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """The run's output folder: ``output.dir`` or ``./fedsite-runs/<UTC time>``."""
+    if cfg.output.dir:
+        return Path(cfg.output.dir).expanduser().resolve()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("fedsite-runs", stamp).resolve()
+
+
+def train_config(cfg: RunConfig) -> ConfigRecord:
+    """What every site is asked to do each round."""
+    return ConfigRecord(
+        {
+            "local-epochs": cfg.train.local_epochs,
+            "batch-size": cfg.train.batch_size,
+            "lr": cfg.train.lr,
+            "optimizer": cfg.train.optimizer,
+        }
+    )
+
+
+def _progress(rec: RoundRecord, total: int) -> str:
+    if not rec.per_site:
+        return f"round {rec.round}/{total}: no site returned evaluation results ({len(rec.rejected)} rejected) in {rec.seconds:.1f}s"
+    worst_site = min(rec.per_site, key=lambda s: rec.per_site[s].get("dice", 0.0))
+    mean = rec.mean()
+    return (
+        f"round {rec.round}/{total}: mean dice {mean['dice']:.3f}, worst {rec.per_site[worst_site]['dice']:.3f} ({worst_site}), "
+        f"{len(rec.per_site)} sites, {len(rec.rejected)} rejected, {rec.seconds:.1f}s"
+    )
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> dict:
+    """Run all rounds on ``grid`` and write the results; returns the results dict."""
+    started = time.perf_counter()
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = flatten(cfg)
+    tracker = Tracker(out, tracking_uri=cfg.output.tracking_uri, experiment=cfg.output.experiment, run_name=out.name)
+    tracker.start(flat)
+    log.info("fedsite: %s, %d rounds, results in %s", cfg.strategy.name, cfg.num_server_rounds, out)
+
+    def on_round(rec: RoundRecord) -> None:
+        log.info(_progress(rec, cfg.num_server_rounds))
+        tracker.log_metrics(round_metrics(rec), step=rec.round)
+        # Partial results after every round: a crash later loses nothing already learnt.
+        write_json(out / "results.json", build_results(flat, strategy.records, total_s=time.perf_counter() - started))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    strategy = make_strategy(cfg, on_round=on_round)
+    status = "FAILED"
+    try:
+        result = strategy.start(  # type: ignore[attr-defined]
+            grid=grid,
+            initial_arrays=to_arrays(model),
+            num_rounds=cfg.num_server_rounds,
+            train_config=train_config(cfg),
+            evaluate_config=ConfigRecord({}),
+        )
+        final_arrays: ArrayRecord = result.arrays if result.arrays is not None else to_arrays(model)
+        model.load_state_dict(final_arrays.to_torch_state_dict())
+        model_path = out / "final_model.pt"
+        torch.save(model.state_dict(), model_path)
+        status = "FINISHED"
+    finally:
+        total = time.perf_counter() - started
+        results = build_results(
+            flat,
+            strategy.records,
+            total_s=total,
+            extra={"versions": library_versions(), "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id}},
+        )
+        write_json(out / "results.json", results)
+        if status == "FINISHED":
+            tracker.log_artifact(out / "final_model.pt")
+        tracker.log_artifact(out / "results.json")
+        tracker.log_metrics({"total-s": total}, step=cfg.num_server_rounds)
+        tracker.finish(status)
+    log.info("per-site results:\n%s", site_table(results))
+    log.info("results: %s", out / "results.json")
+    log.info("open the MLflow store with: %s", ui_hint(tracker.tracking_uri))
+    return results
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point of the coordinator."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fedsite").setLevel(logging.INFO)
+    cfg = parse_run_config(context.run_config)
+    run_federation(grid, cfg)

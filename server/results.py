@@ -1,0 +1,103 @@
+"""The run's results: ``results.json``, the per-site table, and the metrics sent to tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from server.strategies import RoundRecord, summarize
+
+__all__ = ["round_entry", "build_results", "write_json", "site_table", "round_metrics"]
+
+
+def round_entry(rec: RoundRecord) -> dict[str, Any]:
+    """One element of ``results["rounds"]``."""
+    mean, worst = summarize(rec.per_site)
+    return {
+        "round": rec.round,
+        "per_site": rec.per_site,
+        "mean": mean,
+        "worst": worst,
+        "train": rec.train,
+        "rejected": rec.rejected,
+        "seconds": rec.seconds,
+    }
+
+
+def build_results(config: dict[str, Any], records: list[RoundRecord], *, total_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble ``results.json``: config, rounds, final (last evaluated round) and timing."""
+    rounds = [round_entry(r) for r in records]
+    last = next((r for r in reversed(records) if r.per_site), None)
+    final_sites = {s: {k: v for k, v in m.items() if k != "num-examples"} for s, m in (last.per_site if last else {}).items()}
+    mean, worst = summarize(final_sites)
+    results: dict[str, Any] = {
+        "config": config,
+        "rounds": rounds,
+        "final": {"round": last.round if last else None, "per_site": final_sites, "mean": mean, "worst": worst},
+        "timing": {"total_s": total_s, "round_s": [r.seconds for r in records]},
+    }
+    if extra:
+        results.update(extra)
+    return results
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def round_metrics(rec: RoundRecord) -> dict[str, float]:
+    """Flat metric names for tracking: ``dice.mean``, ``dice.worst``, ``dice.site-01``, ..."""
+    mean, worst = summarize(rec.per_site)
+    out: dict[str, float] = {}
+    for k, v in mean.items():
+        if k != "num-examples":
+            out[f"{k}.mean"] = v
+            out[f"{k}.worst"] = worst[k]
+    for site, m in rec.per_site.items():
+        for k, v in m.items():
+            if k != "num-examples":
+                out[f"{k}.{site}"] = v
+    for site, m in rec.train.items():
+        if "train-loss" in m:
+            out[f"train-loss.{site}"] = m["train-loss"]
+    out["round-s"] = rec.seconds
+    out["rejected"] = float(len(rec.rejected))
+    return out
+
+
+def site_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per site, first and final Dice, final loss; then mean and worst."""
+    rounds = [r for r in results["rounds"] if r["per_site"]]
+    if not rounds:
+        return "no site reported evaluation results"
+    first, final = rounds[0], results["final"]
+    rows = [("site", f"dice r{first['round']}", f"dice r{final['round']}", "loss", "val slices")]
+    for site in sorted(final["per_site"]):
+        f = first["per_site"].get(site, {})
+        last_round = rounds[-1]["per_site"].get(site, {})
+        rows.append(
+            (
+                site,
+                f"{f['dice']:.3f}" if "dice" in f else "-",
+                f"{final['per_site'][site].get('dice', float('nan')):.3f}",
+                f"{final['per_site'][site].get('loss', float('nan')):.3f}",
+                f"{int(last_round.get('num-examples', 0))}",
+            )
+        )
+    for label in ("mean", "worst"):
+        fv = first[label].get("dice")
+        rows.append((label, f"{fv:.3f}" if fv is not None else "-", f"{final[label].get('dice', float('nan')):.3f}", f"{final[label].get('loss', float('nan')):.3f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 2, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

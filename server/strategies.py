@@ -1,0 +1,218 @@
+"""Strategies that keep results per site and reject misbehaving replies with a reason.
+
+Flower's metric aggregation averages the sites' numbers and forgets who sent what. The strategies
+here wrap Flower's FedAvg and FedProx with :class:`SiteRecording`: every reply names its site (a
+``site`` ConfigRecord), each reply is checked before it is aggregated (a reply with wrong weights,
+non-finite numbers or no samples is dropped, and the reason is logged and kept), and each round's
+per-site results are handed to a callback as a :class:`RoundRecord`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from common.config import RunConfig
+
+__all__ = ["RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
+
+log = logging.getLogger("fedsite.server")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, per site."""
+
+    round: int
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def mean(self) -> dict[str, float]:
+        """Unweighted mean over sites of each evaluation metric (every site counts the same)."""
+        return summarize(self.per_site)[0]
+
+    def worst(self) -> dict[str, float]:
+        """The worst site's value of each metric (lowest Dice, highest loss)."""
+        return summarize(self.per_site)[1]
+
+
+def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and worst over sites: for ``loss`` the worst is the highest, for scores the lowest."""
+    mean: dict[str, float] = {}
+    worst: dict[str, float] = {}
+    if not per_site:
+        return mean, worst
+    keys = set.intersection(*(set(m) for m in per_site.values()))
+    for k in sorted(keys):
+        values = [m[k] for m in per_site.values()]
+        mean[k] = sum(values) / len(values)
+        worst[k] = max(values) if "loss" in k else min(values)
+    return mean, worst
+
+
+_REPORTED_EVAL = ("dice", "loss", "num-examples")
+_REPORTED_TRAIN = ("num-examples", "train-loss", "steps", "compute-s", "handler-s")
+
+
+class SiteRecording:
+    """Mixin for a Flower Message-API strategy: per-site results and reply checks.
+
+    Args (keyword, via :meth:`init_recording`):
+        on_round: Called with each finished :class:`RoundRecord`.
+    """
+
+    _records: dict[int, RoundRecord]
+    _on_round: Callable[[RoundRecord], None] | None
+    _round_start: float
+    _global_keys: dict[str, tuple[int, ...]]
+
+    def init_recording(self, on_round: Callable[[RoundRecord], None] | None = None) -> None:
+        self._records = {}
+        self._on_round = on_round
+        self._round_start = time.perf_counter()
+        self._global_keys = {}
+
+    @property
+    def records(self) -> list[RoundRecord]:
+        """Finished and current rounds, in order."""
+        return [self._records[r] for r in sorted(self._records)]
+
+    def _record(self, server_round: int) -> RoundRecord:
+        return self._records.setdefault(server_round, RoundRecord(round=server_round))
+
+    # --- checks -------------------------------------------------------------------------------
+    def _site_of(self, msg: Message) -> str | None:
+        rec = msg.content.config_records.get("site")
+        name = rec.get("name") if isinstance(rec, ConfigRecord) else None
+        if isinstance(name, str) and _SAFE_NAME.match(name):
+            return name
+        return None
+
+    def _check(self, msg: Message, *, is_train: bool, seen: set[str]) -> tuple[str, str | None]:
+        """Return (site label, reason to reject or None)."""
+        node = f"node-{msg.metadata.src_node_id}"
+        if msg.has_error():
+            return node, f"site reported an error: {msg.error.reason}"
+        site = self._site_of(msg)
+        if site is None:
+            return node, "reply has no valid 'site' name (letters, digits, '.', '_', '-'; at most 64)"
+        if site in seen:
+            return f"{site}@{node}", f"a second node claims the site name '{site}'"
+        metrics = msg.content.metric_records.get("metrics")
+        if not isinstance(metrics, MetricRecord):
+            return site, "reply has no 'metrics' record"
+        n = metrics.get("num-examples")
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            return site, f"num-examples must be a positive number, got {n!r}"
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return site, f"metric '{key}' is not finite"
+        if is_train:
+            arrays = msg.content.array_records.get("arrays")
+            if not isinstance(arrays, ArrayRecord):
+                return site, "training reply has no 'arrays' record"
+            shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+            if shapes != self._global_keys:
+                return site, "weights do not match the global model (different keys or shapes)"
+            for k, v in arrays.items():
+                arr = v.numpy()
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    return site, f"weight '{k}' holds NaN or infinite values"
+        else:
+            dice = metrics.get("dice")
+            if not isinstance(dice, (int, float)) or not 0.0 <= dice <= 1.0:
+                return site, f"dice must be in [0, 1], got {dice!r}"
+        return site, None
+
+    def _filter(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> tuple[list[Message], dict[str, Message]]:
+        rec = self._record(server_round)
+        good: list[Message] = []
+        by_site: dict[str, Message] = {}
+        for msg in replies:
+            site, reason = self._check(msg, is_train=is_train, seen=set(by_site))
+            if reason is None:
+                good.append(msg)
+                by_site[site] = msg
+            else:
+                phase = "train" if is_train else "evaluate"
+                log.warning("round %d %s: rejected reply from %s: %s", server_round, phase, site, reason)
+                rec.rejected.append({"site": site, "phase": phase, "reason": reason})
+        return good, by_site
+
+    # --- strategy hooks -----------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
+        self._global_keys = {k: tuple(v.shape) for k, v in arrays.items()}
+        self._record(server_round)
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good, by_site = self._filter(server_round, replies, is_train=True)
+        rec = self._record(server_round)
+        for site, msg in by_site.items():
+            m = msg.content["metrics"]
+            rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
+        if not good:
+            log.warning("round %d: no usable training replies; the global model is unchanged", server_round)
+            return None, None
+        return super().aggregate_train(server_round, good)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good, by_site = self._filter(server_round, replies, is_train=False)
+        rec = self._record(server_round)
+        for site, msg in sorted(by_site.items()):
+            m = msg.content["metrics"]
+            rec.per_site[site] = {k: float(m[k]) for k in _REPORTED_EVAL if k in m}
+        rec.seconds = time.perf_counter() - self._round_start
+        aggregated = super().aggregate_evaluate(server_round, good) if good else None  # type: ignore[misc]
+        if self._on_round is not None:
+            self._on_round(rec)
+        return aggregated
+
+
+class SiteFedAvg(SiteRecording, FedAvg):
+    """FedAvg (weights averaged by training samples) with per-site results."""
+
+
+class SiteFedProx(SiteRecording, FedProx):
+    """FedProx: FedAvg on the server; each site adds ``mu/2 ||w - w_global||^2`` to its loss."""
+
+
+def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | None = None) -> SiteRecording:
+    """Build the strategy named by ``strategy.name``.
+
+    Args:
+        cfg: The run config.
+        on_round: Called with each finished round's per-site record.
+
+    Returns:
+        A Flower strategy that also records per-site results.
+    """
+    s = cfg.strategy
+    common = dict(
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_sites,
+        min_evaluate_nodes=s.min_sites,
+        min_available_nodes=s.min_sites,
+    )
+    strategy: SiteRecording
+    if s.name == "fedprox":
+        strategy = SiteFedProx(proximal_mu=s.proximal_mu, **common)
+    else:
+        strategy = SiteFedAvg(**common)
+    strategy.init_recording(on_round)
+    return strategy

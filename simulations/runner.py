@@ -1,0 +1,131 @@
+"""Run a whole federation on one machine with Flower's Simulation Runtime (Ray).
+
+:func:`simulate` does what ``flwr run .`` does against a local simulation SuperLink, in-process:
+it builds the run config (``pyproject.toml`` defaults fused with overrides, through Flower's own
+mechanism), writes the synthetic sites if they are missing, starts the ServerApp and one virtual
+SuperNode per site, and returns the results the ServerApp wrote.
+
+It uses the Simulation Runtime's entry point of the flwr 1.41 series (``_run_simulation``, the one
+``flwr-simulation`` calls); the public ``run_simulation`` cannot pass a run config to the sites.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from common.config import RunConfig, flatten
+
+__all__ = ["simulate", "app_dir", "prepare"]
+
+log = logging.getLogger("fedsite.sim")
+
+
+def app_dir() -> Path:
+    """The Flower app folder (the one holding ``pyproject.toml``).
+
+    Raises:
+        FileNotFoundError: If fedsite was installed without its source tree (use ``pip install -e .``).
+    """
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"no pyproject.toml next to the installed packages ({root}); install fedsite from its source "
+            "folder with `pip install -e .` so the simulation can read the app's config"
+        )
+    return root
+
+
+def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None) -> RunConfig:
+    """Resolve folders and write missing synthetic sites; returns the config the run will use."""
+    from client.runtime import default_sites_root
+    from simulations.synth import write_sites
+
+    root = Path(cfg.data.root).expanduser().resolve() if cfg.data.root else default_sites_root(cfg)
+    write_sites(
+        root,
+        sites=cfg.sim.sites,
+        seed=cfg.seed,
+        patients=cfg.data.synth_patients,
+        slices=cfg.data.synth_slices,
+        progress=progress,
+    )
+    return replace(
+        cfg,
+        data=replace(cfg.data, root=str(root)),
+        output=replace(cfg.output, dir=str(Path(out).expanduser().resolve())),
+    )
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Ray resources: ``sim.cpus-per-site`` CPUs per virtual site on all of this machine's cores."""
+    return {
+        "client_resources": {"num_cpus": cfg.sim.cpus_per_site, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0},
+    }
+
+
+def simulate(
+    cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, quiet: bool = True
+) -> dict[str, Any]:
+    """Run the federation described by ``cfg`` and return its ``results.json`` content.
+
+    Args:
+        cfg: The run config (``sim.sites`` sites, ``num-server-rounds`` rounds, ...).
+        out: The output folder (results.json, final_model.pt, mlflow.db).
+        progress: Called with a line of text as sites are written.
+        quiet: Show only warnings from Flower and Ray (fedsite's own progress is always shown).
+
+    Returns:
+        The parsed ``results.json``.
+
+    Raises:
+        RuntimeError: If the simulation fails (the cause is chained).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    import client.app
+    import server.app
+
+    if quiet:
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING)
+        flwr_log.propagate = False
+    cfg = prepare(cfg, out, progress=progress)
+    overrides = flatten(cfg)
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = overrides
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=overrides)
+    _run_simulation(
+        num_supernodes=cfg.sim.sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client.app.app,
+        server_app=server.app.app,
+        backend_name="ray",
+        backend_config=backend_config(cfg),
+        server_app_context=context,
+        app_dir=str(app_dir()),
+        run=run,
+        is_app=True,
+    )
+    results_path = Path(cfg.output.dir) / "results.json"
+    if not results_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {results_path}; see the log above for the cause")
+    return json.loads(results_path.read_text())

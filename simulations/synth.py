@@ -1,0 +1,767 @@
+"""Synthetic scanner sites: folders of real DICOM MR series with lesion masks.
+
+A site is one simulated hospital: several patients, each with one axial MR-like series of a
+synthetic abdomen phantom (body with a subcutaneous fat ring, soft tissue, an organ, a spine,
+vessels and 1-3 ellipsoidal lesions inside the organ), plus the lesion mask. Sites differ the
+way scanners differ, through their :class:`~simulations.profiles.ScannerProfile` (grid,
+contrast curve, bias field, noise, stored bits, rescale, photometric interpretation,
+transfer syntax), so a model trained on one site measurably degrades on another.
+
+On-disk layout of one site (the client relies on it)::
+
+    <root>/<site>/site.json
+        {"name", "generator_version", "seed", "patients", "slices", "profile": {...}}
+    <root>/<site>/dicom/<PatientID>/SE<SeriesNumber:04d>/IM<InstanceNumber:04d>.dcm
+        one Part-10 MR Image Storage file per slice, e.g. dicom/S01-P003/SE0005/IM0001.dcm
+    <root>/<site>/labels/<SeriesInstanceUID>.nii.gz
+        uint8 lesion mask (0 background, 1 lesion) on the series' grid: size (columns, rows,
+        slices), spacing (pixel spacing, pixel spacing, slice spacing), origin = the
+        ImagePositionPatient of the lowest slice, direction from ImageOrientationPatient
+        (identity: axial, [1, 0, 0, 0, 1, 0]); what SimpleITK's ImageSeriesReader gives for
+        the series' files sorted by position.
+
+``write_sites`` also writes ``<out>/fedsite-sites.json`` =
+``{"generator_version", "seed", "patients", "slices", "sites": [names]}``.
+
+Traps a client must handle, on purpose: file names follow InstanceNumber, and for patient
+index 1 of every site (PatientID ``S..-P002``) InstanceNumber runs against the slice position
+(sort slices by ImagePositionPatient along the slice normal, not by InstanceNumber or file
+name); MONOCHROME1 stores inverted values; stored values need RescaleSlope/Intercept; one
+profile is 16-bit signed; one is RLE Lossless.
+
+Intensities: tissue signal in ``[0, 1]`` -> ``signal ** contrast_gamma`` -> times a smooth
+bias field (peak-to-peak ``bias_field``) -> noise (rician ``sqrt((s + n1)**2 + n2**2)`` or
+gaussian ``s + n``, sigma ``noise_level``) -> modality value ``v = s * intensity_scale * 1000``
+-> stored ``round((v - RescaleIntercept) / RescaleSlope)`` clipped to the BitsStored range ->
+for MONOCHROME1 ``lo + hi - stored``. So ``stored * RescaleSlope + RescaleIntercept`` (after
+undoing MONOCHROME1) gives ``v``.
+
+Everything is deterministic: one ``numpy.random.default_rng([seed, site index, patient index])``
+per patient, UIDs from ``pydicom.uid.generate_uid(entropy_srcs=...)``, dates derived from the
+seed. The same seed and parameters give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+
+from simulations.profiles import (
+    SIGNAL_UNITS,
+    ScannerProfile,
+    profile_for_site,
+    profile_to_dict,
+    stored_limits,
+)
+
+GENERATOR_VERSION = 1
+#: Name of the per-site metadata file.
+SITE_FILE = "site.json"
+#: Name of the index ``write_sites`` writes next to the site folders.
+INDEX_FILE = "fedsite-sites.json"
+#: Patient index (0-based) whose InstanceNumbers run against slice position.
+REVERSED_PATIENT = 1
+#: Fraction of a patient's slices that must show lesion.
+MIN_LESION_SLICE_FRACTION = 0.6
+
+_TRANSFER_SYNTAX_UIDS = {"ExplicitVRLittleEndian": ExplicitVRLittleEndian, "RLELossless": RLELossless}
+_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+# Tissue signals in [0, 1] before the scanner's contrast curve.
+_FAT = 0.62
+_SOFT = 0.30
+_ORGAN = 0.48
+_SPINE = 0.12
+_VESSEL = 0.95
+
+
+def site_name(index: int) -> str:
+    """The folder name of site ``index``: ``"site-01"`` for index 0, ``"site-02"``, ...
+
+    Args:
+        index: Site index, 0-based.
+
+    Returns:
+        The site's name (also its public name in ``site.json``).
+
+    Raises:
+        ValueError: If ``index`` is not a non-negative integer.
+    """
+    _check_int("index", index, low=0)
+    return f"site-{index + 1:02d}"
+
+
+def write_site(
+    root: Path,
+    index: int,
+    *,
+    seed: int,
+    patients: int = 6,
+    slices: int = 8,
+    profile: ScannerProfile | None = None,
+) -> Path:
+    """Write simulated site ``index`` to ``root / site_name(index)``, or reuse it.
+
+    The folder is built in a temporary folder next to it and renamed into place, so it either
+    exists complete or not at all. Two processes may write different indices at once; if two
+    race on the same index, the first rename wins and the other returns the winner's folder.
+
+    Args:
+        root: Folder that holds the site folders; created if missing.
+        index: Site index, 0-based; names the folder and seeds its patients.
+        seed: Generation seed, >= 0; the same seed and parameters give byte-identical files.
+        patients: Patients (one series each) in the site, >= 1.
+        slices: Axial slices per series, >= 1.
+        profile: Scanner profile; default ``profile_for_site(index)``.
+
+    Returns:
+        The site folder.
+
+    Raises:
+        FileExistsError: If the folder exists but was written with other parameters (or is not
+            a finished site): delete it or choose another ``root``.
+        ValueError: If an argument is out of range.
+    """
+    path, _ = _write_site(Path(root), index, seed=seed, patients=patients, slices=slices, profile=profile)
+    return path
+
+
+def write_sites(
+    out: Path,
+    *,
+    sites: int,
+    seed: int,
+    patients: int = 6,
+    slices: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write sites ``0 .. sites - 1`` under ``out``, each with ``profile_for_site(i)``.
+
+    Also writes ``out / "fedsite-sites.json"`` = ``{"generator_version", "seed", "patients",
+    "slices", "sites": [names]}``. Sites already present with the same parameters are reused.
+
+    Args:
+        out: Folder for the site folders; created if missing.
+        sites: Number of sites, >= 1.
+        seed: Generation seed, >= 0.
+        patients: Patients per site, >= 1.
+        slices: Slices per series, >= 1.
+        progress: Called with one human-readable message per site.
+
+    Returns:
+        The site folders, in index order.
+
+    Raises:
+        FileExistsError: If a site folder exists with other parameters.
+        ValueError: If an argument is out of range.
+    """
+    _check_int("sites", sites, low=1)
+    _check_args(seed, patients, slices)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for index in range(sites):
+        profile = profile_for_site(index)
+        path, created = _write_site(out, index, seed=seed, patients=patients, slices=slices, profile=profile)
+        paths.append(path)
+        if progress is not None:
+            what = "wrote" if created else "already present,"
+            progress(
+                f"{path.name}: {what} {patients} patients x {slices} slices, scanner {profile.name} "
+                f"({index + 1}/{sites}) in {path}"
+            )
+    index_doc = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "patients": int(patients),
+        "slices": int(slices),
+        "sites": [p.name for p in paths],
+    }
+    _write_json_atomic(out / INDEX_FILE, index_doc)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Site folder: parameters, reuse, atomic creation
+
+
+def _check_int(key: str, value: Any, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+        high is not None and value > high
+    ):
+        allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise ValueError(f"{key}={value!r} is invalid: use {allowed}")
+
+
+def _check_args(seed: int, patients: int, slices: int) -> None:
+    _check_int("seed", seed, low=0, high=2**63 - 1)
+    _check_int("patients", patients, low=1, high=99_999)
+    _check_int("slices", slices, low=1, high=9_999)
+
+
+def _site_doc(name: str, seed: int, patients: int, slices: int, profile: ScannerProfile) -> dict[str, Any]:
+    return {
+        "name": name,
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "patients": int(patients),
+        "slices": int(slices),
+        "profile": profile_to_dict(profile),
+    }
+
+
+def _write_site(
+    root: Path, index: int, *, seed: int, patients: int, slices: int, profile: ScannerProfile | None
+) -> tuple[Path, bool]:
+    """:func:`write_site`, also telling whether the folder was created (True) or reused."""
+    name = site_name(index)
+    _check_args(seed, patients, slices)
+    if profile is None:
+        profile = profile_for_site(index)
+    elif not isinstance(profile, ScannerProfile):
+        raise ValueError(f"profile={profile!r} is invalid: use a ScannerProfile or None")
+    doc = _site_doc(name, seed, patients, slices, profile)
+    final = root / name
+    if final.exists() or final.is_symlink():
+        _check_existing(final, doc)
+        return final, False
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a site folder is a normal folder
+        _build_site(tmp, index, doc, profile)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            # Lost a race: another process finished the same site first.
+            shutil.rmtree(tmp, ignore_errors=True)
+            _check_existing(final, doc)
+            return final, False
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, True
+
+
+def _check_existing(folder: Path, doc: dict[str, Any]) -> None:
+    """Raise FileExistsError unless ``folder`` is a finished site written with ``doc``."""
+    fix = "delete it or choose another folder"
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder: {fix}")
+    try:
+        found = json.loads((folder / SITE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict):
+        raise FileExistsError(
+            f"{folder} exists but has no readable {SITE_FILE}, so it is not a finished site of this "
+            f"generator: {fix}"
+        )
+    diffs: list[str] = []
+    for key in ("generator_version", "seed", "patients", "slices"):
+        if found.get(key) != doc[key]:
+            diffs.append(f"{key} {found.get(key)!r} on disk, {doc[key]!r} requested")
+    found_profile = found.get("profile")
+    if not isinstance(found_profile, dict):
+        diffs.append("profile missing on disk")
+    else:
+        for key, want in doc["profile"].items():
+            if found_profile.get(key) != want:
+                diffs.append(f"profile.{key} {found_profile.get(key)!r} on disk, {want!r} requested")
+        for key in sorted(set(found_profile) - set(doc["profile"])):
+            diffs.append(f"profile.{key} {found_profile[key]!r} on disk, not in the requested profile")
+    if diffs:
+        raise FileExistsError(
+            f"{folder} already holds a site written with other parameters ({'; '.join(diffs)}): {fix}"
+        )
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(_json_text(doc))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_text(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Phantom: anatomy in physical millimetres, independent of the scanner's grid
+
+
+@dataclass(frozen=True)
+class _Ellipse:
+    """An axis-rotated ellipse in the axial plane (mm); ``theta`` in radians."""
+
+    cx: float
+    cy: float
+    a: float
+    b: float
+    theta: float
+
+    def inside(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        c, s = math.cos(self.theta), math.sin(self.theta)
+        dx, dy = x - self.cx, y - self.cy
+        u = (dx * c + dy * s) / self.a
+        v = (dy * c - dx * s) / self.b
+        return u * u + v * v <= 1.0
+
+
+@dataclass(frozen=True)
+class _Vessel:
+    cx: float
+    cy: float
+    r: float
+    tx: float  # in-plane drift per mm of z
+    ty: float
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    cx: float
+    cy: float
+    cz: float  # relative to the slab centre
+    rx: float
+    ry: float
+    rz: float
+    theta: float
+    signal: float
+
+    def section(self, z: float) -> _Ellipse | None:
+        k = 1.0 - ((z - self.cz) / self.rz) ** 2
+        if k <= 0.0:
+            return None
+        f = math.sqrt(k)
+        return _Ellipse(self.cx, self.cy, self.rx * f, self.ry * f, self.theta)
+
+
+@dataclass(frozen=True)
+class _Phantom:
+    body: _Ellipse
+    interior: _Ellipse
+    organ: _Ellipse
+    spine: _Ellipse
+    vessels: tuple[_Vessel, ...]
+    lesions: tuple[_Lesion, ...]
+    organ_signal: float
+
+
+@dataclass(frozen=True)
+class _Meta:
+    study_date: dt.date
+    study_time: str
+    birth_date: dt.date
+    sex: str
+    series_number: int
+    z_centre: float
+
+
+def _rotate(theta: float, x: float, y: float) -> tuple[float, float]:
+    c, s = math.cos(theta), math.sin(theta)
+    return x * c - y * s, x * s + y * c
+
+
+def _draw_meta(rng: np.random.Generator, seed: int) -> _Meta:
+    # Study dates spread over 2019-2023, anchored on the seed so a new seed moves them too.
+    base = dt.date(2019, 1, 1) + dt.timedelta(days=int(seed % 997))
+    study = base + dt.timedelta(days=int(rng.integers(0, 730)))
+    hour, minute, second = int(rng.integers(7, 19)), int(rng.integers(0, 60)), int(rng.integers(0, 60))
+    age_days = int(rng.integers(30 * 365, 80 * 365))
+    return _Meta(
+        study_date=study,
+        study_time=f"{hour:02d}{minute:02d}{second:02d}",
+        birth_date=study - dt.timedelta(days=age_days),
+        sex="F" if rng.random() < 0.5 else "M",
+        series_number=int(rng.integers(2, 10)),
+        z_centre=float(np.round(rng.uniform(-60.0, 60.0) * 2.0) / 2.0),
+    )
+
+
+def _draw_phantom(rng: np.random.Generator, z_rel: np.ndarray, thickness: float) -> _Phantom:
+    """Draw one patient's anatomy; ``z_rel`` are the slice positions relative to the slab centre."""
+    theta = float(rng.uniform(-0.15, 0.15))
+    bx, by = (float(v) for v in rng.uniform(-8.0, 8.0, 2))
+    ba, bb = float(rng.uniform(75.0, 100.0)), float(rng.uniform(55.0, 80.0))
+    fat = float(rng.uniform(8.0, 14.0))
+    body = _Ellipse(bx, by, ba, bb, theta)
+    ia, ib = ba - fat, bb - fat
+    interior = _Ellipse(bx, by, ia, ib, theta)
+
+    # Organ: anterior (-y) part of the interior.
+    oa, ob = ia * float(rng.uniform(0.6, 0.8)), ib * float(rng.uniform(0.65, 0.85))
+    ox = float(rng.uniform(-1.0, 1.0)) * (ia - oa) * 0.6
+    oy = -float(rng.uniform(0.0, 1.0)) * (ib - ob) * 0.6
+    dx, dy = _rotate(theta, ox, oy)
+    organ = _Ellipse(bx + dx, by + dy, oa, ob, theta + float(rng.uniform(-0.3, 0.3)))
+
+    # Spine: dark disk at the posterior (+y) edge of the interior.
+    rs = float(rng.uniform(10.0, 14.0))
+    dx, dy = _rotate(theta, 0.0, ib - rs - 3.0)
+    spine = _Ellipse(bx + dx, by + dy, rs, rs, 0.0)
+
+    vessels: list[_Vessel] = []
+    for _ in range(int(rng.integers(2, 6))):
+        r = float(rng.uniform(2.5, 5.0))
+        tx, ty = (float(v) for v in rng.uniform(-0.15, 0.15, 2))
+        for _attempt in range(50):
+            rho, phi = 0.85 * math.sqrt(float(rng.random())), float(rng.uniform(0.0, 2.0 * math.pi))
+            px, py = _rotate(theta, ia * rho * math.cos(phi), ib * rho * math.sin(phi))
+            cx, cy = bx + px, by + py
+            grown = _Ellipse(organ.cx, organ.cy, organ.a + r + 3.0, organ.b + r + 3.0, organ.theta)
+            near_spine = math.hypot(cx - spine.cx, cy - spine.cy) < rs + r + 3.0
+            if not grown.inside(np.float64(cx), np.float64(cy)) and not near_spine:
+                vessels.append(_Vessel(cx, cy, r, tx, ty))
+                break
+
+    organ_signal = _ORGAN * float(rng.uniform(0.93, 1.07))
+    lesions = _draw_lesions(rng, organ, organ_signal, z_rel, thickness)
+    return _Phantom(body, interior, organ, spine, tuple(vessels), lesions, organ_signal)
+
+
+def _draw_lesions(
+    rng: np.random.Generator, organ: _Ellipse, organ_signal: float, z_rel: np.ndarray, thickness: float
+) -> tuple[_Lesion, ...]:
+    """1-3 ellipsoids inside the organ, spread in z so most slices of the slab show lesion."""
+    slab = len(z_rel) * thickness
+    n = int(rng.integers(1, 4))
+    r_max = 0.7 * min(organ.a, organ.b)
+    rx = np.minimum(rng.uniform(10.0, 22.0, n), r_max)
+    ry = np.minimum(rng.uniform(10.0, 22.0, n), r_max)
+    rz = rng.uniform(10.0, 22.0, n)
+    # Elongate in z when the lesions together would not span ~85% of the slab.
+    rz *= max(1.0, 0.85 * slab / float(np.sum(2.0 * rz)))
+    jitter = float(rng.uniform(-0.08, 0.08)) * slab
+    if float(np.sum(2.0 * rz)) <= slab:
+        edges = np.concatenate([[0.0], np.cumsum(2.0 * rz)])
+        cz = edges[:-1] + rz - edges[-1] / 2.0 + jitter
+    else:
+        cz = np.linspace(-0.3 * slab, 0.3 * slab, n) if n > 1 else np.zeros(1)
+        cz = cz + jitter
+    lesions = []
+    for i in range(n):
+        rho, phi = 0.75 * math.sqrt(float(rng.random())), float(rng.uniform(0.0, 2.0 * math.pi))
+        reach = max(rx[i], ry[i])
+        px, py = _rotate(organ.theta, (organ.a - reach) * rho * math.cos(phi), (organ.b - reach) * rho * math.sin(phi))
+        lesions.append(
+            _Lesion(
+                cx=organ.cx + px,
+                cy=organ.cy + py,
+                cz=float(cz[i]),
+                rx=float(rx[i]),
+                ry=float(ry[i]),
+                rz=float(rz[i]),
+                theta=float(rng.uniform(0.0, math.pi)),
+                signal=organ_signal * float(rng.uniform(1.5, 1.7)),
+            )
+        )
+    return tuple(lesions)
+
+
+def _render(ph: _Phantom, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue signal ``(Z, Y, X)`` float32 in [0, 1] and lesion mask ``(Z, Y, X)`` uint8."""
+    xx, yy = x[None, :], y[:, None]
+    n_z = len(z_rel)
+    signal = np.zeros((n_z, len(y), len(x)), dtype=np.float32)
+    mask = np.zeros(signal.shape, dtype=np.uint8)
+    body = ph.body.inside(xx, yy)
+    interior = ph.interior.inside(xx, yy)
+    spine = ph.spine.inside(xx, yy)
+    organ = ph.organ.inside(xx, yy) & interior & ~spine
+    for k, z in enumerate(z_rel):
+        s = signal[k]
+        s[body] = _FAT
+        s[interior] = _SOFT
+        s[spine] = _SPINE
+        s[organ] = ph.organ_signal
+        for v in ph.vessels:
+            disk = _Ellipse(v.cx + v.tx * z, v.cy + v.ty * z, v.r, v.r, 0.0).inside(xx, yy)
+            s[disk & interior & ~organ & ~spine] = _VESSEL
+        for lesion in ph.lesions:
+            sec = lesion.section(float(z))
+            if sec is None:
+                continue
+            inside = sec.inside(xx, yy) & organ
+            s[inside] = lesion.signal
+            mask[k][inside] = 1
+    return signal, mask
+
+
+def _lesion_mask(ph: _Phantom, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray) -> np.ndarray:
+    xx, yy = x[None, :], y[:, None]
+    organ = ph.organ.inside(xx, yy) & ph.interior.inside(xx, yy) & ~ph.spine.inside(xx, yy)
+    out = np.zeros((len(z_rel), len(y), len(x)), dtype=bool)
+    for k, z in enumerate(z_rel):
+        for lesion in ph.lesions:
+            sec = lesion.section(float(z))
+            if sec is not None:
+                out[k] |= sec.inside(xx, yy) & organ
+    return out
+
+
+def _acquire(
+    signal: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray
+) -> np.ndarray:
+    """Tissue signal -> stored pixel values ``(Z, Y, X)`` (uint16 or int16) for ``profile``."""
+    s = np.power(signal, np.float32(profile.contrast_gamma), dtype=np.float32)
+
+    # Smooth multiplicative bias field with a random orientation; drawn even when unused so
+    # the noise that follows is the same whatever the profile's bias strength.
+    phi = float(rng.uniform(0.0, 2.0 * math.pi))
+    c2, cz = float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.3, 0.3))
+    if profile.bias_field > 0:
+        u = (x[None, None, :] * math.cos(phi) + y[None, :, None] * math.sin(phi)) / 120.0
+        p = u + c2 * u * u + cz * (z_rel[:, None, None] / 120.0)
+        p = (p - p.min()) / max(float(p.max() - p.min()), 1e-9) - 0.5
+        s = s * (1.0 + profile.bias_field * p).astype(np.float32)
+
+    noise = rng.standard_normal((2, *s.shape), dtype=np.float32) * np.float32(profile.noise_level)
+    if profile.noise_kind == "rician":
+        s = np.sqrt((s + noise[0]) ** 2 + noise[1] ** 2)
+    else:
+        s = s + noise[0]
+
+    value = s.astype(np.float64) * (profile.intensity_scale * SIGNAL_UNITS)
+    lo, hi = stored_limits(profile)
+    stored = np.clip(np.rint((value - profile.rescale_intercept) / profile.rescale_slope), lo, hi)
+    if profile.photometric == "MONOCHROME1":
+        stored = (lo + hi) - stored
+    return stored.astype(np.int16 if profile.pixel_representation == 1 else np.uint16)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing one site
+
+
+def _ds(value: float) -> str:
+    """A DICOM DS string (<= 16 characters) for ``value``."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    if text in ("-0", ""):
+        text = "0"
+    if len(text) > 16:
+        text = f"{value:.10g}"
+    return text
+
+
+def _uid(key: str, *parts: object) -> str:
+    return generate_uid(entropy_srcs=[key, *map(str, parts)])
+
+
+def _build_site(folder: Path, index: int, doc: dict[str, Any], profile: ScannerProfile) -> None:
+    seed, patients, slices = doc["seed"], doc["patients"], doc["slices"]
+    # One key for every UID of the site: generator version, seed, index, parameters, profile.
+    site_key = hashlib.sha256(_json_text(doc).encode()).hexdigest()
+    n, dx, thk = profile.matrix, profile.pixel_spacing_mm, profile.slice_thickness_mm
+    fov = n * dx
+    # Pixel centres in mm (DICOM patient coordinates, LPS): columns along +x, rows along +y.
+    x0 = round(-fov / 2.0 + dx / 2.0, 4)
+    x = x0 + dx * np.arange(n, dtype=np.float64)
+    y = x.copy()
+    z_rel = (np.arange(slices, dtype=np.float64) - (slices - 1) / 2.0) * thk
+    (folder / "dicom").mkdir()
+    (folder / "labels").mkdir()
+    p_width = max(3, len(str(patients)))
+    i_width = max(4, len(str(slices)))
+    for p in range(patients):
+        rng = np.random.default_rng([seed, index, p])
+        meta = _draw_meta(rng, seed)
+        phantom = _draw_phantom(rng, z_rel, thk)
+        for _attempt in range(20):
+            covered = _lesion_mask(phantom, x, y, z_rel).any(axis=(1, 2)).mean()
+            if covered >= MIN_LESION_SLICE_FRACTION:
+                break
+            phantom = _draw_phantom(rng, z_rel, thk)
+        signal, mask = _render(phantom, x, y, z_rel)
+        stored = _acquire(signal, profile, rng, x, y, z_rel)
+        z = np.round(meta.z_centre + z_rel, 4)
+        patient_id = f"S{index + 1:02d}-P{p + 1:0{p_width}d}"
+        series_uid = _uid(site_key, p, "series")
+        series_dir = folder / "dicom" / patient_id / f"SE{meta.series_number:04d}"
+        series_dir.mkdir(parents=True)
+        instances = (
+            list(range(slices, 0, -1)) if p == REVERSED_PATIENT else list(range(1, slices + 1))
+        )
+        common = _series_dataset(
+            profile,
+            meta,
+            site_index=index,
+            patient_index=p,
+            patient_id=patient_id,
+            seed=seed,
+            study_uid=_uid(site_key, p, "study"),
+            series_uid=series_uid,
+            frame_uid=_uid(site_key, p, "frame"),
+        )
+        for k in range(slices):
+            _write_slice(
+                series_dir / f"IM{instances[k]:0{i_width}d}.dcm",
+                common,
+                profile,
+                sop_uid=_uid(site_key, p, "sop", k),
+                instance=instances[k],
+                position=(x0, x0, float(z[k])),
+                pixels=stored[k],
+            )
+        _write_mask(folder / "labels" / f"{series_uid}.nii.gz", mask, origin=(x0, x0, float(z[0])), spacing=(dx, dx, thk))
+    (folder / SITE_FILE).write_text(_json_text(doc), encoding="utf-8")
+
+
+def _series_dataset(
+    profile: ScannerProfile,
+    meta: _Meta,
+    *,
+    site_index: int,
+    patient_index: int,
+    patient_id: str,
+    seed: int,
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str,
+) -> Dataset:
+    """The attributes shared by every slice of one series."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = MRImageStorage
+    date = meta.study_date.strftime("%Y%m%d")
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+    ds.StudyTime = meta.study_time
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = meta.study_time
+    ds.AccessionNumber = f"SYN{site_index + 1:02d}{patient_index + 1:04d}{seed % 100000:05d}"[-16:]
+    ds.Modality = profile.modality
+    ds.Manufacturer = profile.manufacturer
+    ds.InstitutionName = f"Synthetic Hospital {site_index + 1:02d}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "SYNTHETIC MR ABDOMEN"
+    ds.SeriesDescription = "T1 AX SYNTHETIC"
+    ds.ManufacturerModelName = profile.model_name
+    ds.PatientName = "SYNTH^" + patient_id.replace("-", "")
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = meta.birth_date.strftime("%Y%m%d")
+    ds.PatientSex = meta.sex
+    ds.BodyPartExamined = "ABDOMEN"
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = "NONE"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.SliceThickness = _ds(profile.slice_thickness_mm)
+    ds.RepetitionTime = "500"
+    ds.EchoTime = "15"
+    ds.EchoTrainLength = 1
+    if profile.field_strength is not None:
+        ds.MagneticFieldStrength = _ds(profile.field_strength)
+        ds.ImagingFrequency = _ds(42.577478 * profile.field_strength)
+    ds.SpacingBetweenSlices = _ds(profile.slice_thickness_mm)
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = str(patient_index + 1)
+    ds.SeriesNumber = meta.series_number
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = [_ds(v) for v in _ORIENTATION]
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageComments = f"SYNTHETIC DATA (fedsite generator v{GENERATOR_VERSION}); not a real patient"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = profile.photometric
+    ds.Rows = profile.matrix
+    ds.Columns = profile.matrix
+    ds.PixelSpacing = [_ds(profile.pixel_spacing_mm), _ds(profile.pixel_spacing_mm)]
+    ds.BitsAllocated = 16
+    ds.BitsStored = profile.bits_stored
+    ds.HighBit = profile.bits_stored - 1
+    ds.PixelRepresentation = profile.pixel_representation
+    full = profile.intensity_scale * SIGNAL_UNITS
+    ds.WindowCenter = _ds(0.5 * full)
+    ds.WindowWidth = _ds(full)
+    ds.RescaleIntercept = _ds(profile.rescale_intercept)
+    ds.RescaleSlope = _ds(profile.rescale_slope)
+    ds.RescaleType = "US"
+    return ds
+
+
+def _implementation_uid() -> str:
+    return _uid("fedsite-synth-implementation", GENERATOR_VERSION)
+
+
+def _write_slice(
+    path: Path,
+    common: Dataset,
+    profile: ScannerProfile,
+    *,
+    sop_uid: str,
+    instance: int,
+    position: tuple[float, float, float],
+    pixels: np.ndarray,
+) -> None:
+    ds = Dataset()
+    for elem in common:  # shared, never mutated
+        ds.add(elem)
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.SliceLocation = _ds(position[2])
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _implementation_uid()
+    meta.ImplementationVersionName = f"FEDSITE_SYNTH_{GENERATOR_VERSION}"
+    ds.file_meta = meta
+
+    arr = np.ascontiguousarray(pixels)
+    if _TRANSFER_SYNTAX_UIDS[profile.transfer_syntax] == RLELossless:
+        # generate_instance_uid=False: pydicom 3 would otherwise replace the SOPInstanceUID with
+        # a random one, breaking determinism and the file meta's MediaStorageSOPInstanceUID.
+        ds.compress(RLELossless, arr, encoding_plugin=_rle_plugin(), generate_instance_uid=False)
+    else:
+        ds.PixelData = arr.astype("<i2" if profile.pixel_representation == 1 else "<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+_RLE_PLUGIN: str | None = None
+
+
+def _rle_plugin() -> str:
+    """The RLE encoder to use: pylibjpeg-rle (fast, compiled) if installed, else pydicom's own.
+
+    Both produce the same bytes (checked in the tests); pydicom's is ~15x slower.
+    """
+    global _RLE_PLUGIN
+    if _RLE_PLUGIN is None:
+        from pydicom.pixels.encoders import RLELosslessEncoder
+
+        _RLE_PLUGIN = "pylibjpeg" if "pylibjpeg" in RLELosslessEncoder.available_plugins else "pydicom"
+    return _RLE_PLUGIN
+
+
+def _write_mask(path: Path, mask: np.ndarray, *, origin: tuple[float, float, float], spacing: tuple[float, float, float]) -> None:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))  # (Z, Y, X) -> (x, y, z)
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path), useCompression=True)

@@ -1,0 +1,147 @@
+"""The site client: patient-level split, samples from DICOM, and its Flower handlers called directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.dataset import load_site, split_by_patient
+from client.dicom import DicomError, discover_series
+from common.config import flatten, parse_run_config
+from common.model import build_model
+from common.records import RecordError, to_arrays
+
+FAST = {"data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.batch-size": 8}
+
+
+def test_split_keeps_every_patient_on_one_side_only() -> None:
+    patients = [f"p{i}" for i in range(10)] * 3
+    train, val = split_by_patient(patients, val_fraction=0.25, seed=1)
+    assert train.isdisjoint(val)
+    assert train | val == set(patients)
+    assert len(val) == 3
+
+
+def test_split_is_repeatable_and_depends_on_the_seed() -> None:
+    patients = [f"p{i}" for i in range(20)]
+    assert split_by_patient(patients, val_fraction=0.3, seed=5) == split_by_patient(patients, val_fraction=0.3, seed=5)
+    assert split_by_patient(patients, val_fraction=0.3, seed=5) != split_by_patient(patients, val_fraction=0.3, seed=6)
+
+
+def test_split_refuses_a_single_patient() -> None:
+    with pytest.raises(DicomError, match="at least 2 are needed"):
+        split_by_patient(["p1", "p1"], val_fraction=0.5, seed=0)
+
+
+def test_site_samples_are_split_by_patient_with_no_overlap(small_sites: Path) -> None:
+    cfg = parse_run_config(FAST)
+    site = load_site(small_sites / "site-01", cfg.data, seed=cfg.seed)
+    train_patients = {s["patient"] for s in site.train}
+    val_patients = {s["patient"] for s in site.val}
+    assert train_patients and val_patients and train_patients.isdisjoint(val_patients)
+    assert len(site.train) + len(site.val) == 4 * 6
+    sample = site.train[0]
+    assert tuple(sample["image"].shape) == (1, 32, 32) and tuple(sample["label"].shape) == (1, 32, 32)
+    assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
+    assert set(torch.unique(torch.stack([s["label"] for s in site.train])).tolist()) == {0, 1}
+
+
+def test_slices_are_ordered_by_position_not_instance_number(small_sites: Path) -> None:
+    series, _ = discover_series(small_sites / "site-01" / "dicom")
+    for s in series:
+        positions = [sl.position for sl in s.slices]
+        assert positions == sorted(positions)
+    instance_orders = [[sl.instance_number for sl in s.slices] for s in series]
+    assert any(order != sorted(order) for order in instance_orders), "generator should shuffle InstanceNumbers for one patient"
+
+
+def _context(site_dir: Path, **overrides: object) -> Context:
+    cfg = parse_run_config({**FAST, **overrides})
+    return Context(run_id=1, node_id=7, node_config={"data-dir": str(site_dir)}, state=RecordDict(), run_config=flatten(cfg))
+
+
+def _message(arrays, kind: str, **config: object) -> Message:
+    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=7, message_type=kind)
+
+
+def test_train_handler_replies_weights_samples_and_site_name(small_sites: Path, task_identity: None) -> None:
+    from client.app import train
+
+    ctx = _context(small_sites / "site-02")
+    model = build_model(parse_run_config(FAST).model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reply = train(_message(to_arrays(model), MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1}), ctx)
+    metrics = reply.content["metrics"]
+    n_train = len(load_site(small_sites / "site-02", parse_run_config(FAST).data, seed=42).train)
+    assert metrics["num-examples"] == n_train  # samples, not batches
+    assert metrics["steps"] == -(-n_train // 8)
+    assert reply.content["site"]["name"] == "site-02"
+    after = reply.content["arrays"].to_torch_state_dict()
+    assert set(after) == set(before)
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_train_handler_runs_the_local_epochs_the_server_asks(small_sites: Path, task_identity: None) -> None:
+    from client.app import train
+
+    ctx = _context(small_sites / "site-02")
+    arrays = to_arrays(build_model(parse_run_config(FAST).model))
+    one = train(_message(arrays, MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1}), ctx).content["metrics"]["steps"]
+    three = train(_message(arrays, MessageType.TRAIN, **{"server-round": 1, "local-epochs": 3}), ctx).content["metrics"]["steps"]
+    assert three == 3 * one
+
+
+def test_fedprox_term_keeps_local_weights_closer_to_the_global_model(small_sites: Path, task_identity: None) -> None:
+    from client.app import train
+
+    ctx = _context(small_sites / "site-03")
+    model = build_model(parse_run_config(FAST).model)
+    start = {k: v.clone().float() for k, v in model.state_dict().items()}
+
+    def drift(mu: float) -> float:
+        cfg = {"server-round": 2, "local-epochs": 2, "proximal-mu": mu}
+        out = train(_message(to_arrays(model), MessageType.TRAIN, **cfg), ctx).content["arrays"].to_torch_state_dict()
+        return sum(float(((out[k].float() - start[k]) ** 2).sum()) for k in start)
+
+    assert drift(10.0) < drift(0.0)
+
+
+def test_evaluate_handler_reports_dice_loss_and_validation_samples(small_sites: Path, task_identity: None) -> None:
+    from client.app import evaluate
+
+    ctx = _context(small_sites / "site-01")
+    reply = evaluate(_message(to_arrays(build_model(parse_run_config(FAST).model)), MessageType.EVALUATE), ctx)
+    m = reply.content["metrics"]
+    assert 0.0 <= m["dice"] <= 1.0 and np.isfinite(m["loss"])
+    n_val = len(load_site(small_sites / "site-01", parse_run_config(FAST).data, seed=42).val)
+    assert m["num-examples"] == n_val
+    assert reply.content["site"]["name"] == "site-01"
+
+
+def test_weights_for_another_model_are_refused_with_the_reason(small_sites: Path, task_identity: None) -> None:
+    from client.app import train
+
+    ctx = _context(small_sites / "site-01")
+    other = build_model(parse_run_config({**FAST, "model.channels": "8,16,32,64"}).model)
+    with pytest.raises(RecordError, match="do not match the model"):
+        train(_message(to_arrays(other), MessageType.TRAIN, **{"server-round": 1}), ctx)
+
+
+def test_a_node_without_a_data_folder_gets_an_actionable_error(small_sites: Path) -> None:
+    from client.runtime import resolve_site_dir
+
+    with pytest.raises(DicomError, match="data-dir="):
+        resolve_site_dir({}, parse_run_config({}))
+    with pytest.raises(DicomError, match="is not a folder"):
+        resolve_site_dir({"data-dir": str(small_sites / "nope")}, parse_run_config({}))
+
+
+def test_simulation_partition_maps_to_its_site_folder(small_sites: Path) -> None:
+    from client.runtime import resolve_site_dir
+
+    cfg = parse_run_config({"data.root": str(small_sites)})
+    assert resolve_site_dir({"partition-id": 2, "num-partitions": 3}, cfg) == small_sites / "site-03"

@@ -1,0 +1,57 @@
+"""The run config is parsed once into typed objects; bad keys and values fail with a clear message."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, default_flat_config, flatten, parse_run_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_config_equals_the_parsers_defaults() -> None:
+    """Every tunable lives in [tool.flwr.app.config] and the two never drift apart."""
+    from flwr.common.config import flatten_dict
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    table = flatten_dict(data["tool"]["flwr"]["app"]["config"])
+    assert table == default_flat_config()
+    assert flatten(parse_run_config(table)) == table
+
+
+def test_values_are_typed_and_grouped() -> None:
+    cfg = parse_run_config({"train.local-epochs": 5, "strategy.name": "fedprox", "train.lr": 1})
+    assert cfg.train.local_epochs == 5
+    assert cfg.strategy.name == "fedprox"
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+
+
+def test_unknown_key_names_the_key_and_suggests_the_right_one() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.local-epoch'.*'train.local-epochs'"):
+        parse_run_config({"train.local-epoch": 2})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "pattern"),
+    [
+        ("strategy.name", "fedsgd", r"'strategy.name' = 'fedsgd' is not allowed; choose one of 'fedavg', 'fedprox'"),
+        ("train.local-epochs", 0, r"'train.local-epochs' = 0 is out of range; it must be >= 1"),
+        ("train.local-epochs", 1.5, r"'train.local-epochs' = 1.5: expected a whole number"),
+        ("train.lr", "fast", r"'train.lr' = 'fast': expected a number"),
+        ("data.val-fraction", 0.0, r"'data.val-fraction' = 0.0 is out of range; it must be > 0.0"),
+        ("model.channels", "16,x", r"'model.channels' = '16,x': expected comma-separated whole numbers"),
+        ("data.image-size", 60, r"'data.image-size' = 60: must be divisible by 8"),
+    ],
+)
+def test_invalid_value_names_key_value_and_what_is_allowed(key: str, value: object, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_run_config({key: value})
+
+
+def test_config_objects_are_frozen() -> None:
+    cfg = parse_run_config({})
+    with pytest.raises(Exception):
+        cfg.train.lr = 0.1  # type: ignore[misc]

@@ -1,0 +1,108 @@
+"""Server aggregation with hand-made site replies: weighted by samples, per site, bad replies rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from common.config import parse_run_config
+from server.results import build_results, site_table
+from server.strategies import RoundRecord, make_strategy
+
+
+class FakeGrid:
+    """Just enough of a Grid for configure_* to sample nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12, 13]
+
+
+def _instruction(node: int, kind: str) -> Message:
+    return Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=kind)
+
+
+def _train_reply(node: int, site: str, w: np.ndarray, n: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
+    return Message(content=content, reply_to=_instruction(node, MessageType.TRAIN))
+
+
+def _eval_reply(node: int, site: str, dice: float, n: int) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord({"dice": dice, "loss": 1 - dice, "num-examples": n}), "site": ConfigRecord({"name": site})}
+    )
+    return Message(content=content, reply_to=_instruction(node, MessageType.EVALUATE))
+
+
+@pytest.fixture()
+def strategy(task_identity: None):
+    rounds: list[RoundRecord] = []
+    s = make_strategy(parse_run_config({}), on_round=rounds.append)
+    s.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}), ConfigRecord({}), FakeGrid())
+    return s, rounds
+
+
+def test_weights_are_averaged_by_training_samples_not_by_site(strategy) -> None:
+    s, _ = strategy
+    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", np.full(2, 4.0), 10)])
+    assert np.allclose(arrays["w"].numpy(), (30 * 1 + 10 * 4) / 40)
+
+
+def test_a_reply_with_nan_weights_is_rejected_with_its_reason_and_the_rest_aggregated(strategy) -> None:
+    s, _ = strategy
+    bad = _train_reply(13, "site-c", np.array([np.nan, 1.0]), 1000)
+    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), bad])
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    (rej,) = s.records[0].rejected
+    assert rej["site"] == "site-c" and "NaN" in rej["reason"]
+
+
+@pytest.mark.parametrize(
+    ("reply_kwargs", "reason"),
+    [
+        (dict(w=np.ones(3), n=10), "do not match the global model"),
+        (dict(w=np.ones(2), n=0), "num-examples must be a positive number"),
+    ],
+)
+def test_misshapen_or_empty_replies_are_rejected(strategy, reply_kwargs, reason) -> None:
+    s, _ = strategy
+    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", **reply_kwargs)])
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    assert reason in s.records[0].rejected[0]["reason"]
+
+
+def test_evaluation_results_are_kept_per_site_name(strategy) -> None:
+    s, rounds = strategy
+    s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.8, 20), _eval_reply(12, "site-b", 0.4, 5)])
+    (rec,) = rounds
+    assert rec.per_site == {
+        "site-a": {"dice": 0.8, "loss": pytest.approx(0.2), "num-examples": 20.0},
+        "site-b": {"dice": 0.4, "loss": pytest.approx(0.6), "num-examples": 5.0},
+    }
+    assert rec.mean()["dice"] == pytest.approx(0.6)
+    assert rec.worst()["dice"] == 0.4 and rec.worst()["loss"] == pytest.approx(0.6)
+
+
+def test_two_nodes_claiming_one_site_name_keep_only_the_first(strategy) -> None:
+    s, rounds = strategy
+    s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.8, 20), _eval_reply(12, "site-a", 0.1, 20)])
+    assert rounds[0].per_site["site-a"]["dice"] == 0.8
+    assert "second node claims" in rounds[0].rejected[0]["reason"]
+
+
+def test_results_have_per_site_rounds_final_mean_worst_and_timing(strategy) -> None:
+    s, rounds = strategy
+    s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.5, 20), _eval_reply(12, "site-b", 0.3, 5)])
+    res = build_results({"seed": 1}, s.records, total_s=3.0)
+    assert res["rounds"][0]["per_site"]["site-b"]["dice"] == 0.3
+    assert res["final"]["per_site"] == {"site-a": {"dice": 0.5, "loss": 0.5}, "site-b": {"dice": 0.3, "loss": pytest.approx(0.7)}}
+    assert res["final"]["mean"]["dice"] == pytest.approx(0.4) and res["final"]["worst"]["dice"] == 0.3
+    assert res["timing"]["total_s"] == 3.0 and len(res["timing"]["round_s"]) == 1
+    table = site_table(res)
+    assert "site-a" in table and "worst" in table
