@@ -32,7 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
     start = time.perf_counter()
     cfg, site = _site(context)
-    threads = apply_threads(cfg.train)
+    threads = apply_threads(cfg, context.node_config)
     model = model_for(cfg.model)
     load_arrays(model, msg.content["arrays"])
     rc = msg.content["config"]
@@ -67,7 +67,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split."""
     start = time.perf_counter()
     cfg, site = _site(context)
-    apply_threads(cfg.train)
+    apply_threads(cfg, context.node_config)
     model = model_for(cfg.model)
     load_arrays(model, msg.content["arrays"])
     t0 = time.perf_counter()

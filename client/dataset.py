@@ -28,6 +28,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureTyped, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
 
+from client.cache import cached
 from client.dicom import DicomError, Rejection, SeriesRecord, discover_series, read_series
 from common.config import DataConfig
 
@@ -120,22 +121,12 @@ def _read_mask(path: Path, series: SeriesRecord, shape: tuple[int, int, int]) ->
     return arr.astype(np.uint8)
 
 
-def load_site(site_dir: Path, cfg: DataConfig, *, seed: int) -> SiteData:
-    """Read a site's labelled DICOM series and make its train/validation samples.
+PIPELINE_VERSION = 1
+"""Bump when the sample pipeline changes: it invalidates every site's sample cache."""
 
-    Args:
-        site_dir: The site folder (see the module docstring for its layout).
-        cfg: The ``data.*`` group of the run config.
-        seed: The run seed; the patient split depends on it and the site's name.
 
-    Returns:
-        The site's samples, split by patient.
-
-    Raises:
-        DicomError: If the folder has no usable labelled series or fewer than two patients.
-    """
-    site_dir = Path(site_dir)
-    name = site_name_of(site_dir)
+def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
+    """Decode and preprocess every labelled series of the site (the slow, cached part)."""
     dicom_dir = site_dir / "dicom" if (site_dir / "dicom").is_dir() else site_dir
     series, rejected = discover_series(dicom_dir)
     labels_dir = site_dir / "labels"
@@ -164,16 +155,53 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int) -> SiteData:
             out = pipeline(item)
             samples.append(
                 {
-                    "image": out["image"].float(),
-                    "label": out["label"].round().to(torch.uint8),
+                    "image": out["image"].float().contiguous(),
+                    "label": out["label"].round().to(torch.uint8).contiguous(),
                     "patient": s.patient_hash,
                     "series": s.series_hash,
                     "slice": z,
                 }
             )
+    return {
+        "samples": samples,
+        "rejected": [{"file": r.file, "reason": r.reason} for r in rejected],
+        "series_found": len(series),
+        "series_used": used,
+    }
+
+
+def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = True) -> SiteData:
+    """Read a site's labelled DICOM series and make its train/validation samples.
+
+    Decoded samples are cached on the site's disk (:mod:`client.cache`), so only the first call
+    for a given set of files and settings decodes DICOM.
+
+    Args:
+        site_dir: The site folder (see the module docstring for its layout).
+        cfg: The ``data.*`` group of the run config.
+        seed: The run seed; the patient split depends on it and the site's name.
+        use_cache: Read and write the site's sample cache.
+
+    Returns:
+        The site's samples, split by patient.
+
+    Raises:
+        DicomError: If the folder has no usable labelled series or fewer than two patients.
+    """
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise DicomError(f"site folder {site_dir} does not exist")
+    name = site_name_of(site_dir)
+    settings = {"pipeline": PIPELINE_VERSION, "image_size": cfg.image_size, "spacing_mm": cfg.spacing_mm}
+    if use_cache:
+        read = cached(site_dir, name="samples", settings=settings, build=lambda: _read_samples(site_dir, cfg))
+    else:
+        read = _read_samples(site_dir, cfg)
+    samples = read["samples"]
+    rejected = [Rejection(r["file"], r["reason"]) for r in read["rejected"]]
     if not samples:
         raise DicomError(
-            f"site folder {site_dir} has no usable labelled series ({len(series)} series found, "
+            f"site folder {site_dir} has no usable labelled series ({read['series_found']} series found, "
             f"{len(rejected)} files or series rejected); run `fedsite site check {site_dir}` for the reasons"
         )
     site_seed = seed ^ int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
@@ -184,6 +212,6 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int) -> SiteData:
         val=[s for s in samples if s["patient"] in val_p],
         train_patients=len(train_p),
         val_patients=len(val_p),
-        series_used=used,
+        series_used=read["series_used"],
         rejected=rejected,
     )

@@ -20,11 +20,11 @@ import torch
 
 from client.dataset import SiteData, load_site
 from client.dicom import DicomError
-from common.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from common.config import DataConfig, ModelConfig, RunConfig
 from common.model import build_model
 from common.task import Batchable, stack_samples
 
-__all__ = ["LoadedSite", "resolve_site_dir", "default_sites_root", "loaded_site", "model_for", "site_seed", "apply_threads"]
+__all__ = ["prewarm", "LoadedSite", "resolve_site_dir", "default_sites_root", "loaded_site", "model_for", "site_seed", "apply_threads"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -110,8 +110,26 @@ def site_seed(seed: int, site: str, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def apply_threads(cfg: TrainConfig) -> int:
-    """Set torch's intra-op threads when ``train.threads`` > 0; returns the threads torch uses."""
-    if cfg.threads > 0 and torch.get_num_threads() != cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def prewarm() -> None:
+    """Import the site's heavy modules (torch, MONAI, the handlers) ahead of the first round.
+
+    Used as Ray's ``worker_process_setup_hook`` in simulation: each virtual site's process then
+    imports while the server is still starting, instead of inside round 1.
+    """
+    import client.app  # noqa: F401
+
+
+def apply_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
+    """Set torch's intra-op threads for this site process; returns the threads torch uses.
+
+    ``train.threads`` > 0 wins. Otherwise a simulated site (one with a ``partition-id``) uses the
+    cores Ray gave it (``sim.cpus-per-site``, at least 1): torch may have been imported before Ray
+    set ``OMP_NUM_THREADS`` for the actor, and would then run one thread per core in every site
+    process at once. A deployed site keeps torch's default (all of its machine's cores).
+    """
+    want = cfg.train.threads
+    if want <= 0 and "partition-id" in node_config:
+        want = max(1, int(cfg.sim.cpus_per_site))
+    if want > 0 and torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     return torch.get_num_threads()

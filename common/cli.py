@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,8 +118,20 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``fedsite`` console script.
+
+    A failed simulation can leave Flower's server thread waiting for sites that are gone; the
+    command then ends the process itself after reporting the error, instead of hanging.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedsite`` console script; returns the exit code."""
+    """Run the ``fedsite`` command with ``argv``; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     fed = logging.getLogger("fedsite")
     fed.setLevel(logging.INFO)
@@ -136,8 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"fedsite: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from simulations.runner import SimulationError
+
+        if isinstance(exc, SimulationError):
+            print(f"fedsite: error: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -96,7 +96,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             flat,
             strategy.records,
             total_s=total,
-            extra={"versions": library_versions(), "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id}},
+            extra={"versions": library_versions(), "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.wait()}},
         )
         write_json(out / "results.json", results)
         if status == "FINISHED":

@@ -22,6 +22,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         "mean": mean,
         "worst": worst,
         "train": rec.train,
+        "evaluate_timing": rec.eval_timing,
         "rejected": rec.rejected,
         "seconds": rec.seconds,
     }

@@ -37,6 +37,7 @@ class RoundRecord:
     round: int
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_timing: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -64,7 +65,8 @@ def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], 
 
 
 _REPORTED_EVAL = ("dice", "loss", "num-examples")
-_REPORTED_TRAIN = ("num-examples", "train-loss", "steps", "compute-s", "handler-s")
+_REPORTED_TRAIN = ("num-examples", "train-loss", "steps", "compute-s", "handler-s", "threads")
+_TIMING = ("compute-s", "handler-s")
 
 
 class SiteRecording:
@@ -176,6 +178,7 @@ class SiteRecording:
         for site, msg in sorted(by_site.items()):
             m = msg.content["metrics"]
             rec.per_site[site] = {k: float(m[k]) for k in _REPORTED_EVAL if k in m}
+            rec.eval_timing[site] = {k: float(m[k]) for k in _TIMING if k in m}
         rec.seconds = time.perf_counter() - self._round_start
         aggregated = super().aggregate_evaluate(server_round, good) if good else None  # type: ignore[misc]
         if self._on_round is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,9 +53,33 @@ class Tracker:
         self.run_name = run_name
         self.run_id: str | None = None
         self._client: Any = None
+        self._starting: threading.Thread | None = None
 
-    def start(self, params: Mapping[str, Any]) -> None:
-        """Create the run and log ``params`` (and library versions)."""
+    def start(self, params: Mapping[str, Any], *, background: bool = True) -> None:
+        """Create the run and log ``params`` (and library versions).
+
+        Opening the store takes seconds (importing MLflow, creating the SQLite schema); with
+        ``background`` it happens in a thread while the first round runs, and every later call
+        waits for it.
+        """
+        if background:
+            self._starting = threading.Thread(target=self._start, args=(dict(params),), name="mlflow-start", daemon=True)
+            self._starting.start()
+        else:
+            self._start(params)
+
+    def _ready(self) -> bool:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        return self._client is not None and self.run_id is not None
+
+    def wait(self) -> str | None:
+        """Wait for the store to be open; returns the MLflow run id (None if tracking is off)."""
+        self._ready()
+        return self.run_id
+
+    def _start(self, params: Mapping[str, Any]) -> None:
         try:
             from mlflow.tracking import MlflowClient
 
@@ -84,7 +109,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         """Log numeric metrics at ``step`` (the round)."""
-        if self._client is None or self.run_id is None:
+        if not self._ready():
             return
         try:
             import time
@@ -100,7 +125,7 @@ class Tracker:
 
     def log_artifact(self, path: Path) -> None:
         """Attach a file (the final model, results.json) to the run."""
-        if self._client is None or self.run_id is None:
+        if not self._ready():
             return
         try:
             self._client.log_artifact(self.run_id, str(path))
@@ -109,7 +134,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run (``FINISHED`` or ``FAILED``)."""
-        if self._client is None or self.run_id is None:
+        if not self._ready():
             return
         try:
             self._client.set_terminated(self.run_id, status=status)

@@ -145,3 +145,54 @@ def test_simulation_partition_maps_to_its_site_folder(small_sites: Path) -> None
 
     cfg = parse_run_config({"data.root": str(small_sites)})
     assert resolve_site_dir({"partition-id": 2, "num-partitions": 3}, cfg) == small_sites / "site-03"
+
+
+def test_second_read_of_a_site_comes_from_its_disk_cache(small_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import client.dataset as ds
+
+    site = tmp_path / "site-02"
+    shutil.copytree(small_sites / "site-02", site, ignore=shutil.ignore_patterns(".fedsite-cache"))
+    cfg = parse_run_config(FAST)
+    first = load_site(site, cfg.data, seed=1)
+    assert list((site / ".fedsite-cache").glob("samples-*.pt"))
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("DICOM decoded again despite a valid cache")
+
+    monkeypatch.setattr(ds, "read_series", no_decoding)
+    second = load_site(site, cfg.data, seed=1)
+    assert len(second.train) == len(first.train)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first.train, second.train))
+
+
+def test_site_cache_is_rebuilt_when_a_file_or_setting_changes(small_sites: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    site = tmp_path / "site-01"
+    shutil.copytree(small_sites / "site-01", site, ignore=shutil.ignore_patterns(".fedsite-cache"))
+    cfg = parse_run_config(FAST)
+    load_site(site, cfg.data, seed=1)
+    (entry,) = (site / ".fedsite-cache").glob("samples-*.pt")
+    a_file = next((site / "dicom").rglob("*.dcm"))
+    os.utime(a_file, ns=(a_file.stat().st_atime_ns, a_file.stat().st_mtime_ns + 10**9))
+    load_site(site, cfg.data, seed=1)
+    (entry2,) = (site / ".fedsite-cache").glob("samples-*.pt")
+    assert entry2 != entry  # new key, old entry removed
+    other = parse_run_config({**FAST, "data.image-size": 64, "data.spacing-mm": 3.75})
+    assert tuple(load_site(site, other.data, seed=1).train[0]["image"].shape) == (1, 64, 64)
+
+
+def test_a_simulated_site_uses_the_cores_ray_gave_it_not_every_core() -> None:
+    """torch may be imported before Ray sets OMP_NUM_THREADS; the handler sets the threads itself."""
+    from client.runtime import apply_threads
+
+    before = torch.get_num_threads()
+    try:
+        cfg = parse_run_config({"sim.cpus-per-site": 1.0})
+        assert apply_threads(cfg, {"partition-id": 0}) == 1
+        assert apply_threads(parse_run_config({"train.threads": 2}), {"partition-id": 0}) == 2
+    finally:
+        torch.set_num_threads(before)
