@@ -2,44 +2,56 @@
 
 Replies carry the model weights (``arrays``), numbers only (``metrics``; ``num-examples`` is the
 count of training or validation samples, not batches) and the site's public name (``site``), so
-the server can keep results per site. No patient value is ever put in a reply.
+the server can keep results per site. A site that refuses a round (its privacy budget would be
+exceeded) replies with a ``refusal`` record and the reason instead of weights. No patient value
+is ever put in a reply.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.ledger import current_epsilon, ledger_for, private_round
 from client.runtime import apply_threads, loaded_site, model_for, resolve_site_dir, site_seed
 from common import task
 from common.config import parse_run_config
 from common.model import pick_device
+from common.privacy import PrivacyBudgetExceeded, membership_auc
 from common.records import load_arrays, to_arrays
 
 app = ClientApp()
+log = logging.getLogger("fedsite.client")
+
+_STATE_KEY = "privacy"
 
 
 def _site(context: Context):  # noqa: ANN202 - internal
     cfg = parse_run_config(context.run_config)
-    site = loaded_site(resolve_site_dir(context.node_config, cfg), cfg)
-    return cfg, site
+    site_dir = resolve_site_dir(context.node_config, cfg)
+    return cfg, site_dir, loaded_site(site_dir, cfg)
+
+
+def _state_entries(context: Context) -> list[dict]:
+    rec = context.state.config_records.get(_STATE_KEY)
+    return json.loads(str(rec["entries"])) if rec is not None and "entries" in rec else []
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's training split."""
+    """Train the received global model on this site's training split (with DP-SGD if configured)."""
     start = time.perf_counter()
-    cfg, site = _site(context)
+    cfg, site_dir, site = _site(context)
     threads = apply_threads(cfg, context.node_config)
     model = model_for(cfg.model)
     load_arrays(model, msg.content["arrays"])
     rc = msg.content["config"]
     server_round = int(rc.get("server-round", 0))
-    result = task.train(
-        model,
-        site.train,
+    kwargs = dict(
         epochs=int(rc.get("local-epochs", cfg.train.local_epochs)),
         batch_size=int(rc.get("batch-size", cfg.train.batch_size)),
         lr=float(rc.get("lr", cfg.train.lr)),
@@ -48,6 +60,26 @@ def train(msg: Message, context: Context) -> Message:
         seed=site_seed(cfg.seed, site.name, server_round),
         device=pick_device(),
     )
+    extra: dict[str, float] = {}
+    if cfg.privacy.dp:
+        ledger = ledger_for(site_dir, site.name, cfg)
+        try:
+            done = private_round(
+                model, site.train, cfg, ledger=ledger, state_entries=_state_entries(context),
+                run_id=context.run_id, server_round=server_round, **kwargs,
+            )
+        except PrivacyBudgetExceeded as exc:
+            log.warning("site %s refuses round %d: %s", site.name, server_round, exc)
+            eps, delta = current_epsilon(ledger.entries(), cfg, len(site.train))
+            refusal = ConfigRecord({"kind": "privacy-budget", "reason": str(exc)})
+            spent = MetricRecord({"epsilon": eps, "delta": delta})
+            content = RecordDict({"site": ConfigRecord({"name": site.name}), "refusal": refusal, "privacy": spent})
+            return Message(content=content, reply_to=msg)
+        context.state[_STATE_KEY] = ConfigRecord({"entries": json.dumps(done.entries)})
+        result = done.result
+        extra = {"epsilon": done.epsilon, "delta": done.delta, "noise-multiplier": done.noise_multiplier}
+    else:
+        result = task.train(model, site.train, **kwargs)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -56,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
             "compute-s": result.seconds,
             "handler-s": time.perf_counter() - start,
             "threads": threads,
+            **extra,
         }
     )
     content = RecordDict({"arrays": to_arrays(model), "metrics": metrics, "site": ConfigRecord({"name": site.name})})
@@ -64,14 +97,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this site's validation split."""
+    """Evaluate the received global model on this site's validation split (and audit membership leakage)."""
     start = time.perf_counter()
-    cfg, site = _site(context)
+    cfg, _, site = _site(context)
     apply_threads(cfg, context.node_config)
     model = model_for(cfg.model)
     load_arrays(model, msg.content["arrays"])
     t0 = time.perf_counter()
-    scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=pick_device())
+    device = pick_device()
+    scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device)
+    if cfg.privacy.audit:
+        # The site attacks its own model: can its training slices be told from held-out ones?
+        scores["mia-auc"] = membership_auc(model, site.train, site.val, device=device)
     scores["compute-s"] = time.perf_counter() - t0
     scores["handler-s"] = time.perf_counter() - start
     content = RecordDict({"metrics": MetricRecord(scores), "site": ConfigRecord({"name": site.name})})

@@ -23,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "StrategyConfig",
+    "PrivacyConfig",
     "SimConfig",
     "OutputConfig",
     "RunConfig",
@@ -94,6 +95,23 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level differential privacy at each site (DP-SGD), its budget and its audit."""
+
+    dp: bool = False
+    target_epsilon: float = field(default=0.0, metadata={**_range(0.0, 1e6), "help": "> 0: pick the noise so this run spends about this epsilon"})
+    noise_multiplier: float = field(default=0.0, metadata={**_range(0.0, 1e3), "help": "used when target-epsilon = 0; 0 = clip only (no guarantee)"})
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, 1e6, lo_open=True))
+    delta: float = field(default=0.0, metadata={**_range(0.0, 1.0), "help": "0 = 1/(10 x site training samples)"})
+    accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
+    max_epsilon: float = field(default=0.0, metadata={**_range(0.0, 1e6), "help": "a site's lifetime budget; 0 = none"})
+    on_budget: str = field(default="continue", metadata=_choice("continue", "stop"))
+    ledger_dir: str = field(default="", metadata={"help": "'' = <site>/.fedsite-privacy"})
+    grad_sample_mode: str = field(default="hooks", metadata=_choice("hooks", "functorch", "ghost"))
+    audit: bool = True
+
+
+@dataclass(frozen=True)
 class SimConfig:
     """The one-machine simulation (ignored in deployment)."""
 
@@ -120,6 +138,7 @@ class RunConfig:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     sim: SimConfig = SimConfig()
     output: OutputConfig = OutputConfig()
 
@@ -219,6 +238,17 @@ def parse_run_config(raw: Mapping[str, Any] | None) -> RunConfig:
 
 
 def _check_cross_field(cfg: RunConfig) -> None:
+    p = cfg.privacy
+    if p.target_epsilon > 0 and p.noise_multiplier > 0:
+        raise ConfigError(
+            f"config keys 'privacy.target-epsilon' = {p.target_epsilon} and 'privacy.noise-multiplier' = {p.noise_multiplier} "
+            "are both set; set one of them (the other to 0)"
+        )
+    if p.dp and cfg.model.norm == "batch":
+        raise ConfigError(
+            "config key 'model.norm' = 'batch' cannot be used with 'privacy.dp' = true: BatchNorm mixes samples, "
+            "so per-sample gradients are undefined; use 'instance' or 'group'"
+        )
     try:
         channels = cfg.model.channel_tuple
     except ValueError:

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from monai.losses import DiceCELoss
 
-__all__ = ["Batchable", "stack_samples", "train", "evaluate", "TrainResult", "dice_from_counts"]
+__all__ = ["Batchable", "stack_samples", "train", "evaluate", "TrainResult", "dice_from_counts", "loss_function", "make_optimizer"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,17 @@ class TrainResult:
     seconds: float
 
 
-def _loss_fn() -> DiceCELoss:
+def loss_function() -> DiceCELoss:
+    """The task loss: Dice + cross-entropy over the two classes, from logits."""
     return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """``"adam"`` or ``"sgd"`` (momentum 0.9) over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
@@ -104,13 +113,9 @@ def train(
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
-    loss_fn = _loss_fn()
+    loss_fn = loss_function()
+    opt = make_optimizer(model, optimizer, lr)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    else:
-        opt = torch.optim.Adam(params, lr=lr)
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
     steps = 0
@@ -170,7 +175,7 @@ def evaluate(
         raise ValueError("no validation samples: the site's validation split is empty")
     device = torch.device(device)
     model.to(device).eval()
-    loss_fn = _loss_fn()
+    loss_fn = loss_function()
     tp = fp = fn = 0.0
     loss_sum = 0.0
     for idx in _batches(len(data), batch_size, None):

@@ -19,7 +19,7 @@ from common.config import RunConfig, flatten, parse_run_config
 from common.model import build_model
 from common.records import to_arrays
 from server.results import build_results, round_metrics, site_table, write_json
-from server.strategies import RoundRecord, make_strategy
+from server.strategies import RoundRecord, StopFederation, make_strategy
 from server.tracking import Tracker, library_versions, ui_hint
 
 app = ServerApp()
@@ -51,10 +51,15 @@ def _progress(rec: RoundRecord, total: int) -> str:
         return f"round {rec.round}/{total}: no site returned evaluation results ({len(rec.rejected)} rejected) in {rec.seconds:.1f}s"
     worst_site = min(rec.per_site, key=lambda s: rec.per_site[s].get("dice", 0.0))
     mean = rec.mean()
-    return (
+    line = (
         f"round {rec.round}/{total}: mean dice {mean['dice']:.3f}, worst {rec.per_site[worst_site]['dice']:.3f} ({worst_site}), "
         f"{len(rec.per_site)} sites, {len(rec.rejected)} rejected, {rec.seconds:.1f}s"
     )
+    if rec.privacy:
+        eps = [p["epsilon"] for p in rec.privacy.values()]
+        shown = "unbounded (no noise)" if any(e is None for e in eps) else f"{max(e for e in eps if e is not None):.3g}"
+        line += f"; max site epsilon {shown}"
+    return line
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
@@ -77,15 +82,22 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     model = build_model(cfg.model)
     strategy = make_strategy(cfg, on_round=on_round)
     status = "FAILED"
+    stopped: dict | None = None
     try:
-        result = strategy.start(  # type: ignore[attr-defined]
-            grid=grid,
-            initial_arrays=to_arrays(model),
-            num_rounds=cfg.num_server_rounds,
-            train_config=train_config(cfg),
-            evaluate_config=ConfigRecord({}),
-        )
-        final_arrays: ArrayRecord = result.arrays if result.arrays is not None else to_arrays(model)
+        try:
+            result = strategy.start(  # type: ignore[attr-defined]
+                grid=grid,
+                initial_arrays=to_arrays(model),
+                num_rounds=cfg.num_server_rounds,
+                train_config=train_config(cfg),
+                evaluate_config=ConfigRecord({}),
+            )
+            final_arrays: ArrayRecord = result.arrays if result.arrays is not None else to_arrays(model)
+        except StopFederation as stop:
+            log.warning("round %d: federation stopped: %s", stop.server_round, stop.reason)
+            stopped = {"round": stop.server_round, "reason": stop.reason}
+            on_round(strategy.records[-1])
+            final_arrays = strategy.latest_arrays if strategy.latest_arrays is not None else to_arrays(model)
         model.load_state_dict(final_arrays.to_torch_state_dict())
         model_path = out / "final_model.pt"
         torch.save(model.state_dict(), model_path)
@@ -96,7 +108,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             flat,
             strategy.records,
             total_s=total,
-            extra={"versions": library_versions(), "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.wait()}},
+            extra={
+                "versions": library_versions(),
+                "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.wait()},
+                **({"stopped": stopped} if stopped else {}),
+            },
         )
         write_json(out / "results.json", results)
         if status == "FINISHED":

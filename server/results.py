@@ -23,6 +23,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         "worst": worst,
         "train": rec.train,
         "evaluate_timing": rec.eval_timing,
+        "privacy": rec.privacy,
         "rejected": rec.rejected,
         "seconds": rec.seconds,
     }
@@ -34,10 +35,16 @@ def build_results(config: dict[str, Any], records: list[RoundRecord], *, total_s
     last = next((r for r in reversed(records) if r.per_site), None)
     final_sites = {s: {k: v for k, v in m.items() if k != "num-examples"} for s, m in (last.per_site if last else {}).items()}
     mean, worst = summarize(final_sites)
+    privacy: dict[str, Any] = {}
+    for r in records:  # each site's latest epsilon, whether it trained or refused
+        privacy.update(r.privacy)
+    final: dict[str, Any] = {"round": last.round if last else None, "per_site": final_sites, "mean": mean, "worst": worst}
+    if privacy:
+        final["privacy"] = privacy
     results: dict[str, Any] = {
         "config": config,
         "rounds": rounds,
-        "final": {"round": last.round if last else None, "per_site": final_sites, "mean": mean, "worst": worst},
+        "final": final,
         "timing": {"total_s": total_s, "round_s": [r.seconds for r in records]},
     }
     if extra:
@@ -70,6 +77,9 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
     for site, m in rec.train.items():
         if "train-loss" in m:
             out[f"train-loss.{site}"] = m["train-loss"]
+    for site, p in rec.privacy.items():
+        if p.get("epsilon") is not None:
+            out[f"epsilon.{site}"] = float(p["epsilon"])
     out["round-s"] = rec.seconds
     out["rejected"] = float(len(rec.rejected))
     return out

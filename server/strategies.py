@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from common.config import RunConfig
 
-__all__ = ["RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
+__all__ = ["StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
 
 log = logging.getLogger("fedsite.server")
 
@@ -38,6 +38,7 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_timing: dict[str, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float | None]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -50,8 +51,11 @@ class RoundRecord:
         return summarize(self.per_site)[1]
 
 
+_HIGHER_IS_WORSE = {"mia-auc"}
+
+
 def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and worst over sites: for ``loss`` the worst is the highest, for scores the lowest."""
+    """Mean and worst over sites: for losses and attack AUC the worst is the highest, for scores the lowest."""
     mean: dict[str, float] = {}
     worst: dict[str, float] = {}
     if not per_site:
@@ -60,13 +64,27 @@ def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], 
     for k in sorted(keys):
         values = [m[k] for m in per_site.values()]
         mean[k] = sum(values) / len(values)
-        worst[k] = max(values) if "loss" in k else min(values)
+        worst[k] = max(values) if k in _HIGHER_IS_WORSE or "loss" in k else min(values)
     return mean, worst
 
 
-_REPORTED_EVAL = ("dice", "loss", "num-examples")
+_REPORTED_EVAL = ("dice", "loss", "num-examples", "mia-auc")
 _REPORTED_TRAIN = ("num-examples", "train-loss", "steps", "compute-s", "handler-s", "threads")
 _TIMING = ("compute-s", "handler-s")
+
+
+class StopFederation(RuntimeError):
+    """Raised by a strategy to end the federation early (e.g. a site's privacy budget is spent)."""
+
+    def __init__(self, server_round: int, reason: str) -> None:
+        super().__init__(reason)
+        self.server_round = server_round
+        self.reason = reason
+
+
+def _epsilon(value: object) -> float | None:
+    """Epsilon for results: None when unbounded (clipping without noise gives no guarantee)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 class SiteRecording:
@@ -81,11 +99,18 @@ class SiteRecording:
     _round_start: float
     _global_keys: dict[str, tuple[int, ...]]
 
-    def init_recording(self, on_round: Callable[[RoundRecord], None] | None = None) -> None:
+    def init_recording(self, on_round: Callable[[RoundRecord], None] | None = None, *, stop_on_budget: bool = False) -> None:
         self._records = {}
         self._on_round = on_round
         self._round_start = time.perf_counter()
         self._global_keys = {}
+        self._stop_on_budget = stop_on_budget
+        self.latest_arrays: ArrayRecord | None = None
+
+    @property
+    def stop_on_budget(self) -> bool:
+        """Whether a site's privacy-budget refusal ends the federation."""
+        return self._stop_on_budget
 
     @property
     def records(self) -> list[RoundRecord]:
@@ -113,6 +138,9 @@ class SiteRecording:
             return node, "reply has no valid 'site' name (letters, digits, '.', '_', '-'; at most 64)"
         if site in seen:
             return f"{site}@{node}", f"a second node claims the site name '{site}'"
+        refusal = msg.content.config_records.get("refusal")
+        if isinstance(refusal, ConfigRecord):
+            return site, f"refused ({refusal.get('kind', 'unspecified')}): {refusal.get('reason', 'no reason given')}"
         metrics = msg.content.metric_records.get("metrics")
         if not isinstance(metrics, MetricRecord):
             return site, "reply has no 'metrics' record"
@@ -120,7 +148,8 @@ class SiteRecording:
         if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
             return site, f"num-examples must be a positive number, got {n!r}"
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not math.isfinite(value):
+            # epsilon is infinite, honestly, when a site clips without noise
+            if key != "epsilon" and isinstance(value, (int, float)) and not math.isfinite(value):
                 return site, f"metric '{key}' is not finite"
         if is_train:
             arrays = msg.content.array_records.get("arrays")
@@ -152,12 +181,16 @@ class SiteRecording:
                 phase = "train" if is_train else "evaluate"
                 log.warning("round %d %s: rejected reply from %s: %s", server_round, phase, site, reason)
                 rec.rejected.append({"site": site, "phase": phase, "reason": reason})
+                spent = msg.content.metric_records.get("privacy") if not msg.has_error() else None
+                if isinstance(spent, MetricRecord) and "epsilon" in spent:
+                    rec.privacy[site] = {"epsilon": _epsilon(spent["epsilon"]), "delta": float(spent.get("delta", 0.0))}
         return good, by_site
 
     # --- strategy hooks -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         self._global_keys = {k: tuple(v.shape) for k, v in arrays.items()}
+        self.latest_arrays = arrays
         self._record(server_round)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
@@ -167,10 +200,19 @@ class SiteRecording:
         for site, msg in by_site.items():
             m = msg.content["metrics"]
             rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
+            if "epsilon" in m:
+                rec.privacy[site] = {"epsilon": _epsilon(m["epsilon"]), "delta": float(m.get("delta", 0.0))}
+        refused = [r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")]
+        if refused and self._stop_on_budget:
+            sites = ", ".join(r["site"] for r in refused)
+            raise StopFederation(server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation")
         if not good:
             log.warning("round %d: no usable training replies; the global model is unchanged", server_round)
             return None, None
-        return super().aggregate_train(server_round, good)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        if arrays is not None:
+            self.latest_arrays = arrays
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good, by_site = self._filter(server_round, replies, is_train=False)
@@ -217,5 +259,5 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
         strategy = SiteFedProx(proximal_mu=s.proximal_mu, **common)
     else:
         strategy = SiteFedAvg(**common)
-    strategy.init_recording(on_round)
+    strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop")
     return strategy

@@ -1,0 +1,259 @@
+"""Sample-level differential privacy (DP-SGD with Opacus), privacy accounting and the audit.
+
+Plain PyTorch and Opacus; no Flower. The accountant's state is its *history*: a list of
+``(noise_multiplier, sample_rate, steps)`` entries, one per training call. A site keeps that
+history for its whole life (``client/ledger.py`` stores it in Flower's ``Context.state`` and on
+the site's disk); every training call starts a PrivacyEngine whose accountant is restored from
+it, so epsilon accumulates across rounds and runs instead of restarting at zero.
+
+Guarantee: (epsilon, delta)-DP for the site's training samples (one slice is one sample: slices
+of one patient are not grouped, so the guarantee is per slice, not per patient).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.task import Batchable, TrainResult, loss_function, make_optimizer
+
+__all__ = [
+    "PrivacyBudgetExceeded",
+    "HistoryEntry",
+    "epsilon_spent",
+    "noise_for_target",
+    "default_delta",
+    "train_private",
+    "membership_auc",
+    "per_sample_losses",
+]
+
+HistoryEntry = tuple[float, float, int]
+"""(noise multiplier, sample rate, steps) of one DP-SGD training call."""
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """Training would push a site's epsilon past its budget; the site refuses the round."""
+
+
+def default_delta(n_train: int) -> float:
+    """delta = 1 / (10 x training samples): well below the 1/n at which DP means little."""
+    return 1.0 / (10.0 * max(n_train, 1))
+
+
+def _accountant(name: str):  # noqa: ANN202 - Opacus accountant
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if name == "prv":
+        return PRVAccountant()
+    return RDPAccountant()
+
+
+def epsilon_spent(history: Sequence[HistoryEntry], *, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of the whole history at ``delta``.
+
+    Args:
+        history: Every DP-SGD call the site's data went through.
+        delta: The target delta.
+        accountant: ``"rdp"`` or ``"prv"``.
+
+    Returns:
+        Epsilon; 0.0 for an empty history; ``inf`` if any call added no noise (clipping only).
+    """
+    if not history:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in history):
+        return math.inf
+    acc = _accountant(accountant)
+    acc.history = [(float(s), float(q), int(k)) for s, q, k in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """The noise multiplier at which ``steps`` DP-SGD steps spend ``target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+            )
+        )
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    """What one DP-SGD call did, and the accountant history after it."""
+
+    result: TrainResult
+    history: list[HistoryEntry]
+    sample_rate: float
+    steps: int
+
+
+def train_private(
+    model: torch.nn.Module,
+    data: Batchable,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "adam",
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: Sequence[HistoryEntry] = (),
+    accountant: str = "rdp",
+    grad_sample_mode: str = "hooks",
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> PrivateTrainResult:
+    """DP-SGD: per-sample clipping to ``max_grad_norm`` plus Gaussian noise, Poisson batches.
+
+    The model is trained in place and left without Opacus hooks or wrapper, so its
+    ``state_dict`` keys are the plain ones (no ``_module.`` prefix).
+
+    Args:
+        model: The network (no BatchNorm: use instance or group norm).
+        data: The site's training split.
+        epochs: Local epochs.
+        batch_size: Expected batch size; the sample rate is ``batch_size / len(data)``.
+        lr: Learning rate.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        noise_multiplier: Noise std / clipping norm; 0 clips without noise (no DP guarantee).
+        max_grad_norm: Per-sample gradient clipping norm.
+        history: The site's accountant history before this call.
+        accountant: ``"rdp"`` or ``"prv"``.
+        grad_sample_mode: Opacus per-sample gradient mode: ``"hooks"``, ``"functorch"`` or ``"ghost"``.
+        proximal_mu: FedProx weight, applied as a data-independent pull towards the global weights
+            after each private step (post-processing: it costs no privacy).
+        seed: Seeds batch sampling and noise.
+        device: Where to train.
+
+    Returns:
+        The training result and the accountant history including this call.
+
+    Raises:
+        ValueError: If ``data`` is empty or the model holds BatchNorm.
+    """
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if len(data) == 0:
+        raise ValueError("no training samples: the site's training split is empty")
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise ValueError(
+            f"the model cannot be trained with DP-SGD: {problems[0]}; use model.norm = 'instance' or 'group'"
+        )
+    start = time.perf_counter()
+    device = torch.device(device)
+    model.to(device).train()
+    torch.manual_seed(seed)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    opt = make_optimizer(model, optimizer, lr)
+    loss_fn = loss_function()
+    loader = DataLoader(
+        TensorDataset(data.images, data.labels),
+        batch_size=min(batch_size, len(data)),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode (a cryptographic RNG, torchcsprng) is off; see README.
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant=accountant, secure_mode=False)
+        engine.accountant.history = [tuple(h) for h in history]  # the site's accountant, restored
+        if grad_sample_mode == "ghost":
+            dp_model, dp_opt, dp_loss, dp_loader = engine.make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm, grad_sample_mode="ghost", criterion=loss_fn, poisson_sampling=True,
+            )
+        else:
+            dp_model, dp_opt, dp_loader = engine.make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode, poisson_sampling=True,
+            )
+            dp_loss = loss_fn
+    sample_rate = 1.0 / len(loader)  # Opacus' Poisson loader: each sample joins a batch with this rate
+    steps = 0
+    epoch_loss = 0.0
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(epochs):
+                total, seen = 0.0, 0
+                for x, y in dp_loader:
+                    if len(x) == 0:  # Poisson sampling drew nobody: nothing is released, nothing accounted
+                        continue
+                    x, y = x.to(device), y.to(device)
+                    dp_opt.zero_grad(set_to_none=True)
+                    loss = dp_loss(dp_model(x), y)
+                    loss.backward()
+                    dp_opt.step()
+                    if proximal_mu > 0:
+                        with torch.no_grad():
+                            for p, g in zip(model.parameters(), global_params):
+                                p.sub_(lr * proximal_mu * (p - g))
+                    steps += 1
+                    total += float(loss.detach()) * len(x)
+                    seen += len(x)
+                epoch_loss = total / max(seen, 1)
+    finally:
+        # Leave the plain model behind: remove Opacus hooks and per-sample gradient buffers.
+        if hasattr(dp_model, "_close"):
+            dp_model._close()
+        for p in model.parameters():
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = None
+    new_history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
+    result = TrainResult(num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start)
+    return PrivateTrainResult(result=result, history=new_history, sample_rate=sample_rate, steps=steps)
+
+
+@torch.no_grad()
+def per_sample_losses(model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """Cross-entropy per sample (mean over its pixels): what a loss-threshold attacker observes."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].to(device)
+        y = data.labels[start : start + batch_size].to(device)
+        ce = F.cross_entropy(model(x), y[:, 0].long(), reduction="none")
+        out.append(ce.flatten(1).mean(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def membership_auc(model: torch.nn.Module, members: Batchable, non_members: Batchable, *, device: torch.device | str = "cpu") -> float:
+    """AUC of a loss-threshold membership-inference attack run by the site on its own data.
+
+    The attacker guesses "member" when a sample's loss is below a threshold; the AUC sweeps every
+    threshold, calibrated on held-out (non-member) samples. 0.5: the attacker learns nothing;
+    1.0: training samples are perfectly recognisable.
+    """
+    lm = per_sample_losses(model, members, device=device)
+    ln = per_sample_losses(model, non_members, device=device)
+    if len(lm) == 0 or len(ln) == 0:
+        return 0.5
+    # Mann-Whitney U: P(loss_member < loss_non_member) + 0.5 P(tie)
+    allv = np.concatenate([lm, ln])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    ranks[order] = np.arange(1, len(allv) + 1)
+    # average ranks for ties
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    u_non = ranks[len(lm):].sum() - len(ln) * (len(ln) + 1) / 2
+    return float(u_non / (len(lm) * len(ln)))
