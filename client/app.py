@@ -13,6 +13,8 @@ import json
 import logging
 import time
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -21,13 +23,14 @@ from client.runtime import apply_threads, loaded_site, model_for, resolve_site_d
 from common import task
 from common.config import parse_run_config
 from common.model import pick_device
-from common.privacy import PrivacyBudgetExceeded, membership_auc
+from common.privacy import PrivacyBudgetExceeded, loss_attack_auc, membership_auc, per_sample_losses
 from common.records import load_arrays, to_arrays
 
 app = ClientApp()
 log = logging.getLogger("fedsite.client")
 
 _STATE_KEY = "privacy"
+_MIA_KEY = "mia-reference"
 
 
 def _site(context: Context):  # noqa: ANN202 - internal
@@ -61,6 +64,15 @@ def train(msg: Message, context: Context) -> Message:
         device=pick_device(),
     )
     extra: dict[str, float] = {}
+    if site.audit is not None and _MIA_KEY not in context.state.config_records:
+        # Per-sample losses under the first global model this site sees: the attack's baseline.
+        ref = ConfigRecord(
+            {
+                "train": per_sample_losses(model, site.train).tolist(),
+                "held-out": per_sample_losses(model, site.audit).tolist(),
+            }
+        )
+        context.state[_MIA_KEY] = ref
     if cfg.privacy.dp:
         ledger = ledger_for(site_dir, site.name, cfg)
         try:
@@ -88,6 +100,7 @@ def train(msg: Message, context: Context) -> Message:
             "compute-s": result.seconds,
             "handler-s": time.perf_counter() - start,
             "threads": threads,
+            "uniform-weight": 1.0,  # central DP averages sites uniformly
             **extra,
         }
     )
@@ -106,9 +119,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     device = pick_device()
     scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device)
-    if cfg.privacy.audit:
-        # The site attacks its own model: can its training slices be told from held-out ones?
-        scores["mia-auc"] = membership_auc(model, site.train, site.val, device=device)
+    if site.audit is not None:
+        # The site attacks its own model: can its training slices be told from held-out slices
+        # of the same patients?
+        scores["mia-auc"] = membership_auc(model, site.train, site.audit, device=device)
+        ref = context.state.config_records.get(_MIA_KEY)
+        if ref is not None:  # the same attack against the run's initial model (should be ~0.5)
+            scores["mia-auc-initial"] = loss_attack_auc(np.asarray(ref["train"]), np.asarray(ref["held-out"]))
+    scores["uniform-weight"] = 1.0
     scores["compute-s"] = time.perf_counter() - t0
     scores["handler-s"] = time.perf_counter() - start
     content = RecordDict({"metrics": MetricRecord(scores), "site": ConfigRecord({"name": site.name})})

@@ -36,6 +36,9 @@ class LoadedSite:
     data: SiteData
     train: Batchable
     val: Batchable
+    audit: Batchable | None = None
+    """Training-patient slices held out of training for the membership audit (same distribution
+    as the training slices, so the attack measures memorisation, not patient differences)."""
 
     @property
     def name(self) -> str:
@@ -80,18 +83,27 @@ def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
 
 
 @lru_cache(maxsize=16)
-def _load(site_dir: str, data_cfg: DataConfig, seed: int) -> LoadedSite:
+def _load(site_dir: str, data_cfg: DataConfig, seed: int, audit_fraction: float) -> LoadedSite:
     data = load_site(Path(site_dir), data_cfg, seed=seed)
+    train, audit = list(data.train), None
+    if audit_fraction > 0 and len(train) >= 4:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(site_seed(seed, data.name, -1))).tolist()
+        n_audit = max(1, int(round(audit_fraction * len(train))))
+        held = set(order[:n_audit])
+        audit = stack_samples([s for i, s in enumerate(train) if i in held])
+        train = [s for i, s in enumerate(train) if i not in held]
     log.info(
-        "site %s: %d train / %d validation slices from %d/%d patients, %d series used, %d files or series rejected",
-        data.name, len(data.train), len(data.val), data.train_patients, data.val_patients, data.series_used, len(data.rejected),
+        "site %s: %d train / %d validation slices from %d/%d patients, %d audit slices, %d series used, %d files or series rejected",
+        data.name, len(train), len(data.val), data.train_patients, data.val_patients, 0 if audit is None else len(audit),
+        data.series_used, len(data.rejected),
     )
-    return LoadedSite(data=data, train=stack_samples(data.train), val=stack_samples(data.val))
+    return LoadedSite(data=data, train=stack_samples(train), val=stack_samples(data.val), audit=audit)
 
 
 def loaded_site(site_dir: Path, cfg: RunConfig) -> LoadedSite:
     """The site's samples, read once per process and reused every round."""
-    return _load(str(Path(site_dir).resolve()), cfg.data, cfg.seed)
+    audit = cfg.privacy.audit_fraction if cfg.privacy.audit else 0.0
+    return _load(str(Path(site_dir).resolve()), cfg.data, cfg.seed, audit)
 
 
 _MODELS: dict[ModelConfig, torch.nn.Module] = {}

@@ -5,6 +5,8 @@ code (and vice versa):
 
 * ``fedsite simulate``   run a whole federation of simulated scanner sites on this machine
 * ``fedsite data synth`` write simulated scanner sites (DICOM + masks)
+* ``fedsite site check``  audit a site folder before it joins (client/cli.py)
+* ``fedsite study privacy`` the same sites and seeds at several privacy budgets
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'", help="any key of [tool.flwr.app.config]")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
+    study = sub.add_parser("study", help="compare several federations on the same sites and seeds").add_subparsers(dest="study_command", required=True)
+    priv = study.add_parser("privacy", help="no DP, clip-only, epsilon 8/3/1: utility, epsilon spent, membership attack AUC")
+    priv.add_argument("--out", type=Path, required=True, help="study folder (privacy.json, privacy.png, one run per setting)")
+    priv.add_argument("--quick", action="store_true", help="3 sites, 3 rounds x 3 local epochs: about 4 minutes on 2 cores")
+    priv.add_argument("--sites", type=int)
+    priv.add_argument("--rounds", type=int)
+    priv.add_argument("--seed", type=int)
+    priv.add_argument("--data-root", type=Path)
+    priv.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'")
+
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write simulated scanner sites: DICOM series and lesion masks")
     synth.add_argument("--sites", type=int, default=3)
@@ -62,17 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=RunConfig().seed)
     synth.add_argument("--patients", type=int, default=RunConfig().data.synth_patients, help="patients per site")
     synth.add_argument("--slices", type=int, default=RunConfig().data.synth_slices, help="slices per patient")
+
+    from client.cli import add_parser as add_site_parser  # argparse only; DICOM code is imported when run
+
+    add_site_parser(sub)
     return p
 
 
-def _simulate_config(args: argparse.Namespace) -> RunConfig:
+def _simulate_config(args: argparse.Namespace, defaults: dict[str, object] | None = None) -> RunConfig:
     flat = flatten(RunConfig())
+    flat.update(defaults or {})
     flat.update(_parse_kv(args.run_config))
     named = {
         "sim.sites": args.sites,
         "num-server-rounds": args.rounds,
-        "train.local-epochs": args.local_epochs,
-        "strategy.name": args.strategy,
+        "train.local-epochs": getattr(args, "local_epochs", None),
+        "strategy.name": getattr(args, "strategy", None),
         "seed": args.seed,
         "data.root": str(args.data_root) if args.data_root else None,
     }
@@ -101,6 +118,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not final["per_site"]:
         print("no site returned evaluation results; see the rejections in results.json", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_study_privacy(args: argparse.Namespace) -> int:
+    from simulations.studies import privacy_study
+
+    quick = {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
+    cfg = _simulate_config(args, quick)
+    print(f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}", flush=True)
+    report = privacy_study(cfg, args.out, progress=lambda m: print(m, flush=True))
+    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC")]
+    for s in report["settings"]:
+        eps = list(s["epsilon_spent"].values())
+        eps_txt = "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}")
+        rows.append((s["name"], f"{s['utility']['mean'].get('dice', float('nan')):.3f}", f"{s['utility']['worst'].get('dice', float('nan')):.3f}", eps_txt, f"{s['attack_auc'].get('mean', float('nan')):.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if "utility_cost_eps8" in report:
+        c = report["utility_cost_eps8"]
+        print(f"utility cost at epsilon 8: mean Dice {c['dice_no_dp']:.3f} without DP -> {c['dice_eps8']:.3f} ({c['dice_drop']:+.3f} drop)")
+    print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
     return 0
 
 
@@ -144,8 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _cmd_simulate(args)
+        if args.command == "site":
+            from client.cli import run as run_site
+
+            return run_site(args)
         if args.command == "data" and args.data_command == "synth":
             return _cmd_synth(args)
+        if args.command == "study" and args.study_command == "privacy":
+            return _cmd_study_privacy(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"fedsite: error: {exc}", file=sys.stderr)
         return 2

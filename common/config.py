@@ -108,7 +108,11 @@ class PrivacyConfig:
     on_budget: str = field(default="continue", metadata=_choice("continue", "stop"))
     ledger_dir: str = field(default="", metadata={"help": "'' = <site>/.fedsite-privacy"})
     grad_sample_mode: str = field(default="hooks", metadata=_choice("hooks", "functorch", "ghost"))
-    audit: bool = True
+    central_dp: bool = False
+    central_noise: float = field(default=1.0, metadata={**_range(0.0, 1e3, lo_open=True), "help": "central DP: noise multiplier on the clipped site updates"})
+    central_clip: float = field(default=1.0, metadata={**_range(0.0, 1e6, lo_open=True), "help": "central DP: L2 norm each site's update is clipped to"})
+    audit: bool = False
+    audit_fraction: float = field(default=0.2, metadata={**_range(0.0, 0.5, lo_open=True), "help": "training slices held out for the audit"})
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ __all__ = [
     "default_delta",
     "train_private",
     "membership_auc",
+    "loss_attack_auc",
     "per_sample_losses",
 ]
 
@@ -152,6 +153,7 @@ def train_private(
 
     if len(data) == 0:
         raise ValueError("no training samples: the site's training split is empty")
+    model.train()
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
         raise ValueError(
@@ -235,25 +237,32 @@ def per_sample_losses(model: torch.nn.Module, data: Batchable, *, batch_size: in
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def membership_auc(model: torch.nn.Module, members: Batchable, non_members: Batchable, *, device: torch.device | str = "cpu") -> float:
-    """AUC of a loss-threshold membership-inference attack run by the site on its own data.
-
-    The attacker guesses "member" when a sample's loss is below a threshold; the AUC sweeps every
-    threshold, calibrated on held-out (non-member) samples. 0.5: the attacker learns nothing;
-    1.0: training samples are perfectly recognisable.
-    """
-    lm = per_sample_losses(model, members, device=device)
-    ln = per_sample_losses(model, non_members, device=device)
-    if len(lm) == 0 or len(ln) == 0:
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score_pos > score_neg) + 0.5 P(tie): the ROC AUC of a score, via ranks (Mann-Whitney U)."""
+    if len(pos) == 0 or len(neg) == 0:
         return 0.5
-    # Mann-Whitney U: P(loss_member < loss_non_member) + 0.5 P(tie)
-    allv = np.concatenate([lm, ln])
+    allv = np.concatenate([pos, neg])
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
     order = allv.argsort(kind="mergesort")
     ranks = np.empty(len(allv))
     ranks[order] = np.arange(1, len(allv) + 1)
-    # average ranks for ties
-    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    ranks = (sums / counts)[inv]
-    u_non = ranks[len(lm):].sum() - len(ln) * (len(ln) + 1) / 2
-    return float(u_non / (len(lm) * len(ln)))
+    ranks = (np.bincount(inv, weights=ranks) / counts)[inv]  # average ranks for ties
+    u_pos = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u_pos / (len(pos) * len(neg)))
+
+
+def loss_attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float:
+    """AUC of the loss-threshold attack (Yeom et al.) given per-sample losses: low loss = "member"."""
+    return _auc(-np.asarray(member_losses), -np.asarray(non_member_losses))
+
+
+def membership_auc(model: torch.nn.Module, members: Batchable, non_members: Batchable, *, device: torch.device | str = "cpu") -> float:
+    """AUC of a loss-threshold membership-inference attack that a site runs on its own data.
+
+    The attacker guesses "member" when a sample's loss is below a threshold; the AUC sweeps every
+    threshold, calibrated on held-out (non-member) samples. 0.5: the attacker learns nothing;
+    1.0: training samples are perfectly recognisable. Non-members must come from the same
+    distribution as members (the site holds out slices of its training patients for this), or
+    the attack measures how patients differ instead of what the model memorised.
+    """
+    return loss_attack_auc(per_sample_losses(model, members, device=device), per_sample_losses(model, non_members, device=device))

@@ -19,7 +19,7 @@ from common.config import RunConfig, flatten, parse_run_config
 from common.model import build_model
 from common.records import to_arrays
 from server.results import build_results, round_metrics, site_table, write_json
-from server.strategies import RoundRecord, StopFederation, make_strategy
+from server.strategies import RoundRecord, StopFederation, make_strategy, recorder_of
 from server.tracking import Tracker, library_versions, ui_hint
 
 app = ServerApp()
@@ -55,6 +55,8 @@ def _progress(rec: RoundRecord, total: int) -> str:
         f"round {rec.round}/{total}: mean dice {mean['dice']:.3f}, worst {rec.per_site[worst_site]['dice']:.3f} ({worst_site}), "
         f"{len(rec.per_site)} sites, {len(rec.rejected)} rejected, {rec.seconds:.1f}s"
     )
+    if rec.central_privacy:
+        line += f"; central (site-level) epsilon {rec.central_privacy['epsilon']:.3g}"
     if rec.privacy:
         eps = [p["epsilon"] for p in rec.privacy.values()]
         shown = "unbounded (no noise)" if any(e is None for e in eps) else f"{max(e for e in eps if e is not None):.3g}"
@@ -76,11 +78,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         log.info(_progress(rec, cfg.num_server_rounds))
         tracker.log_metrics(round_metrics(rec), step=rec.round)
         # Partial results after every round: a crash later loses nothing already learnt.
-        write_json(out / "results.json", build_results(flat, strategy.records, total_s=time.perf_counter() - started))
+        write_json(out / "results.json", build_results(flat, recorder.records, total_s=time.perf_counter() - started))
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     strategy = make_strategy(cfg, on_round=on_round)
+    recorder = recorder_of(strategy)
     status = "FAILED"
     stopped: dict | None = None
     try:
@@ -96,8 +99,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         except StopFederation as stop:
             log.warning("round %d: federation stopped: %s", stop.server_round, stop.reason)
             stopped = {"round": stop.server_round, "reason": stop.reason}
-            on_round(strategy.records[-1])
-            final_arrays = strategy.latest_arrays if strategy.latest_arrays is not None else to_arrays(model)
+            on_round(recorder.records[-1])
+            final_arrays = recorder.latest_arrays if recorder.latest_arrays is not None else to_arrays(model)
         model.load_state_dict(final_arrays.to_torch_state_dict())
         model_path = out / "final_model.pt"
         torch.save(model.state_dict(), model_path)
@@ -106,7 +109,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         total = time.perf_counter() - started
         results = build_results(
             flat,
-            strategy.records,
+            recorder.records,
             total_s=total,
             extra={
                 "versions": library_versions(),

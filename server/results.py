@@ -24,6 +24,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         "train": rec.train,
         "evaluate_timing": rec.eval_timing,
         "privacy": rec.privacy,
+        **({"central_privacy": rec.central_privacy} if rec.central_privacy else {}),
         "rejected": rec.rejected,
         "seconds": rec.seconds,
     }
@@ -41,6 +42,9 @@ def build_results(config: dict[str, Any], records: list[RoundRecord], *, total_s
     final: dict[str, Any] = {"round": last.round if last else None, "per_site": final_sites, "mean": mean, "worst": worst}
     if privacy:
         final["privacy"] = privacy
+    central = [r.central_privacy for r in records if r.central_privacy]
+    if central:
+        final["central_privacy"] = central[-1]
     results: dict[str, Any] = {
         "config": config,
         "rounds": rounds,
@@ -80,6 +84,8 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
     for site, p in rec.privacy.items():
         if p.get("epsilon") is not None:
             out[f"epsilon.{site}"] = float(p["epsilon"])
+    if rec.central_privacy:
+        out["central-epsilon"] = rec.central_privacy["epsilon"]
     out["round-s"] = rec.seconds
     out["rejected"] = float(len(rec.rejected))
     return out

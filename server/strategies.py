@@ -19,11 +19,14 @@ from typing import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
+from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import RunConfig
 
-__all__ = ["StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
+__all__ = ["CentralDP", "recorder_of", "StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
 
 log = logging.getLogger("fedsite.server")
 
@@ -39,6 +42,7 @@ class RoundRecord:
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_timing: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    central_privacy: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -51,7 +55,7 @@ class RoundRecord:
         return summarize(self.per_site)[1]
 
 
-_HIGHER_IS_WORSE = {"mia-auc"}
+_HIGHER_IS_WORSE = {"mia-auc", "mia-auc-initial"}
 
 
 def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -68,7 +72,7 @@ def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], 
     return mean, worst
 
 
-_REPORTED_EVAL = ("dice", "loss", "num-examples", "mia-auc")
+_REPORTED_EVAL = ("dice", "loss", "num-examples", "mia-auc", "mia-auc-initial")
 _REPORTED_TRAIN = ("num-examples", "train-loss", "steps", "compute-s", "handler-s", "threads")
 _TIMING = ("compute-s", "handler-s")
 
@@ -236,15 +240,81 @@ class SiteFedProx(SiteRecording, FedProx):
     """FedProx: FedAvg on the server; each site adds ``mu/2 ||w - w_global||^2`` to its loss."""
 
 
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Central (client-level) DP: Flower's server-side fixed-clipping wrapper plus accounting.
+
+    Each site's update is clipped to ``clipping_norm``, the average (uniform over sites) gets
+    Gaussian noise, and Flower's RDP accountant composes one release per round. The guarantee is
+    per *site* (whether a whole hospital took part), not per patient, and the noise is divided
+    by the number of sites, so a useful epsilon needs tens to hundreds of sites per round.
+
+    Flower's own accounted mode insists on plain ``FedAvg.aggregate_train``; the per-site
+    recording overrides it, so the accountant is composed here after each noisy aggregation.
+    """
+
+    def __init__(self, inner: SiteRecording, *, noise_multiplier: float, clipping_norm: float, num_sites: int, delta: float) -> None:
+        super().__init__(inner, noise_multiplier, clipping_norm, num_sites)  # type: ignore[arg-type]
+        self.recorder = inner
+        self._num_sites = num_sites
+        self._accountant = RdpAccountant(
+            FlowerPrivacyConfig(
+                target_delta=delta,
+                population_size=num_sites,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rec = self.recorder._record(server_round)
+        usable = []
+        current = self.current_arrays.to_numpy_ndarrays()
+        for msg in replies:
+            if msg.has_error() or "arrays" not in msg.content.array_records:
+                usable.append(msg)  # the recorder rejects it with its reason
+                continue
+            update = [a - b for a, b in zip(msg.content["arrays"].to_numpy_ndarrays(), current)]
+            if not any(np.any(u) for u in update):
+                # Flower's clipping divides by the update's norm; an all-zero update cannot be clipped.
+                site = self.recorder._site_of(msg) or f"node-{msg.metadata.src_node_id}"
+                rec.rejected.append({"site": site, "phase": "train", "reason": "update is exactly zero (nothing learnt)"})
+                continue
+            usable.append(msg)
+        with_arrays = [m for m in usable if not m.has_error() and "arrays" in m.content.array_records]
+        if len(with_arrays) != self._num_sites:
+            # The noise is scaled for num_sites updates; fewer would make each count more than accounted.
+            log.warning(
+                "round %d: central DP needs all %d sites' updates, got %d; the global model is unchanged",
+                server_round, self._num_sites, len(with_arrays),
+            )
+            self.recorder.aggregate_train(server_round, [])  # record the round without aggregating
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, usable)
+        if arrays is not None:
+            self._accountant.compose(
+                GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier, sample_size=self._num_sites, population_size=self._num_sites)
+            )
+            spent = self._accountant.get_privacy_spent()
+            self.recorder._record(server_round).central_privacy = {"epsilon": float(spent.epsilon), "delta": float(spent.delta)}
+            self.recorder.latest_arrays = arrays
+        return arrays, metrics
+
+
+def recorder_of(strategy: object) -> SiteRecording:
+    """The per-site recorder inside a (possibly wrapped) strategy."""
+    return getattr(strategy, "recorder", strategy)  # type: ignore[return-value]
+
+
 def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | None = None) -> SiteRecording:
-    """Build the strategy named by ``strategy.name``.
+    """Build the strategy named by ``strategy.name`` (wrapped for central DP if configured).
 
     Args:
         cfg: The run config.
         on_round: Called with each finished round's per-site record.
 
     Returns:
-        A Flower strategy that also records per-site results.
+        A Flower strategy; :func:`recorder_of` gives its per-site records.
     """
     s = cfg.strategy
     common = dict(
@@ -253,6 +323,8 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
         min_train_nodes=s.min_sites,
         min_evaluate_nodes=s.min_sites,
         min_available_nodes=s.min_sites,
+        # Central DP bounds one site's influence only if every site weighs the same.
+        weighted_by_key="uniform-weight" if cfg.privacy.central_dp else "num-examples",
     )
     strategy: SiteRecording
     if s.name == "fedprox":
@@ -260,4 +332,12 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
     else:
         strategy = SiteFedAvg(**common)
     strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop")
+    if cfg.privacy.central_dp:
+        return CentralDP(  # type: ignore[return-value]
+            strategy,
+            noise_multiplier=cfg.privacy.central_noise,
+            clipping_norm=cfg.privacy.central_clip,
+            num_sites=cfg.sim.sites if cfg.sim.sites >= s.min_sites else s.min_sites,
+            delta=cfg.privacy.delta if cfg.privacy.delta > 0 else 1.0 / (10 * max(cfg.sim.sites, s.min_sites)),
+        )
     return strategy

@@ -140,8 +140,9 @@ def test_membership_attack_sees_memorised_training_samples_and_not_fresh_ones() 
     model = build_model(cfg.model)
     from common.task import train
 
+    before = membership_auc(model, members, others)
     train(model, members, epochs=60, batch_size=12, lr=1e-2)
-    assert membership_auc(model, members, others) > 0.8
+    assert membership_auc(model, members, others) > 0.8 > before
     assert membership_auc(model, members, members) == pytest.approx(0.5)
 
 
@@ -152,3 +153,16 @@ def test_dp_training_clips_without_noise_when_asked() -> None:
     out = train_private(build_model(cfg.model), data, epochs=1, batch_size=4, lr=1e-3, noise_multiplier=0.0, max_grad_norm=1.0)
     assert out.steps > 0 and out.sample_rate == pytest.approx(0.25)
     assert epsilon_spent(out.history, delta=1e-3) == float("inf")
+
+
+def test_audit_holds_out_slices_of_training_patients_never_trained_on(small_sites: Path) -> None:
+    from client.runtime import loaded_site
+
+    cfg = parse_run_config({**FAST, "privacy.audit": True, "privacy.audit-fraction": 0.25})
+    site = loaded_site(small_sites / "site-01", cfg)
+    plain = loaded_site(small_sites / "site-01", parse_run_config(FAST))
+    assert site.audit is not None and plain.audit is None
+    assert len(site.train) + len(site.audit) == len(plain.train)
+    train_rows = {tuple(x.flatten()[:64].tolist()) for x in site.train.images}
+    audit_rows = {tuple(x.flatten()[:64].tolist()) for x in site.audit.images}
+    assert train_rows.isdisjoint(audit_rows)

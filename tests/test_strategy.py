@@ -106,3 +106,36 @@ def test_results_have_per_site_rounds_final_mean_worst_and_timing(strategy) -> N
     assert res["timing"]["total_s"] == 3.0 and len(res["timing"]["round_s"]) == 1
     table = site_table(res)
     assert "site-a" in table and "worst" in table
+
+
+def _uniform_reply(node: int, site: str, w: np.ndarray) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10, "uniform-weight": 1.0}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
+    return Message(content=content, reply_to=_instruction(node, MessageType.TRAIN))
+
+
+def test_central_dp_clips_each_site_adds_noise_and_accounts_epsilon_per_round(task_identity: None) -> None:
+    from server.strategies import recorder_of
+
+    cfg = parse_run_config({"privacy.central-dp": True, "privacy.central-noise": 0.5, "privacy.central-clip": 1.0, "sim.sites": 2})
+    s = make_strategy(cfg)
+    rec = recorder_of(s)
+    zero = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
+    eps = []
+    for r in (1, 2):
+        s.configure_train(r, zero, ConfigRecord({}), FakeGrid())
+        huge = _uniform_reply(11, "site-a", np.full(1000, 100.0))  # norm ~3162, clipped to 1
+        agg, _ = s.aggregate_train(r, [huge, _uniform_reply(12, "site-b", np.full(1000, 1e-4))])
+        w = agg["w"].numpy()
+        # clipped mean has norm 0.5; noise std = 0.5 * 1.0 / 2 per coordinate
+        assert np.linalg.norm(w) < 20 and np.std(w) == pytest.approx(0.25, rel=0.2)
+        eps.append(rec.records[-1].central_privacy["epsilon"])
+    assert 0 < eps[0] < eps[1]
+    # a round with a missing site is not aggregated: the noise is scaled for every site
+    s.configure_train(3, zero, ConfigRecord({}), FakeGrid())
+    assert s.aggregate_train(3, [_uniform_reply(11, "site-a", np.ones(1000))]) == (None, None)

@@ -1,0 +1,162 @@
+"""Studies: several federations on the same simulated sites and seeds, compared in one report.
+
+``privacy_study`` runs the same sites and seeds at several privacy settings (no DP, clipping
+without noise, and target epsilons 8, 3, 1), each with a fresh privacy ledger of its own (each
+setting is a separate hypothetical history of the sites), and writes ``privacy.json`` and a
+privacy-utility plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from common.config import RunConfig
+
+__all__ = ["PrivacySetting", "PRIVACY_SETTINGS", "privacy_study", "summarize_privacy_run", "plot_privacy"]
+
+log = logging.getLogger("fedsite.sim")
+
+
+@dataclass(frozen=True)
+class PrivacySetting:
+    """One arm of the privacy study."""
+
+    name: str
+    dp: bool
+    target_epsilon: float | None
+    """None: no DP at all ("no-dp") or clipping without noise ("clip-only")."""
+
+
+PRIVACY_SETTINGS: tuple[PrivacySetting, ...] = (
+    PrivacySetting("no-dp", False, None),
+    PrivacySetting("clip-only", True, None),
+    PrivacySetting("eps-8", True, 8.0),
+    PrivacySetting("eps-3", True, 3.0),
+    PrivacySetting("eps-1", True, 1.0),
+)
+
+
+def _setting_config(base: RunConfig, setting: PrivacySetting, ledger_dir: Path) -> RunConfig:
+    privacy = replace(
+        base.privacy,
+        dp=setting.dp,
+        target_epsilon=setting.target_epsilon or 0.0,
+        noise_multiplier=0.0,
+        max_epsilon=0.0,
+        audit=True,
+        ledger_dir=str(ledger_dir),
+    )
+    model = base.model if base.model.norm != "batch" else replace(base.model, norm="instance")
+    return replace(base, privacy=privacy, model=model)
+
+
+def summarize_privacy_run(setting: PrivacySetting, results: dict[str, Any]) -> dict[str, Any]:
+    """One entry of ``privacy.json["settings"]`` from a run's ``results.json``."""
+    final = results["final"]
+    utility_keys = ("dice", "loss")
+    attack = {site: m["mia-auc"] for site, m in final["per_site"].items() if "mia-auc" in m}
+    if attack:
+        attack["mean"] = sum(attack.values()) / len(attack)
+    initial = {site: m["mia-auc-initial"] for site, m in final["per_site"].items() if "mia-auc-initial" in m}
+    if initial:
+        initial["mean"] = sum(initial.values()) / len(initial)
+    spent = {site: p.get("epsilon") for site, p in final.get("privacy", {}).items()}
+    return {
+        "name": setting.name,
+        "target_epsilon": setting.target_epsilon,
+        "utility": {
+            "mean": {k: v for k, v in final["mean"].items() if k in utility_keys},
+            "worst": {k: v for k, v in final["worst"].items() if k in utility_keys},
+        },
+        "epsilon_spent": spent,
+        "delta": {site: p.get("delta") for site, p in final.get("privacy", {}).items()},
+        "attack_auc": attack,
+        "attack_auc_initial_model": initial,
+        "seconds": results["timing"]["total_s"],
+    }
+
+
+def plot_privacy(settings: list[dict[str, Any]], path: Path) -> None:
+    """Privacy-utility plot: mean Dice and attack AUC per setting, epsilon on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["name"] for s in settings]
+    dice = [s["utility"]["mean"].get("dice", float("nan")) for s in settings]
+    worst = [s["utility"]["worst"].get("dice", float("nan")) for s in settings]
+    auc = [s["attack_auc"].get("mean", float("nan")) for s in settings]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    xs = range(len(names))
+    ax[0].plot(xs, dice, "o-", label="mean Dice")
+    ax[0].plot(xs, worst, "s--", label="worst-site Dice")
+    ax[0].set_xticks(list(xs), names)
+    ax[0].set_ylabel("Dice (validation)")
+    ax[0].set_title("utility")
+    ax[0].legend()
+    ax[1].plot(xs, auc, "o-", color="tab:red", label="membership attack AUC")
+    ax[1].axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)")
+    ax[1].set_xticks(list(xs), names)
+    ax[1].set_ylabel("attack AUC")
+    ax[1].set_title("what an attacker learns")
+    ax[1].legend()
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.suptitle("privacy-utility trade-off (epsilon spent per site at the end of the run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def privacy_study(
+    base: RunConfig,
+    out: Path,
+    *,
+    settings: tuple[PrivacySetting, ...] = PRIVACY_SETTINGS,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every setting on the same sites and seeds; write ``privacy.json`` and ``privacy.png``.
+
+    Args:
+        base: The run config shared by all settings (sites, rounds, seed, model, ...).
+        out: The study folder; each setting's run goes to ``out/<name>/``.
+        settings: The arms to run.
+        progress: Called with a line per setting.
+
+    Returns:
+        The content of ``privacy.json``.
+    """
+    from simulations.runner import simulate
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    entries = []
+    for i, setting in enumerate(settings, 1):
+        progress(f"[{i}/{len(settings)}] {setting.name}: running {base.num_server_rounds} rounds on {base.sim.sites} sites")
+        cfg = _setting_config(base, setting, out / setting.name / "ledger")
+        results = simulate(cfg, out / setting.name, quiet=True)
+        entry = summarize_privacy_run(setting, results)
+        entries.append(entry)
+        eps = [e for e in entry["epsilon_spent"].values() if e is not None]
+        eps_txt = "-" if not setting.dp else ("unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}")
+        progress(
+            f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
+            f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
+        )
+    by_name = {e["name"]: e for e in entries}
+    report: dict[str, Any] = {"settings": entries, "seconds": time.perf_counter() - started}
+    if "no-dp" in by_name and "eps-8" in by_name:
+        base_dice = by_name["no-dp"]["utility"]["mean"].get("dice")
+        dp_dice = by_name["eps-8"]["utility"]["mean"].get("dice")
+        if base_dice is not None and dp_dice is not None:
+            report["utility_cost_eps8"] = {"dice_no_dp": base_dice, "dice_eps8": dp_dice, "dice_drop": base_dice - dp_dice}
+    (out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_privacy(entries, out / "privacy.png")
+    return report
