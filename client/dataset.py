@@ -2,41 +2,68 @@
 
 Site folder layout (what ``fedsite data synth`` writes and what a site prepares)::
 
-    <site>/dicom/...                       DICOM files, any folder structure
-    <site>/labels/<SeriesInstanceUID>.nii.gz   lesion mask (0/1) on the series' grid
+    <site>/dicom/...                       DICOM files, any folder structure; NIfTI/NRRD image
+                                           volumes (.nii.gz, .nii, .nrrd) are read too
+    <site>/labels/<SeriesInstanceUID>.nii.gz   lesion mask (0/1) on the series' grid (or .nii,
+                                           .nrrd, or a DICOM SEG with any name; see client.masks)
     <site>/site.json                       optional; {"name": ...} sets the site's public name
+
+Everything in the site folder except ``labels/``, ``site.json``, ``labels.csv`` and the cache
+(:data:`RESERVED`) is searched for images, so images may also live in ``<site>/images/``.
 
 Every slice of a labelled series becomes one sample dict ``{"image", "label", "patient",
 "series", "slice"}`` where patient and series are hashes. Samples go through one MONAI
-dictionary pipeline: resample to ``data.spacing-mm`` (image bilinear, label nearest), pad or
-crop to ``data.image-size``, scale the image's 1st..99th percentile to 0..1.
+dictionary pipeline in two stages:
+
+1. per series (:func:`volume_pipeline`): image and mask put in the canonical orientation,
+   **RAS** (MONAI ``Orientationd``, axis codes ``"RAS"``: array axes run towards the patient's
+   Right, Anterior and Superior), whatever the stored orientation (row/column directions,
+   slice order, a NIfTI written in RAS or LPS). This only permutes and flips axes: voxel values
+   are never interpolated here. The series is then cut into 2-D slices across the axis nearest
+   to its acquisition's slice normal (axial series -> ``(R, A)`` slices, coronal ``(R, S)``,
+   sagittal ``(A, S)``). Projection images (CR, DX, ... without patient coordinates) keep their
+   stored display orientation ``(rows, columns)``.
+2. per slice (:func:`sample_pipeline`): resample in-plane to ``data.spacing-mm`` (image
+   bilinear, label nearest), pad or crop to ``data.image-size``, scale the image's 1st..99th
+   percentile to 0..1.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureTyped, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
+from monai.transforms import Compose, EnsureTyped, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
 
 from client.cache import cached
-from client.dicom import DicomError, Rejection, SeriesRecord, discover_series, read_series
+from client.dicom import DicomError, Rejection, SeriesRecord, read_series, series_affine
+from client.masks import index_masks, read_mask
+from client.site import RESERVED, scan_site, site_name_of, site_split_seed, split_by_patient
 from common.config import DataConfig
 
-__all__ = ["SiteData", "load_site", "split_by_patient", "site_name_of", "sample_pipeline"]
+__all__ = [
+    "SiteData",
+    "load_site",
+    "split_by_patient",
+    "site_name_of",
+    "site_split_seed",
+    "scan_site",
+    "sample_pipeline",
+    "volume_pipeline",
+    "canonical_slices",
+    "CANONICAL_AXCODES",
+    "RESERVED",
+]
+
+#: The canonical orientation of every sample (MONAI axis codes).
+CANONICAL_AXCODES = "RAS"
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 log = logging.getLogger("fedsite.client")
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -52,44 +79,60 @@ class SiteData:
     rejected: list[Rejection] = field(repr=False)
 
 
-def site_name_of(site_dir: Path) -> str:
-    """The site's public name: ``name`` in ``site.json`` if valid, else the folder name."""
-    meta = site_dir / "site.json"
-    if meta.is_file():
-        try:
-            name = json.loads(meta.read_text()).get("name")
-            if isinstance(name, str) and _SAFE_NAME.match(name):
-                return name
-        except (OSError, ValueError):
-            log.warning("site.json in the site folder is not valid JSON; using the folder name")
-    return site_dir.name
+def volume_pipeline() -> Compose:
+    """The per-series stage: image and label to the canonical orientation (:data:`CANONICAL_AXCODES`)."""
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))  # the affine is in RAS patient coordinates
+    return Compose([Orientationd(keys=["image", "label"], axcodes=CANONICAL_AXCODES, labels=labels)])
 
 
-def split_by_patient(patients: list[str], *, val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
-    """Split patient keys into train and validation sets; no patient is on both sides.
+def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord) -> list[dict]:
+    """Cut a series into 2-D items in the canonical orientation (stage 1 of the pipeline).
 
     Args:
-        patients: Patient keys (hashes); duplicates are ignored.
-        val_fraction: Share of patients for validation; at least one when there are two or more.
-        seed: Makes the split repeatable.
+        volume: ``(Z, Y, X)`` image from :func:`client.dicom.read_series`.
+        mask: ``(Z, Y, X)`` mask on the same grid.
+        series: The series' record (its geometry).
 
     Returns:
-        ``(train, val)`` sets of patient keys.
-
-    Raises:
-        DicomError: With fewer than two patients (nothing to validate on).
+        One ``{"image", "label"}`` dict per slice, each a ``(1, H, W)`` MetaTensor whose affine
+        holds the in-plane spacing (mm); slices in increasing position along the cut axis.
     """
-    unique = sorted(set(patients))
-    if len(unique) < 2:
-        raise DicomError(f"the site has {len(unique)} labelled patient(s); at least 2 are needed to split train/validation")
-    rng = random.Random(seed)
-    rng.shuffle(unique)
-    n_val = min(max(1, math.ceil(val_fraction * len(unique))), len(unique) - 1)
-    return set(unique[n_val:]), set(unique[:n_val])
+    if series.kind == "projection":
+        row, col = series.pixel_spacing
+        affine = torch.diag(torch.tensor([row, col, 1.0], dtype=torch.float64))
+        return [
+            {
+                "image": MetaTensor(torch.from_numpy(volume[z][None].copy()), affine=affine),
+                "label": MetaTensor(torch.from_numpy(mask[z][None].astype(np.float32)), affine=affine),
+            }
+            for z in range(volume.shape[0])
+        ]
+    affine = torch.as_tensor(_LPS_TO_RAS @ series_affine(series))
+    item = {
+        "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0))[None]), affine=affine),
+        "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 1, 0))[None].astype(np.float32)), affine=affine),
+    }
+    out = volume_pipeline()(item)
+    oriented = out["image"].affine.numpy()
+    iop = np.asarray(series.orientation, dtype=float)
+    normal = _LPS_TO_RAS[:3, :3] @ np.cross(iop[:3], iop[3:])
+    axes = oriented[:3, :3] / np.linalg.norm(oriented[:3, :3], axis=0, keepdims=True)
+    axis = int(np.argmax(np.abs(axes.T @ normal)))
+    in_plane = [a for a in range(3) if a != axis]
+    spacing = [float(np.linalg.norm(oriented[:3, a])) for a in in_plane]
+    affine2d = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    image, label = out["image"].as_tensor(), out["label"].as_tensor()
+    return [
+        {
+            "image": MetaTensor(image.select(1 + axis, k).contiguous(), affine=affine2d),
+            "label": MetaTensor(label.select(1 + axis, k).contiguous(), affine=affine2d),
+        }
+        for k in range(image.shape[1 + axis])
+    ]
 
 
 def sample_pipeline(cfg: DataConfig) -> Compose:
-    """The MONAI dictionary pipeline applied to every slice sample."""
+    """The per-slice stage of the MONAI dictionary pipeline (stage 2, see the module docstring)."""
     keys = ["image", "label"]
     return Compose(
         [
@@ -101,57 +144,34 @@ def sample_pipeline(cfg: DataConfig) -> Compose:
     )
 
 
-def _read_mask(path: Path, series: SeriesRecord, shape: tuple[int, int, int]) -> np.ndarray:
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise DicomError("mask file cannot be read") from None
-    size = img.GetSize()  # (X, Y, Z)
-    if (size[2], size[1], size[0]) != shape:
-        raise DicomError(f"mask size {size[::-1]} does not match the series {shape}")
-    want_spacing = (series.pixel_spacing[1], series.pixel_spacing[0], series.slice_spacing)
-    if not np.allclose(img.GetSpacing(), want_spacing, rtol=1e-3, atol=1e-3):
-        raise DicomError("mask spacing does not match the series")
-    if not np.allclose(img.GetOrigin(), series.origin, atol=1e-2):
-        raise DicomError("mask origin does not match the series' first slice")
-    arr = sitk.GetArrayFromImage(img)
-    values = np.unique(arr)
-    if not set(values.tolist()) <= {0, 1}:
-        raise DicomError(f"mask holds values other than 0 and 1 ({values[:5].tolist()})")
-    return arr.astype(np.uint8)
-
-
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bump when the sample pipeline changes: it invalidates every site's sample cache."""
 
 
 def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
     """Decode and preprocess every labelled series of the site (the slow, cached part)."""
-    dicom_dir = site_dir / "dicom" if (site_dir / "dicom").is_dir() else site_dir
-    series, rejected = discover_series(dicom_dir)
-    labels_dir = site_dir / "labels"
+    scan = scan_site(site_dir)
+    series, rejected = scan.series, list(scan.rejected)
+    masks = index_masks(site_dir / "labels")
     pipeline = sample_pipeline(cfg)
     samples: list[dict] = []
     used = 0
     for s in series:
-        first = str(s.slices[0].path.relative_to(dicom_dir))
-        mask_path = labels_dir / f"{s.series_uid}.nii.gz"
-        if not mask_path.is_file():
-            rejected.append(Rejection(first, f"series {s.series_hash}: no mask in labels/ for this series"))
+        found = masks.masks_for(s)
+        if len(found) != 1:
+            why = "no mask in labels/ for this series" if not found else f"{len(found)} masks in labels/ for this series; keep one"
+            rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
             continue
         try:
             volume = read_series(s)
-            mask = _read_mask(mask_path, s, volume.shape)
+            mask = read_mask(found[0], s, volume.shape)
+            items = canonical_slices(volume, mask, s)
         except DicomError as exc:
-            rejected.append(Rejection(first, f"series {s.series_hash}: {exc}"))
+            reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
+            rejected.append(Rejection(s.first_file, reason))
             continue
         used += 1
-        affine = torch.diag(torch.tensor([s.pixel_spacing[0], s.pixel_spacing[1], 1.0], dtype=torch.float64))
-        for z in range(volume.shape[0]):
-            item = {
-                "image": MetaTensor(torch.from_numpy(volume[z][None].copy()), affine=affine),
-                "label": MetaTensor(torch.from_numpy(mask[z][None].astype(np.float32)), affine=affine),
-            }
+        for z, item in enumerate(items):
             out = pipeline(item)
             samples.append(
                 {
@@ -204,8 +224,7 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
             f"site folder {site_dir} has no usable labelled series ({read['series_found']} series found, "
             f"{len(rejected)} files or series rejected); run `fedsite site check {site_dir}` for the reasons"
         )
-    site_seed = seed ^ int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
-    train_p, val_p = split_by_patient([s["patient"] for s in samples], val_fraction=cfg.val_fraction, seed=site_seed)
+    train_p, val_p = split_by_patient([s["patient"] for s in samples], val_fraction=cfg.val_fraction, seed=site_split_seed(name, seed))
     return SiteData(
         name=name,
         train=[s for s in samples if s["patient"] in train_p],
