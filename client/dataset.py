@@ -54,6 +54,7 @@ __all__ = [
     "scan_site",
     "sample_pipeline",
     "volume_pipeline",
+    "canonical_volume",
     "canonical_slices",
     "CANONICAL_AXCODES",
     "RESERVED",
@@ -85,6 +86,27 @@ def volume_pipeline() -> Compose:
     return Compose([Orientationd(keys=["image", "label"], axcodes=CANONICAL_AXCODES, labels=labels)])
 
 
+def canonical_volume(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord) -> dict:
+    """A series and its mask in the canonical orientation (stage 1 of the pipeline, before slicing).
+
+    Args:
+        volume: ``(Z, Y, X)`` image from :func:`client.dicom.read_series`.
+        mask: ``(Z, Y, X)`` mask on the same grid.
+        series: The series' record (its geometry; not a projection series).
+
+    Returns:
+        ``{"image", "label"}``: ``(1, R, A, S)``-ordered MetaTensors whose affine maps voxel
+        indices to RAS mm with axes pointing Right, Anterior, Superior (closest axes for oblique
+        series).
+    """
+    affine = torch.as_tensor(_LPS_TO_RAS @ series_affine(series))
+    item = {
+        "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0))[None]), affine=affine),
+        "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 1, 0))[None].astype(np.float32)), affine=affine),
+    }
+    return volume_pipeline()(item)
+
+
 def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord) -> list[dict]:
     """Cut a series into 2-D items in the canonical orientation (stage 1 of the pipeline).
 
@@ -107,12 +129,7 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
             }
             for z in range(volume.shape[0])
         ]
-    affine = torch.as_tensor(_LPS_TO_RAS @ series_affine(series))
-    item = {
-        "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0))[None]), affine=affine),
-        "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 1, 0))[None].astype(np.float32)), affine=affine),
-    }
-    out = volume_pipeline()(item)
+    out = canonical_volume(volume, mask, series)
     oriented = out["image"].affine.numpy()
     iop = np.asarray(series.orientation, dtype=float)
     normal = _LPS_TO_RAS[:3, :3] @ np.cross(iop[:3], iop[3:])

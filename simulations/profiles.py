@@ -32,7 +32,14 @@ MIN_FOV_MM = 210.0
 
 NOISE_KINDS = ("rician", "gaussian")
 PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
-TRANSFER_SYNTAXES = ("ExplicitVRLittleEndian", "RLELossless")
+#: All lossless; the compressed ones decode to exactly the stored values.
+TRANSFER_SYNTAXES = (
+    "ExplicitVRLittleEndian",
+    "RLELossless",
+    "JPEGLSLossless",
+    "JPEG2000Lossless",
+    "DeflatedExplicitVRLittleEndian",
+)
 MODALITIES = ("MR",)
 BITS_STORED = (12, 16)
 
@@ -60,7 +67,9 @@ class ScannerProfile:
         photometric: ``"MONOCHROME2"`` or ``"MONOCHROME1"`` (high stored value = dark).
         rescale_slope: RescaleSlope, > 0.
         rescale_intercept: RescaleIntercept.
-        transfer_syntax: ``"ExplicitVRLittleEndian"`` or ``"RLELossless"``.
+        transfer_syntax: One of :data:`TRANSFER_SYNTAXES` (pydicom UID keywords, all lossless):
+            ``"ExplicitVRLittleEndian"``, ``"RLELossless"``, ``"JPEGLSLossless"``,
+            ``"JPEG2000Lossless"`` or ``"DeflatedExplicitVRLittleEndian"``.
     """
 
     name: str

@@ -21,7 +21,16 @@ On-disk layout of one site (the client relies on it)::
         the series' files sorted by position.
 
 ``write_sites`` also writes ``<out>/fedsite-sites.json`` =
-``{"generator_version", "seed", "patients", "slices", "sites": [names]}``.
+``{"generator_version", "seed", "patients", "slices", "sites": [names]}`` (plus ``"storage"``
+when the sites were written with a storage override, see below).
+
+Storage overrides: ``write_sites(..., transfer_syntax="jpeg-ls", photometric="MONOCHROME1")``
+(or ``python -m simulations.synth --transfer-syntax jpeg-ls --photometric MONOCHROME1``) writes
+every site with that lossless transfer syntax (``explicit``, ``rle``, ``jpeg-ls``,
+``jpeg2000``, ``deflate``) and/or photometric interpretation instead of its profile's; the
+images decode to the same modality values. The override is recorded in the index, and later
+calls for the same folder without an override (e.g. ``fedsite simulate --data-root <out>``)
+keep it, so they reuse the sites. Without overrides the output is what it always was.
 
 Traps a client must handle, on purpose: file names follow InstanceNumber, and for patient
 index 1 of every site (PatientID ``S..-P002``) InstanceNumber runs against the slice position
@@ -43,6 +52,8 @@ seed. The same seed and parameters give byte-identical files.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -58,10 +69,20 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
 
 from simulations.profiles import (
+    PHOTOMETRICS,
     SIGNAL_UNITS,
+    TRANSFER_SYNTAXES,
     ScannerProfile,
     profile_for_site,
     profile_to_dict,
@@ -78,7 +99,21 @@ REVERSED_PATIENT = 1
 #: Fraction of a patient's slices that must show lesion.
 MIN_LESION_SLICE_FRACTION = 0.6
 
-_TRANSFER_SYNTAX_UIDS = {"ExplicitVRLittleEndian": ExplicitVRLittleEndian, "RLELossless": RLELossless}
+_TRANSFER_SYNTAX_UIDS = {
+    "ExplicitVRLittleEndian": ExplicitVRLittleEndian,
+    "RLELossless": RLELossless,
+    "JPEGLSLossless": JPEGLSLossless,
+    "JPEG2000Lossless": JPEG2000Lossless,
+    "DeflatedExplicitVRLittleEndian": DeflatedExplicitVRLittleEndian,
+}
+#: Short names of the transfer syntaxes for options (``--transfer-syntax jpeg-ls``).
+TRANSFER_SYNTAX_NAMES = {
+    "explicit": "ExplicitVRLittleEndian",
+    "rle": "RLELossless",
+    "jpeg-ls": "JPEGLSLossless",
+    "jpeg2000": "JPEG2000Lossless",
+    "deflate": "DeflatedExplicitVRLittleEndian",
+}
 _ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 # Tissue signals in [0, 1] before the scanner's contrast curve.
@@ -113,6 +148,8 @@ def write_site(
     patients: int = 6,
     slices: int = 8,
     profile: ScannerProfile | None = None,
+    transfer_syntax: str | None = None,
+    photometric: str | None = None,
 ) -> Path:
     """Write simulated site ``index`` to ``root / site_name(index)``, or reuse it.
 
@@ -127,6 +164,9 @@ def write_site(
         patients: Patients (one series each) in the site, >= 1.
         slices: Axial slices per series, >= 1.
         profile: Scanner profile; default ``profile_for_site(index)``.
+        transfer_syntax: Storage override (see the module docstring), e.g. ``"jpeg-ls"``;
+            ``None`` keeps what ``root``'s index recorded, else the profile's.
+        photometric: Storage override, ``"MONOCHROME1"`` or ``"MONOCHROME2"``; ``None`` as above.
 
     Returns:
         The site folder.
@@ -136,6 +176,8 @@ def write_site(
             a finished site): delete it or choose another ``root``.
         ValueError: If an argument is out of range.
     """
+    storage = storage_overrides(Path(root), transfer_syntax=transfer_syntax, photometric=photometric)
+    profile = _with_storage(profile if profile is not None else profile_for_site(index), storage)
     path, _ = _write_site(Path(root), index, seed=seed, patients=patients, slices=slices, profile=profile)
     return path
 
@@ -148,6 +190,8 @@ def write_sites(
     patients: int = 6,
     slices: int = 8,
     progress: Callable[[str], None] | None = None,
+    transfer_syntax: str | None = None,
+    photometric: str | None = None,
 ) -> list[Path]:
     """Write sites ``0 .. sites - 1`` under ``out``, each with ``profile_for_site(i)``.
 
@@ -161,6 +205,9 @@ def write_sites(
         patients: Patients per site, >= 1.
         slices: Slices per series, >= 1.
         progress: Called with one human-readable message per site.
+        transfer_syntax: Storage override for every site, e.g. ``"jpeg-ls"`` (see the module
+            docstring); ``None`` keeps what ``out``'s index recorded, else each profile's.
+        photometric: Storage override, ``"MONOCHROME1"`` or ``"MONOCHROME2"``; ``None`` as above.
 
     Returns:
         The site folders, in index order.
@@ -172,10 +219,11 @@ def write_sites(
     _check_int("sites", sites, low=1)
     _check_args(seed, patients, slices)
     out = Path(out)
+    storage = storage_overrides(out, transfer_syntax=transfer_syntax, photometric=photometric)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index in range(sites):
-        profile = profile_for_site(index)
+        profile = _with_storage(profile_for_site(index), storage)
         path, created = _write_site(out, index, seed=seed, patients=patients, slices=slices, profile=profile)
         paths.append(path)
         if progress is not None:
@@ -191,8 +239,51 @@ def write_sites(
         "slices": int(slices),
         "sites": [p.name for p in paths],
     }
+    if storage:
+        index_doc["storage"] = storage
     _write_json_atomic(out / INDEX_FILE, index_doc)
     return paths
+
+
+def storage_overrides(out: Path, *, transfer_syntax: str | None = None, photometric: str | None = None) -> dict[str, str]:
+    """The storage overrides for the sites under ``out``: the arguments, else what its index recorded.
+
+    Args:
+        out: The folder of the site folders.
+        transfer_syntax: A short name (``"jpeg-ls"``) or a profile value (``"JPEGLSLossless"``).
+        photometric: ``"MONOCHROME1"`` or ``"MONOCHROME2"``.
+
+    Returns:
+        ``{"transfer_syntax": ..., "photometric": ...}`` with the keys that are overridden.
+
+    Raises:
+        ValueError: If a value is not allowed (the message lists what is).
+    """
+    given: dict[str, str] = {}
+    if transfer_syntax is not None:
+        value = TRANSFER_SYNTAX_NAMES.get(str(transfer_syntax).lower(), transfer_syntax)
+        if value not in TRANSFER_SYNTAXES:
+            raise ValueError(
+                f"transfer_syntax={transfer_syntax!r} is invalid: use one of {', '.join(TRANSFER_SYNTAX_NAMES)} (all lossless)"
+            )
+        given["transfer_syntax"] = value
+    if photometric is not None:
+        if str(photometric).upper() not in PHOTOMETRICS:
+            raise ValueError(f"photometric={photometric!r} is invalid: use one of {', '.join(PHOTOMETRICS)}")
+        given["photometric"] = str(photometric).upper()
+    if given:
+        return given
+    try:
+        recorded = json.loads((Path(out) / INDEX_FILE).read_text(encoding="utf-8")).get("storage")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: str(recorded[k]) for k in ("transfer_syntax", "photometric") if k in recorded}
+
+
+def _with_storage(profile: ScannerProfile, storage: dict[str, str]) -> ScannerProfile:
+    return dataclasses.replace(profile, **storage) if storage else profile
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,10 +825,16 @@ def _write_slice(
     ds.file_meta = meta
 
     arr = np.ascontiguousarray(pixels)
-    if _TRANSFER_SYNTAX_UIDS[profile.transfer_syntax] == RLELossless:
+    ts = _TRANSFER_SYNTAX_UIDS[profile.transfer_syntax]
+    if ts == RLELossless:
         # generate_instance_uid=False: pydicom 3 would otherwise replace the SOPInstanceUID with
         # a random one, breaking determinism and the file meta's MediaStorageSOPInstanceUID.
         ds.compress(RLELossless, arr, encoding_plugin=_rle_plugin(), generate_instance_uid=False)
+    elif ts in (JPEGLSLossless, JPEG2000Lossless):
+        ds.compress(ts, arr, generate_instance_uid=False)
+    elif ts == DeflatedExplicitVRLittleEndian:
+        ds.PixelData = arr.astype("<i2" if profile.pixel_representation == 1 else "<u2").tobytes()
+        meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     else:
         ds.PixelData = arr.astype("<i2" if profile.pixel_representation == 1 else "<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
@@ -765,3 +862,33 @@ def _write_mask(path: Path, mask: np.ndarray, *, origin: tuple[float, float, flo
     img.SetSpacing(spacing)
     img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulations.synth``: write simulated sites, optionally compressed or MONOCHROME1."""
+    from common.config import RunConfig
+
+    p = argparse.ArgumentParser(prog="python -m simulations.synth", description="Write simulated scanner sites (DICOM + masks).")
+    p.add_argument("--out", type=Path, required=True, help="folder for the site folders")
+    p.add_argument("--sites", type=int, default=3)
+    defaults = RunConfig()
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--patients", type=int, default=defaults.data.synth_patients, help="patients per site")
+    p.add_argument("--slices", type=int, default=defaults.data.synth_slices, help="slices per patient")
+    p.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAX_NAMES), help="write every site with this lossless transfer syntax")
+    p.add_argument("--photometric", choices=PHOTOMETRICS, help="write every site with this photometric interpretation")
+    args = p.parse_args(argv)
+    try:
+        paths = write_sites(
+            args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices,
+            transfer_syntax=args.transfer_syntax, photometric=args.photometric, progress=print,
+        )
+    except (ValueError, FileExistsError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"wrote {len(paths)} sites under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

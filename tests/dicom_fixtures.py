@@ -1,0 +1,122 @@
+"""Helpers for the site-data tests: write small DICOM series with a chosen geometry, collect test files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+"""``../shared/data`` from the repository root (never copied into the repository)."""
+
+
+def write_series(
+    folder: Path,
+    volume: np.ndarray,
+    *,
+    iop: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    spacing: tuple[float, float] = (1.0, 1.0),
+    gap: float = 2.0,
+    series_uid: str | None = None,
+    patient_id: str = "P1",
+    modality: str = "MR",
+    sop_class: str = MRImageStorage,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 16,
+    signed: bool = False,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    instance_numbers: list[int] | None = None,
+    extra: dict[str, object] | None = None,
+) -> list[Path]:
+    """Write a ``(Z, Y, X)`` volume as single-frame files; slice k sits at ``origin + k * gap * normal``.
+
+    ``spacing`` is DICOM PixelSpacing (row spacing, column spacing). Returns the files in slice order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    normal = np.cross(row, col)
+    paths = []
+    for k, image in enumerate(volume):
+        ds = Dataset()
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.PatientID = patient_id
+        ds.PatientName = f"Test^{patient_id}"
+        ds.Modality = modality
+        ds.Manufacturer = "TESTVENDOR"
+        ds.InstanceNumber = (instance_numbers or list(range(1, len(volume) + 1)))[k]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + k * gap * normal]
+        ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
+        ds.SliceThickness = f"{gap:g}"
+        ds.Rows, ds.Columns = image.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = 16
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.RescaleSlope = f"{slope:g}"
+        ds.RescaleIntercept = f"{intercept:g}"
+        for key, value in (extra or {}).items():
+            setattr(ds, key, value)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        ds.PixelData = np.ascontiguousarray(image).astype("<i2" if signed else "<u2").tobytes()
+        path = folder / f"IM{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def pydicom_test_files() -> list[Path]:
+    """Every file shipped by pydicom's test data and pydicom-data (``get_testdata_files``)."""
+    from pydicom.data import get_testdata_files
+
+    return sorted(Path(f) for f in get_testdata_files() if Path(f).is_file())
+
+
+def pydicom_tree(out: Path) -> Path:
+    """Put every pydicom / pydicom-data test file in one tree under ``out`` (``pydicom/...``, ``pydicom-data/...``)."""
+    for src in pydicom_test_files():
+        if "data_store" in src.parts:
+            dst = out / "pydicom-data" / src.name
+        else:
+            dst = out / "pydicom" / Path(*src.parts[src.parts.index("test_files") + 1 :])
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    return out
+
+
+def one_file_folder(src: Path, tmp: Path) -> Path:
+    """A folder holding only ``src`` (so that it is read on its own, not with its duplicates)."""
+    folder = tmp / src.name.replace(".", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, folder / src.name)
+    return folder
+
+
+def pydicom_file(name: str) -> Path:
+    """A pydicom or pydicom-data test file by name."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom test file {name} not found; pip install pydicom-data (the test extra)"
+    return Path(path)
+
+
+def dataset(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(path)
