@@ -9,25 +9,58 @@ is ever put in a reply.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import current_epsilon, ledger_for, private_round
+from client.dicom import DicomError
+from client.ledger import LedgerError, current_epsilon, ledger_for, private_round
 from client.runtime import apply_threads, loaded_site, model_for, resolve_site_dir, site_seed
 from common import task
-from common.config import parse_run_config
+from common.config import ConfigError, parse_run_config
 from common.model import pick_device
 from common.privacy import PrivacyBudgetExceeded, loss_attack_auc, membership_auc, per_sample_losses
-from common.records import load_arrays, to_arrays
+from common.records import RecordError, load_arrays, to_arrays
 
 app = ClientApp()
 log = logging.getLogger("fedsite.client")
+
+
+class SiteError(RuntimeError):
+    """What the server is told when a site cannot serve a round: a reason without patient data."""
+
+
+# Errors whose messages fedsite writes itself and keeps free of patient values.
+_SAFE_ERRORS = (DicomError, RecordError, ConfigError, LedgerError)
+
+
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Report a failure to the server without leaking what a library put in its message.
+
+    A library's exception can carry a file path (folder names are often PatientIDs) or a header
+    value; the full error stays in the site's own log, the server gets the exception type and,
+    for fedsite's own errors, their message.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except _SAFE_ERRORS as exc:
+            log.error("site cannot serve this round: %s", exc)
+            raise SiteError(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            log.exception("site cannot serve this round")
+            raise SiteError(f"{type(exc).__name__} at the site (details in the site's own log)") from None
+
+    return wrapper
 
 _STATE_KEY = "privacy"
 _MIA_KEY = "mia-reference"
@@ -45,6 +78,7 @@ def _state_entries(context: Context) -> list[dict]:
 
 
 @app.train()
+@_guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split (with DP-SGD if configured)."""
     start = time.perf_counter()
@@ -109,6 +143,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split (and audit membership leakage)."""
     start = time.perf_counter()

@@ -196,3 +196,18 @@ def test_a_simulated_site_uses_the_cores_ray_gave_it_not_every_core() -> None:
         assert apply_threads(parse_run_config({"train.threads": 2}), {"partition-id": 0}) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_library_error_reaches_the_server_without_its_message(small_sites: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Library errors can carry file paths (folder names are often PatientIDs): only the type goes out."""
+    import client.app as capp
+
+    def broken(*_a, **_k):
+        raise FileNotFoundError("/archive/dicom/PHIID123456/IM0001.dcm")
+
+    monkeypatch.setattr(capp, "loaded_site", broken)
+    ctx = _context(small_sites / "site-01")
+    with pytest.raises(capp.SiteError) as info:
+        capp.train(_message(to_arrays(build_model(parse_run_config(FAST).model)), MessageType.TRAIN, **{"server-round": 1}), ctx)
+    assert "PHIID123456" not in str(info.value) and "FileNotFoundError" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -12,25 +12,26 @@ import pytest
 from common.cli import main
 
 PLANTED = {
-    "PatientName": "Plantedname^Johanna",
-    "PatientID": "PHIID7788991",
-    "PatientBirthDate": "19710203",
-    "AccessionNumber": "ACC55443322",
+    "PatientName": "Plantedname^Johanna{n}",
+    "PatientID": "PHIID778899{n}",
+    "PatientBirthDate": "1971020{n}",
+    "AccessionNumber": "ACC5544332{n}",
     "InstitutionName": "Planted Memorial Hospital",
 }
 
 
 def _plant(site: Path) -> None:
-    for path in (site / "dicom").rglob("*.dcm"):
-        ds = pydicom.dcmread(path)
-        for key, value in PLANTED.items():
-            setattr(ds, key, value)
-        ds.save_as(path)
+    """Every file gets identifiers; each patient (folder) its own, so the site still has patients."""
+    for n, patient in enumerate(sorted(p for p in (site / "dicom").iterdir() if p.is_dir())):
+        for path in patient.rglob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            for key, value in PLANTED.items():
+                setattr(ds, key, value.format(n=n))
+            ds.save_as(path)
 
 
 def _needles() -> list[bytes]:
-    values = list(PLANTED.values()) + ["Plantedname", "Johanna", "1971-02-03"]
-    return [v.encode() for v in values]
+    return [v.encode() for v in ("Plantedname", "Johanna", "PHIID778899", "1971020", "ACC5544332", "Planted Memorial", "1971-02-0")]
 
 
 @pytest.mark.slow
@@ -67,4 +68,4 @@ def test_planted_identifiers_never_leave_the_site(
             assert needle not in path.read_bytes(), f"{needle!r} in {path.relative_to(tmp_path)}"
     # sanity: the planted values are really in the site's DICOM, so the test can fail
     first = next((root / "site-01" / "dicom").rglob("*.dcm"))
-    assert PLANTED["PatientID"].encode() in first.read_bytes()
+    assert b"PHIID778899" in first.read_bytes()
