@@ -80,6 +80,9 @@ class Tracker:
         return self.run_id
 
     def _start(self, params: Mapping[str, Any]) -> None:
+        import warnings
+
+        warnings.filterwarnings("ignore", module="mlflow")  # SQLAlchemy deprecation notes from MLflow's store
         try:
             from mlflow.tracking import MlflowClient
 

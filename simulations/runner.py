@@ -82,6 +82,7 @@ def start_ray(*, quiet: bool) -> bool:
 
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU sites: keep Ray's device variables alone
     # As Flower does: workers inherit the driver's import path.
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
