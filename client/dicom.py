@@ -127,6 +127,11 @@ _NOT_IMAGE: tuple[tuple[str, str], ...] = (
     ("1.2.840.10008.5.1.4.1.1.30", "a parametric map (float pixel data), not used by this task"),
 )
 
+_COLOUR_PHOTOMETRICS = (
+    "MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB",
+)
+
 _IDENTIFYING_KEYWORDS = (
     "PatientName",
     "PatientID",
@@ -654,6 +659,8 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> _FileI
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = _text(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if photometric not in _COLOUR_PHOTOMETRICS:
+            raise DicomError("unknown PhotometricInterpretation (a damaged header?); the task reads MONOCHROME1/MONOCHROME2 images")
         raise DicomError(
             f"colour image ({photometric}, {samples} samples per pixel); the task reads grayscale "
             "(MONOCHROME1/MONOCHROME2) images"
@@ -735,8 +742,7 @@ def _check_volume(frames: list[_Frame]) -> str | None:
         gaps = np.diff(pos)
         if np.any(gaps < 1e-3):
             return "duplicate slice positions (several echoes, time points or copies in one series)"
-        median = float(np.median(gaps))
-        if np.any(gaps > 1.5 * median):
+        if np.any(gaps > 1.5 * float(gaps.min())):  # the smallest gap is the stack's spacing
             return "missing slice(s): uneven gaps between slice positions"
         origin = np.asarray(first.ipp)
         tolerance = 0.1 * min(first.spacing)

@@ -143,17 +143,17 @@ def match_labels(rows: Sequence[_ROW], series: Sequence[SeriesRecord]) -> ClassL
     ambiguous: list[str] = []
     for s in series:
         keys = (s.series_hash, s.study_hash, s.patient_hash)
-        for level, key in enumerate(keys):
-            if key and key in by_level[level]:
-                used.add((level, key))
-                found = by_level[level][key]
-                if len(found) == 1:
-                    labels[s.series_hash] = next(iter(found))
-                else:
-                    ambiguous.append(s.series_hash)
-                break
-        else:
+        named = [(level, key) for level, key in enumerate(keys) if key and key in by_level[level]]
+        used.update(named)  # a row shadowed by a more specific one still names this series
+        if not named:
             unlabelled.append(s.series_hash)
+            continue
+        level, key = named[0]
+        found = by_level[level][key]
+        if len(found) == 1:
+            labels[s.series_hash] = next(iter(found))
+        else:
+            ambiguous.append(s.series_hash)
     unmatched = sum(1 for level, key, _ in rows if level >= 0 and (level, key) not in used)
     return ClassLabels(labels=labels, unlabelled=sorted(unlabelled), ambiguous=sorted(ambiguous), unmatched_rows=unmatched, rows_without_label=skipped)
 
