@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dicom import DicomError
@@ -25,7 +26,7 @@ from client.ledger import LedgerError, current_epsilon, ledger_for, private_roun
 from client.runtime import apply_threads, loaded_site, model_for, resolve_site_dir, site_seed
 from common import task
 from common.config import ConfigError, parse_run_config
-from common.model import pick_device
+from common.model import norm_keys, pick_device
 from common.privacy import PrivacyBudgetExceeded, loss_attack_auc, membership_auc, per_sample_losses
 from common.records import RecordError, load_arrays, to_arrays
 
@@ -64,6 +65,29 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
 
 _STATE_KEY = "privacy"
 _MIA_KEY = "mia-reference"
+_FEDBN_KEY = "fedbn-local"
+
+
+def _load_global(model: torch.nn.Module, msg: Message, context: Context) -> bool:
+    """Load the global weights; under FedBN put this site's own normalization layers back.
+
+    Returns:
+        True when FedBN is on (the caller then saves the local layers after training).
+    """
+    load_arrays(model, msg.content["arrays"])
+    if not bool(msg.content["config"].get("fedbn", False)):
+        return False
+    local = context.state.array_records.get(_FEDBN_KEY)
+    if local is not None:  # first round: the site starts from the global initialization
+        state = model.state_dict()
+        state.update({k: v.to(state[k].dtype) for k, v in local.to_torch_state_dict().items()})
+        model.load_state_dict(state)
+    return True
+
+
+def _save_local(model: torch.nn.Module, context: Context) -> None:
+    keys = set(norm_keys(model))
+    context.state[_FEDBN_KEY] = ArrayRecord({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys})
 
 
 def _site(context: Context):  # noqa: ANN202 - internal
@@ -85,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site_dir, site = _site(context)
     threads = apply_threads(cfg, context.node_config)
     model = model_for(cfg.model)
-    load_arrays(model, msg.content["arrays"])
+    fedbn = _load_global(model, msg, context)
     rc = msg.content["config"]
     server_round = int(rc.get("server-round", 0))
     kwargs = dict(
@@ -126,6 +150,8 @@ def train(msg: Message, context: Context) -> Message:
         extra = {"epsilon": done.epsilon, "delta": done.delta, "noise-multiplier": done.noise_multiplier}
     else:
         result = task.train(model, site.train, **kwargs)
+    if fedbn:
+        _save_local(model, context)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -150,7 +176,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, _, site = _site(context)
     apply_threads(cfg, context.node_config)
     model = model_for(cfg.model)
-    load_arrays(model, msg.content["arrays"])
+    _load_global(model, msg, context)
     t0 = time.perf_counter()
     device = pick_device()
     scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device)

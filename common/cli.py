@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, help="number of sites (default 3)")
     sim.add_argument("--rounds", type=int, help="federated rounds (default 3)")
     sim.add_argument("--local-epochs", type=int, help="local epochs per round (default 3)")
-    sim.add_argument("--strategy", choices=["fedavg", "fedprox"], help="aggregation strategy (default fedavg)")
+    sim.add_argument("--strategy", choices=["fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"], help="aggregation strategy (default fedavg)")
     sim.add_argument("--seed", type=int, help="run seed (data, split, init, shuffling)")
     sim.add_argument("--out", type=Path, help="output folder (default ./fedsite-runs/<time>)")
     sim.add_argument("--data-root", type=Path, help="folder of the simulated sites (written if missing)")

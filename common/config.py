@@ -87,8 +87,10 @@ class TrainConfig:
 class StrategyConfig:
     """Server-side aggregation."""
 
-    name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox"))
+    name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
+    server_lr: float = field(default=0.01, metadata={**_range(0.0, 10.0, lo_open=True), "help": "FedAdam/FedYogi server step (Flower's default 0.1 overshoots on small sites)"})
+    tau: float = field(default=1e-3, metadata={**_range(0.0, 1.0, lo_open=True), "help": "FedAdam/FedYogi adaptivity"})
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_sites: int = field(default=2, metadata=_range(1, 100_000))
@@ -269,9 +271,9 @@ def _check_cross_field(cfg: RunConfig) -> None:
             f"config key 'data.image-size' = {cfg.data.image_size}: must be divisible by {depth} "
             f"for a UNet with {len(channels)} levels ('model.channels' = {cfg.model.channels!r})"
         )
-    if cfg.model.norm == "group" and any(c % 8 for c in channels):
+    if cfg.model.norm == "group" and any(c % 2 for c in channels):
         raise ConfigError(
-            f"config key 'model.channels' = {cfg.model.channels!r}: group norm uses 8 groups, so every size must be a multiple of 8"
+            f"config key 'model.channels' = {cfg.model.channels!r}: group norm uses 2 groups, so every size must be even"
         )
 
 

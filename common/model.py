@@ -7,7 +7,27 @@ from monai.networks.nets import UNet
 
 from common.config import ModelConfig
 
-__all__ = ["build_model", "pick_device", "NUM_CLASSES"]
+__all__ = ["build_model", "pick_device", "norm_keys", "NUM_CLASSES"]
+
+_NORM_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
+
+
+def norm_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the normalization layers (weights, biases, running statistics).
+
+    FedBN keeps exactly these on each site: they absorb the scanner's intensity statistics.
+    """
+    keys: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            prefix = f"{name}." if name else ""
+            keys.extend(prefix + k for k in module.state_dict())
+    return sorted(keys)
 
 NUM_CLASSES = 2
 """Segmentation classes: 0 background, 1 lesion."""
@@ -19,7 +39,8 @@ def _norm(name: str) -> tuple[str, dict[str, object]] | str:
         # statistics, so it is valid for differential privacy too.
         return ("instance", {"affine": True})
     if name == "group":
-        return ("group", {"num_groups": 8})
+        # MONAI's UNet also normalizes its 2-channel top up-sampling block, so groups must divide 2.
+        return ("group", {"num_groups": 2})
     return "batch"
 
 

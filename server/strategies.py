@@ -19,14 +19,14 @@ from typing import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, FedYogi
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import RunConfig
 
-__all__ = ["CentralDP", "recorder_of", "StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
+__all__ = ["SiteFedBN", "SiteFedAdam", "SiteFedYogi", "CentralDP", "recorder_of", "StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
 
 log = logging.getLogger("fedsite.server")
 
@@ -240,6 +240,48 @@ class SiteFedProx(SiteRecording, FedProx):
     """FedProx: FedAvg on the server; each site adds ``mu/2 ||w - w_global||^2`` to its loss."""
 
 
+class SiteFedAdam(SiteRecording, FedAdam):
+    """FedAdam: the averaged update is a pseudo-gradient for a server-side Adam step."""
+
+
+class SiteFedYogi(SiteRecording, FedYogi):
+    """FedYogi: as FedAdam with Yogi's additive second-moment update."""
+
+
+class SiteFedBN(SiteFedAvg):
+    """FedBN: every layer is averaged except normalization layers, which stay at each site.
+
+    Sites keep their own normalization weights and statistics between rounds (in Flower's
+    ``Context.state``) and ignore the global ones; the server never averages them: after each
+    aggregation the normalization entries of the global model are put back to what they were.
+
+    Args:
+        local_keys: State-dict keys of the normalization layers (:func:`common.model.norm_keys`).
+    """
+
+    def __init__(self, *, local_keys: list[str], **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.local_keys = list(local_keys)
+        self._previous: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._previous = arrays
+        config["fedbn"] = True
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["fedbn"] = True
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self._previous is not None:
+            for key in self.local_keys:
+                arrays[key] = self._previous[key]
+            self.latest_arrays = arrays
+        return arrays, metrics
+
+
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     """Central (client-level) DP: Flower's server-side fixed-clipping wrapper plus accounting.
 
@@ -329,6 +371,14 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
     strategy: SiteRecording
     if s.name == "fedprox":
         strategy = SiteFedProx(proximal_mu=s.proximal_mu, **common)
+    elif s.name == "fedbn":
+        from common.model import build_model, norm_keys
+
+        strategy = SiteFedBN(local_keys=norm_keys(build_model(cfg.model)), **common)
+    elif s.name == "fedadam":
+        strategy = SiteFedAdam(eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
+    elif s.name == "fedyogi":
+        strategy = SiteFedYogi(eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
     else:
         strategy = SiteFedAvg(**common)
     strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop")

@@ -127,7 +127,9 @@ def test_weights_for_another_model_are_refused_with_the_reason(small_sites: Path
 
     ctx = _context(small_sites / "site-01")
     other = build_model(parse_run_config({**FAST, "model.channels": "8,16,32,64"}).model)
-    with pytest.raises(RecordError, match="do not match the model"):
+    from client.app import SiteError
+
+    with pytest.raises(SiteError, match="RecordError: weights do not match the model"):
         train(_message(to_arrays(other), MessageType.TRAIN, **{"server-round": 1}), ctx)
 
 
@@ -211,3 +213,28 @@ def test_a_library_error_reaches_the_server_without_its_message(small_sites: Pat
         capp.train(_message(to_arrays(build_model(parse_run_config(FAST).model)), MessageType.TRAIN, **{"server-round": 1}), ctx)
     assert "PHIID123456" not in str(info.value) and "FileNotFoundError" in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_fedbn_site_keeps_its_normalization_layers_across_rounds(small_sites: Path, task_identity: None) -> None:
+    from client.app import evaluate, train
+    from common.model import norm_keys
+
+    ctx = _context(small_sites / "site-01")
+    model = build_model(parse_run_config(FAST).model)
+    keys = norm_keys(model)
+    r1 = train(_message(to_arrays(model), MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1, "fedbn": True}), ctx)
+    kept = ctx.state.array_records["fedbn-local"].to_torch_state_dict()
+    assert set(kept) == set(keys)
+    # the server sends norm layers it never averaged (here: deliberately wrong values)
+    glob = r1.content["arrays"].to_torch_state_dict()
+    poisoned = {k: (torch.full_like(v, 7.0) if k in keys else v) for k, v in glob.items()}
+    from flwr.app import ArrayRecord
+
+    r2 = train(_message(ArrayRecord(poisoned), MessageType.TRAIN, **{"server-round": 2, "local-epochs": 1, "fedbn": True}), ctx)
+    sent = r2.content["arrays"].to_torch_state_dict()
+    for k in keys:
+        assert not torch.allclose(sent[k], torch.full_like(sent[k], 7.0)), k  # trained from the site's own values
+    # evaluation uses the site's own layers too: same score with or without the poisoned globals
+    e_poisoned = evaluate(_message(ArrayRecord(poisoned), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"]["loss"]
+    e_clean = evaluate(_message(ArrayRecord(glob), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"]["loss"]
+    assert e_poisoned == pytest.approx(e_clean)

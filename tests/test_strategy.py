@@ -139,3 +139,26 @@ def test_central_dp_clips_each_site_adds_noise_and_accounts_epsilon_per_round(ta
     # a round with a missing site is not aggregated: the noise is scaled for every site
     s.configure_train(3, zero, ConfigRecord({}), FakeGrid())
     assert s.aggregate_train(3, [_uniform_reply(11, "site-a", np.ones(1000))]) == (None, None)
+
+
+def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
+    from common.model import build_model, norm_keys
+
+    cfg = parse_run_config({"strategy.name": "fedbn", "model.channels": "8,16,32", "data.image-size": 32})
+    s = make_strategy(cfg)
+    model = build_model(cfg.model)
+    local = set(norm_keys(model))
+    assert local and set(s.local_keys) == local
+    start = {k: v.numpy() for k, v in ArrayRecord({k: v.detach() for k, v in model.state_dict().items()}).items()}
+    glob = ArrayRecord({k: Array(v) for k, v in start.items()})
+    s.configure_train(1, glob, ConfigRecord({}), FakeGrid())
+
+    def reply(node: int, site: str, shift: float) -> Message:
+        arrays = ArrayRecord({k: Array((v + shift).astype(v.dtype)) for k, v in start.items()})
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}), reply_to=_instruction(node, MessageType.TRAIN))
+
+    agg, _ = s.aggregate_train(1, [reply(11, "site-a", 1.0), reply(12, "site-b", 3.0)])
+    for k, v in start.items():
+        expected = v if k in local else v + 2.0
+        assert np.allclose(agg[k].numpy(), expected), k
