@@ -138,13 +138,12 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     in_plane = [a for a in range(3) if a != axis]
     spacing = [float(np.linalg.norm(oriented[:3, a])) for a in in_plane]
     affine2d = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
-    image, label = out["image"].as_tensor(), out["label"].as_tensor()
+    # One copy with the cut axis first, then each slice is a contiguous view.
+    image = out["image"].as_tensor().movedim(1 + axis, 0).contiguous()
+    label = out["label"].as_tensor().movedim(1 + axis, 0).contiguous()
     return [
-        {
-            "image": MetaTensor(image.select(1 + axis, k).contiguous(), affine=affine2d),
-            "label": MetaTensor(label.select(1 + axis, k).contiguous(), affine=affine2d),
-        }
-        for k in range(image.shape[1 + axis])
+        {"image": MetaTensor(image[k], affine=affine2d), "label": MetaTensor(label[k], affine=affine2d)}
+        for k in range(image.shape[0])
     ]
 
 

@@ -329,3 +329,46 @@ def test_a_volume_file_is_one_series_with_its_geometry(tmp_path: Path) -> None:
     assert series.kind == "file" and series.sop_class == "NIfTI volume" and series.label_key == "case"
     assert (series.rows, series.columns, len(series.slices)) == (6, 7, 5)
     np.testing.assert_allclose(series_affine(series)[:3, :3], np.diag([-1.0, -1.0, 2.0]))
+
+
+# ------------------------------------------------------------------------------------------
+# simulated sites stored compressed
+
+
+TS_NAMES = {
+    "jpeg-ls": "JPEG-LS Lossless Image Compression",
+    "jpeg2000": "JPEG 2000 Image Compression (Lossless Only)",
+    "deflate": "Deflated Explicit VR Little Endian",
+}
+
+
+@pytest.mark.parametrize("syntax", sorted(TS_NAMES))
+def test_simulated_sites_written_compressed_and_monochrome1_decode_to_the_same_values(syntax: str, tmp_path: Path) -> None:
+    from simulations.synth import write_sites
+
+    plain = write_sites(tmp_path / "plain", sites=4, seed=5, patients=2, slices=2)
+    packed = write_sites(tmp_path / "packed", sites=4, seed=5, patients=2, slices=2, transfer_syntax=syntax, photometric="MONOCHROME1")
+    for a, b in zip(plain, packed):  # includes the 16-bit signed scanner
+        sa, _ = discover_series(a / "dicom")
+        sb, _ = discover_series(b / "dicom")
+        assert {s.photometric for s in sb} == {"MONOCHROME1"}
+        assert {s.transfer_syntaxes for s in sb} == {(TS_NAMES[syntax],)}
+        for x, y in zip(sorted(sa, key=lambda s: s.slices[0].path.parts[-3]), sorted(sb, key=lambda s: s.slices[0].path.parts[-3])):
+            np.testing.assert_array_equal(read_series(x), read_series(y))
+
+
+def test_a_compressed_sites_folder_is_reused_by_later_calls_without_the_option(tmp_path: Path) -> None:
+    """What `fedsite simulate --data-root` does on a folder written with --transfer-syntax: reuse, no error."""
+    import json
+
+    from simulations.synth import INDEX_FILE, write_site, write_sites
+
+    first = write_sites(tmp_path, sites=2, seed=3, patients=2, slices=2, transfer_syntax="jpeg-ls")
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.dcm")}
+    again = write_sites(tmp_path, sites=3, seed=3, patients=2, slices=2)  # as simulations.runner.prepare calls it
+    assert again[:2] == first and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.dcm") if p in stamp} == stamp
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["storage"] == {"transfer_syntax": "JPEGLSLossless"}
+    assert pydicom.dcmread(next((again[2] / "dicom").rglob("*.dcm"))).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+    assert write_site(tmp_path, 1, seed=3, patients=2, slices=2) == first[1]
+    with pytest.raises(ValueError, match="use one of explicit, rle, jpeg-ls, jpeg2000, deflate"):
+        write_sites(tmp_path / "x", sites=1, seed=3, transfer_syntax="jpeg-lossy")
