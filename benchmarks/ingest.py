@@ -11,8 +11,14 @@ One run, one machine, one simulated site (by default the RLE + MONOCHROME1 scann
 * **in-memory epoch**: one local epoch on the same samples already stacked in memory.
 
 ``ratio`` = cached epoch / in-memory epoch, the median of ``--repeats`` alternating runs from the
-same weights and seed. Goal: ratio <= 1.10. The data-only times (cache read + stacking, against
-nothing) are reported too, so the ratio can be read against them.
+same weights and seed. Goal: ratio <= 1.10. The cache read + stacking time is reported too, with
+``ratio_from_cache_read`` = 1 + that / in-memory epoch, the same ratio without the epoch-to-epoch
+timing noise of a shared machine.
+
+The samples are cached as two stacked tensors (images, labels), not one small tensor per sample:
+loading them takes ~1 ms instead of ~25 ms for the default site, which matters next to a
+~0.3 s epoch. Of the ~6 ms left in a warm ``load_site``, most is the cache key: a stat of every
+file of the site (it grows with the site; it is what invalidates the cache when a file changes).
 
 Usage::
 
@@ -108,6 +114,8 @@ def run(*, site_index: int, transfer_syntax: str | None, repeats: int, work: Pat
             "ratio": round(cached / memory, 4),
             "goal": 1.10,
             "cache_read_and_stack_s": round(statistics.median(load_s), 4),
+            # The same ratio from its parts, less noisy than two timed epochs: what the cache adds.
+            "ratio_from_cache_read": round(1.0 + statistics.median(load_s) / memory, 4),
             "repeats": repeats,
             "cached_runs_s": [round(v, 4) for v in cached_s],
             "in_memory_runs_s": [round(v, 4) for v in memory_s],
@@ -122,7 +130,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="write the JSON here too")
     p.add_argument("--site", type=int, default=2, help="simulated site index (default 2: RLE + MONOCHROME1, 320x320)")
     p.add_argument("--transfer-syntax", help="write the site with this lossless syntax instead (explicit, rle, jpeg-ls, jpeg2000, deflate)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9, help="alternating cached / in-memory epochs (medians are reported)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedsite-ingest-") as tmp:
         doc = run(site_index=args.site, transfer_syntax=args.transfer_syntax, repeats=args.repeats, work=Path(tmp))

@@ -160,7 +160,7 @@ def sample_pipeline(cfg: DataConfig) -> Compose:
     )
 
 
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 """Bump when the sample pipeline changes: it invalidates every site's sample cache."""
 
 
@@ -198,8 +198,15 @@ def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
                     "slice": z,
                 }
             )
+    # Stored as two stacked tensors (not one small tensor per sample): the cache then loads in
+    # about a millisecond, which keeps an epoch that starts from the disk cache close to one
+    # that starts from memory (benchmarks/ingest.py).
     return {
-        "samples": samples,
+        "images": torch.stack([x["image"] for x in samples]) if samples else torch.zeros(0, 1, 1, 1),
+        "labels": torch.stack([x["label"] for x in samples]) if samples else torch.zeros(0, 1, 1, 1, dtype=torch.uint8),
+        "patients": [x["patient"] for x in samples],
+        "series": [x["series"] for x in samples],
+        "slices": [x["slice"] for x in samples],
         "rejected": [{"file": r.file, "reason": r.reason} for r in rejected],
         "series_found": len(series),
         "series_used": used,
@@ -233,7 +240,11 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
         read = cached(site_dir, name="samples", settings=settings, build=lambda: _read_samples(site_dir, cfg))
     else:
         read = _read_samples(site_dir, cfg)
-    samples = read["samples"]
+    images, labels = read["images"], read["labels"]
+    samples = [  # views into the stacked tensors
+        {"image": images[i], "label": labels[i], "patient": p, "series": se, "slice": z}
+        for i, (p, se, z) in enumerate(zip(read["patients"], read["series"], read["slices"]))
+    ]
     rejected = [Rejection(r["file"], r["reason"]) for r in read["rejected"]]
     if not samples:
         raise DicomError(
