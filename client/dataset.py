@@ -243,7 +243,7 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
     images, labels = read["images"], read["labels"]
     samples = [  # views into the stacked tensors
         {"image": images[i], "label": labels[i], "patient": p, "series": se, "slice": z}
-        for i, (p, se, z) in enumerate(zip(read["patients"], read["series"], read["slices"]))
+        for i, (p, se, z) in enumerate(zip(read["patients"], read["series"], read["slices"], strict=True))
     ]
     rejected = [Rejection(r["file"], r["reason"]) for r in read["rejected"]]
     if not samples:

@@ -123,7 +123,7 @@ def _decoded_by_file(site: Path) -> dict[str, np.ndarray]:
             volume = read_series(s)
         except DicomError:
             continue  # a series that cannot be read is not "read correctly"
-        for ref, image in zip(s.slices, volume):
+        for ref, image in zip(s.slices, volume, strict=True):
             out[ref.path.relative_to(site).as_posix()] = image
     return out
 

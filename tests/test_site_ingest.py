@@ -348,12 +348,12 @@ def test_simulated_sites_written_compressed_and_monochrome1_decode_to_the_same_v
 
     plain = write_sites(tmp_path / "plain", sites=4, seed=5, patients=2, slices=2)
     packed = write_sites(tmp_path / "packed", sites=4, seed=5, patients=2, slices=2, transfer_syntax=syntax, photometric="MONOCHROME1")
-    for a, b in zip(plain, packed):  # includes the 16-bit signed scanner
+    for a, b in zip(plain, packed, strict=True):  # includes the 16-bit signed scanner
         sa, _ = discover_series(a / "dicom")
         sb, _ = discover_series(b / "dicom")
         assert {s.photometric for s in sb} == {"MONOCHROME1"}
         assert {s.transfer_syntaxes for s in sb} == {(TS_NAMES[syntax],)}
-        for x, y in zip(sorted(sa, key=lambda s: s.slices[0].path.parts[-3]), sorted(sb, key=lambda s: s.slices[0].path.parts[-3])):
+        for x, y in zip(sorted(sa, key=lambda s: s.slices[0].path.parts[-3]), sorted(sb, key=lambda s: s.slices[0].path.parts[-3]), strict=True):
             np.testing.assert_array_equal(read_series(x), read_series(y))
 
 
