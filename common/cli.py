@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=RunConfig().seed)
     synth.add_argument("--patients", type=int, default=RunConfig().data.synth_patients, help="patients per site")
     synth.add_argument("--slices", type=int, default=RunConfig().data.synth_slices, help="slices per patient")
+    synth.add_argument(
+        "--transfer-syntax", choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
+        help="store every site in this lossless transfer syntax (default: each scanner profile's own)",
+    )
+    synth.add_argument("--photometric", choices=["MONOCHROME1", "MONOCHROME2"], help="store every site with this photometric interpretation")
 
     from client.cli import add_parser as add_site_parser  # argparse only; DICOM code is imported when run
 
@@ -152,7 +157,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if args.patients < 2:
         raise ConfigError(f"--patients must be at least 2 (one for training, one for validation), got {args.patients}")
     started = time.perf_counter()
-    paths = write_sites(args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices, progress=print)
+    paths = write_sites(
+        args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices, progress=print,
+        transfer_syntax=args.transfer_syntax, photometric=args.photometric,
+    )
     print(f"wrote {len(paths)} sites under {args.out} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -169,13 +177,28 @@ def run() -> None:
     os._exit(code)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time of each record (it may be replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedsite`` command with ``argv``; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     fed = logging.getLogger("fedsite")
     fed.setLevel(logging.INFO)
     if not fed.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         fed.addHandler(handler)
         fed.propagate = False
