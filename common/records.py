@@ -6,8 +6,7 @@ training and model code never see a record.
 
 from __future__ import annotations
 
-import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -25,12 +24,16 @@ def to_arrays(model: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def check_arrays(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def check_arrays(arrays: ArrayRecord, reference: Mapping[str, Any], *, what: str = "the model") -> dict[str, np.ndarray]:
     """Check that ``arrays`` has exactly the reference's keys and shapes and only finite values.
+
+    Used by both sides: a site checks the global weights it receives, the server checks each
+    site's weights before aggregating them.
 
     Args:
         arrays: Weights received in a message.
-        reference: A state dict of the expected model.
+        reference: The expected weights (anything with ``.shape`` per key: tensors, arrays).
+        what: How messages name the reference, e.g. ``"the global model"``.
 
     Returns:
         The arrays as NumPy arrays, keyed by name.
@@ -44,7 +47,7 @@ def check_arrays(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> 
         missing = sorted(want - got)[:3]
         extra = sorted(got - want)[:3]
         raise RecordError(
-            f"weights do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'} "
+            f"weights do not match {what}: missing {missing or 'none'}, unexpected {extra or 'none'} "
             "(do the site and the server run the same model.* config?)"
         )
     out: dict[str, np.ndarray] = {}
@@ -52,7 +55,7 @@ def check_arrays(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> 
         arr = arrays[key].numpy()
         if tuple(arr.shape) != tuple(reference[key].shape):
             raise RecordError(
-                f"weight '{key}' has shape {tuple(arr.shape)}, the model expects {tuple(reference[key].shape)}"
+                f"weights do not match {what}: '{key}' has shape {tuple(arr.shape)}, expected {tuple(reference[key].shape)}"
             )
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise RecordError(f"weight '{key}' holds NaN or infinite values")
@@ -70,7 +73,3 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     checked = check_arrays(arrays, reference)
     model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)).to(reference[k].dtype) for k, v in checked.items()})
 
-
-def finite(value: float) -> bool:
-    """True when ``value`` is a finite number."""
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -25,6 +25,7 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConf
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import RunConfig
+from common.records import RecordError, check_arrays
 
 __all__ = ["SiteFedBN", "SiteFedAdam", "SiteFedYogi", "CentralDP", "recorder_of", "StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
 
@@ -101,13 +102,13 @@ class SiteRecording:
     _records: dict[int, RoundRecord]
     _on_round: Callable[[RoundRecord], None] | None
     _round_start: float
-    _global_keys: dict[str, tuple[int, ...]]
+    _global_ref: dict[str, np.ndarray]
 
     def init_recording(self, on_round: Callable[[RoundRecord], None] | None = None, *, stop_on_budget: bool = False) -> None:
         self._records = {}
         self._on_round = on_round
         self._round_start = time.perf_counter()
-        self._global_keys = {}
+        self._global_ref = {}
         self._stop_on_budget = stop_on_budget
         self.latest_arrays: ArrayRecord | None = None
 
@@ -159,13 +160,10 @@ class SiteRecording:
             arrays = msg.content.array_records.get("arrays")
             if not isinstance(arrays, ArrayRecord):
                 return site, "training reply has no 'arrays' record"
-            shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-            if shapes != self._global_keys:
-                return site, "weights do not match the global model (different keys or shapes)"
-            for k, v in arrays.items():
-                arr = v.numpy()
-                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                    return site, f"weight '{k}' holds NaN or infinite values"
+            try:
+                check_arrays(arrays, self._global_ref, what="the global model")
+            except RecordError as exc:
+                return site, str(exc)
         else:
             dice = metrics.get("dice")
             if not isinstance(dice, (int, float)) or not 0.0 <= dice <= 1.0:
@@ -193,7 +191,7 @@ class SiteRecording:
     # --- strategy hooks -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_start = time.perf_counter()
-        self._global_keys = {k: tuple(v.shape) for k, v in arrays.items()}
+        self._global_ref = {k: v.numpy() for k, v in arrays.items()}
         self.latest_arrays = arrays
         self._record(server_round)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
