@@ -96,6 +96,13 @@ def _site(context: Context):  # noqa: ANN202 - internal
     return cfg, site_dir, loaded_site(site_dir, cfg)
 
 
+def _class_weights(cfg, site) -> torch.Tensor | None:  # noqa: ANN001 - internal
+    """Inverse-frequency weights from this site's own training labels (classification, if enabled)."""
+    if cfg.task.name != "classification" or not cfg.task.class_weighted:
+        return None
+    return task.class_weights(site.train.labels, len(cfg.task.class_names))
+
+
 def _state_entries(context: Context) -> list[dict]:
     rec = context.state.config_records.get(_STATE_KEY)
     return json.loads(str(rec["entries"])) if rec is not None and "entries" in rec else []
@@ -108,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     cfg, site_dir, site = _site(context)
     threads = apply_threads(cfg, context.node_config)
-    model = model_for(cfg.model)
+    model = model_for(cfg.model, cfg.task)
     fedbn = _load_global(model, msg, context)
     rc = msg.content["config"]
     server_round = int(rc.get("server-round", 0))
@@ -120,6 +127,8 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(rc.get("proximal-mu", 0.0)),
         seed=site_seed(cfg.seed, site.name, server_round),
         device=pick_device(),
+        task=cfg.task.name,
+        weights=_class_weights(cfg, site),
     )
     extra: dict[str, float] = {}
     if site.audit is not None and _MIA_KEY not in context.state.config_records:
@@ -157,6 +166,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": result.num_examples,
             "train-loss": result.loss,
             "steps": result.steps,
+            "samples-seen": result.samples_seen,
             "compute-s": result.seconds,
             "handler-s": time.perf_counter() - start,
             "threads": threads,
@@ -175,11 +185,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     cfg, _, site = _site(context)
     apply_threads(cfg, context.node_config)
-    model = model_for(cfg.model)
+    model = model_for(cfg.model, cfg.task)
     _load_global(model, msg, context)
     t0 = time.perf_counter()
     device = pick_device()
-    scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device)
+    scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device, task=cfg.task.name)
     if site.audit is not None:
         # The site attacks its own model: can its training slices be told from held-out slices
         # of the same patients?

@@ -7,12 +7,15 @@ Site folder layout (what ``fedsite data synth`` writes and what a site prepares)
     <site>/labels/<SeriesInstanceUID>.nii.gz   lesion mask (0/1) on the series' grid (or .nii,
                                            .nrrd, or a DICOM SEG with any name; see client.masks)
     <site>/site.json                       optional; {"name": ...} sets the site's public name
+    <site>/labels.csv                      classification: one class name per PatientID, study or
+                                           series (see client.labels); replaces labels/
 
 Everything in the site folder except ``labels/``, ``site.json``, ``labels.csv`` and the cache
 (:data:`RESERVED`) is searched for images, so images may also live in ``<site>/images/``.
 
 Every slice of a labelled series becomes one sample dict ``{"image", "label", "patient",
-"series", "slice"}`` where patient and series are hashes. Samples go through one MONAI
+"series", "slice"}`` where patient and series are hashes; ``label`` is the slice's mask
+(segmentation) or the series' class index in ``task.classes`` (classification). Samples go through one MONAI
 dictionary pipeline in two stages:
 
 1. per series (:func:`volume_pipeline`): image and mask put in the canonical orientation,
@@ -25,7 +28,7 @@ dictionary pipeline in two stages:
    stored display orientation ``(rows, columns)``.
 2. per slice (:func:`sample_pipeline`): resample in-plane to ``data.spacing-mm`` (image
    bilinear, label nearest), pad or crop to ``data.image-size``, scale the image's 1st..99th
-   percentile to 0..1.
+   percentile to 0..1. A class label is not an image: only the image goes through this stage.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from monai.transforms import Compose, EnsureTyped, Orientationd, ResizeWithPadOr
 
 from client.cache import cached
 from client.dicom import DicomError, Rejection, SeriesRecord, read_series, series_affine
+from client.labels import LabelManifestError, class_labels
 from client.masks import index_masks, read_mask
 from client.site import RESERVED, scan_site, site_name_of, site_split_seed, split_by_patient
-from common.config import DataConfig
+from common.config import DataConfig, TaskConfig
 
 __all__ = [
     "SiteData",
@@ -147,12 +151,19 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     ]
 
 
-def sample_pipeline(cfg: DataConfig) -> Compose:
-    """The per-slice stage of the MONAI dictionary pipeline (stage 2, see the module docstring)."""
-    keys = ["image", "label"]
+def sample_pipeline(cfg: DataConfig, *, with_mask: bool = True) -> Compose:
+    """The per-slice stage of the MONAI dictionary pipeline (stage 2, see the module docstring).
+
+    Args:
+        cfg: The ``data.*`` group of the run config.
+        with_mask: The label is a mask on the image's grid (segmentation) and is resampled with it
+            (nearest neighbour); False for a class label, which is left alone.
+    """
+    keys = ["image", "label"] if with_mask else ["image"]
+    modes = ("bilinear", "nearest") if with_mask else ("bilinear",)
     return Compose(
         [
-            Spacingd(keys=keys, pixdim=(cfg.spacing_mm, cfg.spacing_mm), mode=("bilinear", "nearest")),
+            Spacingd(keys=keys, pixdim=(cfg.spacing_mm, cfg.spacing_mm), mode=modes),
             ResizeWithPadOrCropd(keys=keys, spatial_size=(cfg.image_size, cfg.image_size)),
             ScaleIntensityRangePercentilesd(keys="image", lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True),
             EnsureTyped(keys=keys, data_type="tensor", track_meta=False),
@@ -160,27 +171,66 @@ def sample_pipeline(cfg: DataConfig) -> Compose:
     )
 
 
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 """Bump when the sample pipeline changes: it invalidates every site's sample cache."""
 
+#: The classification label manifest in a site folder.
+LABELS_CSV = "labels.csv"
 
-def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
+
+def _class_targets(site_dir: Path, series: list[SeriesRecord], task: TaskConfig, rejected: list[Rejection]) -> dict[str, int]:
+    """Series hash -> class index from ``labels.csv``; series without a usable label are rejected."""
+    path = site_dir / LABELS_CSV
+    if not path.is_file():
+        raise DicomError(
+            f"site folder {site_dir} has no {LABELS_CSV}: a classification site lists one class per PatientID, "
+            f"StudyInstanceUID or SeriesInstanceUID there (header e.g. 'PatientID,label'; classes {', '.join(task.class_names)})"
+        )
+    try:
+        found = class_labels(path, series)
+    except LabelManifestError as exc:
+        raise DicomError(str(exc)) from None
+    index = {name: i for i, name in enumerate(task.class_names)}
+    first_file = {s.series_hash: s.first_file for s in series}
+    targets: dict[str, int] = {}
+    for series_hash, label in found.labels.items():
+        if label in index:
+            targets[series_hash] = index[label]
+        else:
+            reason = f"series {series_hash}: label {label!r} in {LABELS_CSV} is not one of task.classes ({', '.join(task.class_names)})"
+            rejected.append(Rejection(first_file[series_hash], reason))
+    for series_hash in found.unlabelled:
+        rejected.append(Rejection(first_file[series_hash], f"series {series_hash}: no row of {LABELS_CSV} names this series"))
+    for series_hash in found.ambiguous:
+        rejected.append(Rejection(first_file[series_hash], f"series {series_hash}: rows of {LABELS_CSV} give it different labels"))
+    return targets
+
+
+def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig()) -> dict:
     """Decode and preprocess every labelled series of the site (the slow, cached part)."""
     scan = scan_site(site_dir)
     series, rejected = scan.series, list(scan.rejected)
-    masks = index_masks(site_dir / "labels")
-    pipeline = sample_pipeline(cfg)
+    classify = task.name == "classification"
+    if classify:
+        targets = _class_targets(site_dir, list(series), task, rejected)
+    else:
+        masks = index_masks(site_dir / "labels")
+    pipeline = sample_pipeline(cfg, with_mask=not classify)
     samples: list[dict] = []
     used = 0
     for s in series:
-        found = masks.masks_for(s)
-        if len(found) != 1:
-            why = "no mask in labels/ for this series" if not found else f"{len(found)} masks in labels/ for this series; keep one"
-            rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
-            continue
+        if classify:
+            if s.series_hash not in targets:
+                continue  # rejected above, with its reason
+        else:
+            found = masks.masks_for(s)
+            if len(found) != 1:
+                why = "no mask in labels/ for this series" if not found else f"{len(found)} masks in labels/ for this series; keep one"
+                rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
+                continue
         try:
             volume = read_series(s)
-            mask = read_mask(found[0], s, volume.shape)
+            mask = np.zeros(volume.shape, dtype=np.uint8) if classify else read_mask(found[0], s, volume.shape)
             items = canonical_slices(volume, mask, s)
         except DicomError as exc:
             reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
@@ -189,10 +239,11 @@ def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
         used += 1
         for z, item in enumerate(items):
             out = pipeline(item)
+            label = torch.tensor(targets[s.series_hash], dtype=torch.uint8) if classify else out["label"].round().to(torch.uint8).contiguous()
             samples.append(
                 {
                     "image": out["image"].float().contiguous(),
-                    "label": out["label"].round().to(torch.uint8).contiguous(),
+                    "label": label,
                     "patient": s.patient_hash,
                     "series": s.series_hash,
                     "slice": z,
@@ -203,7 +254,7 @@ def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
     # that starts from memory (benchmarks/ingest.py).
     return {
         "images": torch.stack([x["image"] for x in samples]) if samples else torch.zeros(0, 1, 1, 1),
-        "labels": torch.stack([x["label"] for x in samples]) if samples else torch.zeros(0, 1, 1, 1, dtype=torch.uint8),
+        "labels": torch.stack([x["label"] for x in samples]) if samples else torch.zeros(0, *(() if classify else (1, 1, 1)), dtype=torch.uint8),
         "patients": [x["patient"] for x in samples],
         "series": [x["series"] for x in samples],
         "slices": [x["slice"] for x in samples],
@@ -213,7 +264,7 @@ def _read_samples(site_dir: Path, cfg: DataConfig) -> dict:
     }
 
 
-def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = True) -> SiteData:
+def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = True, task: TaskConfig = TaskConfig()) -> SiteData:
     """Read a site's labelled DICOM series and make its train/validation samples.
 
     Decoded samples are cached on the site's disk (:mod:`client.cache`), so only the first call
@@ -224,6 +275,8 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
         cfg: The ``data.*`` group of the run config.
         seed: The run seed; the patient split depends on it and the site's name.
         use_cache: Read and write the site's sample cache.
+        task: The ``task.*`` group: segmentation reads masks from ``labels/``, classification
+            reads class names from ``labels.csv``.
 
     Returns:
         The site's samples, split by patient.
@@ -235,11 +288,13 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
     if not site_dir.is_dir():
         raise DicomError(f"site folder {site_dir} does not exist")
     name = site_name_of(site_dir)
-    settings = {"pipeline": PIPELINE_VERSION, "image_size": cfg.image_size, "spacing_mm": cfg.spacing_mm}
+    settings = {"pipeline": PIPELINE_VERSION, "image_size": cfg.image_size, "spacing_mm": cfg.spacing_mm, "task": task.name}
+    if task.name == "classification":
+        settings["classes"] = list(task.class_names)
     if use_cache:
-        read = cached(site_dir, name="samples", settings=settings, build=lambda: _read_samples(site_dir, cfg))
+        read = cached(site_dir, name="samples", settings=settings, build=lambda: _read_samples(site_dir, cfg, task))
     else:
-        read = _read_samples(site_dir, cfg)
+        read = _read_samples(site_dir, cfg, task)
     images, labels = read["images"], read["labels"]
     samples = [  # views into the stacked tensors
         {"image": images[i], "label": labels[i], "patient": p, "series": se, "slice": z}

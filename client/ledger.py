@@ -150,6 +150,8 @@ def private_round(
     proximal_mu: float,
     seed: int,
     device: Any,
+    task: str = "segmentation",
+    weights: Any = None,
 ) -> PrivateRound:
     """Check the budget, train with DP-SGD, and record the round in the ledger.
 
@@ -160,7 +162,7 @@ def private_round(
         ledger: The site's ledger.
         state_entries: The history kept in ``Context.state`` during this run.
         run_id, server_round: Recorded with the entry.
-        epochs, batch_size, lr, optimizer, proximal_mu, seed, device: As for training.
+        epochs, batch_size, lr, optimizer, proximal_mu, seed, device, task, weights: As for training.
 
     Returns:
         The training result, the full ledger after the round, and epsilon/delta so far.
@@ -191,6 +193,7 @@ def private_round(
         model, data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, noise_multiplier=sigma,
         max_grad_norm=cfg.privacy.max_grad_norm, history=history, accountant=cfg.privacy.accountant,
         grad_sample_mode=cfg.privacy.grad_sample_mode, proximal_mu=proximal_mu, seed=seed, device=device,
+        task=task, weights=weights,
     )
     # What was really released: the optimizer steps taken at the loader's sample rate.
     new = {

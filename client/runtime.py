@@ -20,11 +20,11 @@ import torch
 
 from client.dataset import SiteData, load_site
 from client.dicom import DicomError
-from common.config import DataConfig, ModelConfig, RunConfig
+from common.config import DataConfig, ModelConfig, RunConfig, TaskConfig
 from common.model import build_model
 from common.task import Batchable, stack_samples
 
-__all__ = ["prewarm", "LoadedSite", "resolve_site_dir", "default_sites_root", "loaded_site", "model_for", "site_seed", "apply_threads"]
+__all__ = ["synth_options", "prewarm", "LoadedSite", "resolve_site_dir", "default_sites_root", "loaded_site", "model_for", "site_seed", "apply_threads"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -46,9 +46,41 @@ class LoadedSite:
 
 
 def default_sites_root(cfg: RunConfig) -> Path:
-    """Where simulated sites live when ``data.root`` is empty: one folder per generator setting."""
+    """Where simulated sites live when ``data.root`` is empty: one folder per generator setting.
+
+    The synthetic MR default is ``seed42-p8-s12-g<generator version>``; any other source,
+    modality or skew adds to it, so two settings or generator versions never share a folder.
+    """
+    from simulations.synth import GENERATOR_VERSION  # a simulated run only
+
     base = Path(os.environ.get("FEDSITE_CACHE", Path.home() / ".cache" / "fedsite")) / "sites"
-    return base / f"seed{cfg.seed}-p{cfg.data.synth_patients}-s{cfg.data.synth_slices}"
+    d = cfg.data
+    name = f"seed{cfg.seed}-p{d.synth_patients}-s{d.synth_slices}-g{GENERATOR_VERSION}"
+    if d.source:
+        source = Path(d.source).expanduser().resolve()
+        digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+        name = f"{source.stem}-{digest}-seed{cfg.seed}-p{d.synth_patients}-g{GENERATOR_VERSION}"
+    if d.modality != "MR":
+        name += f"-{d.modality}"
+    if d.label_skew:
+        name += f"-ls{d.label_skew:g}"
+    if d.quantity_skew:
+        name += f"-qs{d.quantity_skew:g}"
+    return base / name
+
+
+def synth_options(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`simulations.synth.write_sites` for the run config's ``data.*``."""
+    d = cfg.data
+    return {
+        "seed": cfg.seed,
+        "patients": d.synth_patients,
+        "slices": d.synth_slices,
+        "modality": d.modality,
+        "source": Path(d.source).expanduser().resolve() if d.source else None,
+        "label_skew": d.label_skew,
+        "quantity_skew": d.quantity_skew,
+    }
 
 
 def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
@@ -78,13 +110,13 @@ def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
     path = root / site_name(index)
     if not path.is_dir():
         log.info("simulated site %s not found under %s: generating it", site_name(index), root)
-        write_site(root, index, seed=cfg.seed, patients=cfg.data.synth_patients, slices=cfg.data.synth_slices)
+        write_site(root, index, sites=cfg.sim.sites, **synth_options(cfg))
     return path
 
 
 @lru_cache(maxsize=16)
-def _load(site_dir: str, data_cfg: DataConfig, seed: int, audit_fraction: float) -> LoadedSite:
-    data = load_site(Path(site_dir), data_cfg, seed=seed)
+def _load(site_dir: str, data_cfg: DataConfig, seed: int, audit_fraction: float, task: TaskConfig = TaskConfig()) -> LoadedSite:
+    data = load_site(Path(site_dir), data_cfg, seed=seed, task=task)
     train, audit = list(data.train), None
     if audit_fraction > 0 and len(train) >= 4:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(site_seed(seed, data.name, -1))).tolist()
@@ -103,17 +135,17 @@ def _load(site_dir: str, data_cfg: DataConfig, seed: int, audit_fraction: float)
 def loaded_site(site_dir: Path, cfg: RunConfig) -> LoadedSite:
     """The site's samples, read once per process and reused every round."""
     audit = cfg.privacy.audit_fraction if cfg.privacy.audit else 0.0
-    return _load(str(Path(site_dir).resolve()), cfg.data, cfg.seed, audit)
+    return _load(str(Path(site_dir).resolve()), cfg.data, cfg.seed, audit, cfg.task)
 
 
-_MODELS: dict[ModelConfig, torch.nn.Module] = {}
+_MODELS: dict[tuple[ModelConfig, TaskConfig], torch.nn.Module] = {}
 
 
-def model_for(cfg: ModelConfig) -> torch.nn.Module:
-    """The process' model for ``cfg``, built once; callers overwrite its weights each round."""
-    if cfg not in _MODELS:
-        _MODELS[cfg] = build_model(cfg)
-    return _MODELS[cfg]
+def model_for(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.Module:
+    """The process' model for ``cfg`` and ``task``, built once; callers overwrite its weights each round."""
+    if (cfg, task) not in _MODELS:
+        _MODELS[(cfg, task)] = build_model(cfg, task)
+    return _MODELS[(cfg, task)]
 
 
 def site_seed(seed: int, site: str, server_round: int) -> int:

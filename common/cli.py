@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--data-root", type=Path)
     priv.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'")
 
+    shift = study.add_parser("shift", help="domain shift across scanner sites: local-only, pooled and federated methods, cross-site matrix, unseen scanner")
+    shift.add_argument("--out", type=Path, required=True, help="study folder (shift.json, report.md and its figures, one run per method)")
+    shift.add_argument("--quick", action="store_true", help="3 sites, 3 rounds x 2 local epochs, 32x32 images: a few minutes on 2 cores")
+    shift.add_argument("--source", type=Path, help="a MedMNIST-layout .npz of labelled images (e.g. chest X-rays) written as CR/DX sites; classification")
+    shift.add_argument("--methods", help=f"comma-separated, from {','.join(('local-only', 'pooled', 'fedavg', 'fedprox', 'fedbn', 'fedadam', 'fedyogi'))} (default: quick set, or all without --quick)")
+    shift.add_argument("--unseen", help="federated methods to run leave-one-site-out (default fedavg with --quick, else fedavg,fedbn; 'none' to skip)")
+    shift.add_argument("--sites", type=int)
+    shift.add_argument("--rounds", type=int)
+    shift.add_argument("--seed", type=int)
+    shift.add_argument("--data-root", type=Path)
+    shift.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'")
+
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write simulated scanner sites: DICOM series and lesion masks")
     synth.add_argument("--sites", type=int, default=3)
@@ -79,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="store every site in this lossless transfer syntax (default: each scanner profile's own)",
     )
     synth.add_argument("--photometric", choices=["MONOCHROME1", "MONOCHROME2"], help="store every site with this photometric interpretation")
+    synth.add_argument("--modality", choices=["MR", "CT", "CR", "DX", "auto"], help="MR or CT phantoms (default MR); with --source CR, DX or auto (CR and DX mixed, the default)")
+    synth.add_argument("--source", type=Path, metavar="PATH.npz", help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites from it")
+    synth.add_argument("--task", choices=["segmentation", "classification"], help="segmentation (phantoms) or classification (needs --source); default: classification with --source")
+    synth.add_argument("--label-skew", type=float, default=0.0, help="0 = every site the global class mix / lesion burden; > 0 = stronger per-site imbalance")
+    synth.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal site sizes; > 0 = lognormal site sizes around --patients (at least 4)")
+    synth.add_argument("--classes", metavar="A,B", help="class names of the source's labels 0, 1, ... (default from the file name, e.g. normal,pneumonia)")
+    synth.set_defaults(synth_parser=synth)
 
     from client.cli import add_parser as add_site_parser  # argparse only; DICOM code is imported when run
 
@@ -148,19 +167,62 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from simulations.synth import write_sites
+def _cmd_study_shift(args: argparse.Namespace) -> int:
+    from simulations.report import format_table
+    from simulations.shift import FULL_METHODS, QUICK_METHODS, quick_defaults, shift_study
 
+    defaults: dict[str, object] = {}
+    if args.source is not None:
+        if not args.source.is_file():
+            raise ConfigError(f"--source {args.source} is not a file; give a MedMNIST-layout .npz, e.g. ../shared/data/pneumoniamnist/pneumoniamnist_merged.npz")
+        defaults.update({"task.name": "classification", "data.source": str(args.source.resolve()), "data.modality": "auto"})
+    task = str(defaults.get("task.name", _parse_kv(args.run_config).get("task.name", "segmentation")))
+    if args.quick:
+        defaults.update(quick_defaults(task))
+    cfg = _simulate_config(args, defaults)
+    methods = _names(args.methods) if args.methods else list(QUICK_METHODS if args.quick else FULL_METHODS)
+    unseen = _names(args.unseen) if args.unseen else (["fedavg"] if args.quick else ["fedavg", "fedbn"])
+    if unseen == ["none"]:
+        unseen = []
+    print(
+        f"fedsite study shift: {cfg.task.name} on {cfg.sim.sites} sites, {cfg.num_server_rounds} rounds x {cfg.train.local_epochs} local epochs, "
+        f"methods {', '.join(methods)}; unseen scanner for {', '.join(unseen) or 'none'}; seed {cfg.seed}",
+        flush=True,
+    )
+    try:
+        doc = shift_study(cfg, args.out, methods=methods, unseen=unseen, quick=args.quick, progress=lambda m: print(m, flush=True))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(format_table(doc))
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from simulations.synth import synth_arguments_error, write_sites
+
+    problem = synth_arguments_error(task=args.task, source=args.source, modality=args.modality, classes=args.classes)
+    if problem:
+        args.synth_parser.error(problem)  # exits 2 with the subcommand's usage, like any argparse error
     for name, value in (("--sites", args.sites), ("--patients", args.patients), ("--slices", args.slices)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if args.patients < 2:
         raise ConfigError(f"--patients must be at least 2 (one for training, one for validation), got {args.patients}")
     started = time.perf_counter()
-    paths = write_sites(
-        args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices, progress=print,
-        transfer_syntax=args.transfer_syntax, photometric=args.photometric,
-    )
+    try:
+        paths = write_sites(
+            args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices, progress=print,
+            transfer_syntax=args.transfer_syntax, photometric=args.photometric,
+            modality=args.modality or ("auto" if args.source is not None else "MR"), source=args.source,
+            label_skew=args.label_skew, quantity_skew=args.quantity_skew,
+            class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        )
+    except ValueError as exc:  # a bad value or an unusable --source: reported like a config error
+        raise ConfigError(str(exc)) from None
     print(f"wrote {len(paths)} sites under {args.out} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -214,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_synth(args)
         if args.command == "study" and args.study_command == "privacy":
             return _cmd_study_privacy(args)
+        if args.command == "study" and args.study_command == "shift":
+            return _cmd_study_shift(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"fedsite: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "TaskConfig",
     "ModelConfig",
     "TrainConfig",
     "StrategyConfig",
@@ -55,13 +56,39 @@ class DataConfig:
     val_fraction: float = field(default=0.25, metadata=_range(0.0, 0.9, lo_open=True))
     synth_patients: int = field(default=8, metadata=_range(2, 10_000))
     synth_slices: int = field(default=12, metadata=_range(1, 1_000))
+    source: str = field(default="", metadata={"help": "simulation: a MedMNIST-layout .npz of labelled images written as X-ray sites ('' = synthetic phantoms)"})
+    modality: str = field(default="MR", metadata={**_choice("MR", "CT", "CR", "DX", "auto"), "help": "simulation: scanner modality of the generated sites"})
+    label_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "simulation: per-site label imbalance (0 = every site has the global mix)"})
+    quantity_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "simulation: spread of site sizes (0 = equal sizes)"})
+
+
+TASKS = ("segmentation", "classification")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the network learns: lesion segmentation (pixels) or image classification."""
+
+    name: str = field(default="segmentation", metadata=_choice(*TASKS))
+    classes: str = field(default="normal,pneumonia", metadata={"help": "classification: comma-separated class names (labels.csv values); the last is the positive class"})
+    class_weighted: bool = field(default=True, metadata={"help": "classification: weight the loss by inverse class frequency of the site's training split"})
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The class names in index order, e.g. ``("normal", "pneumonia")``."""
+        return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    @property
+    def metric(self) -> str:
+        """The primary validation metric (higher is better): ``"dice"`` or ``"auc"``."""
+        return "dice" if self.name == "segmentation" else "auc"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The MONAI network every site trains (same on every site)."""
 
-    name: str = field(default="unet", metadata=_choice("unet"))
+    name: str = field(default="auto", metadata={**_choice("auto", "unet", "resnet", "densenet121"), "help": "auto = unet for segmentation, resnet for classification"})
     channels: str = field(default="16,32,64,128", metadata={"help": "comma-separated feature sizes"})
     num_res_units: int = field(default=1, metadata=_range(0, 8))
     norm: str = field(default="instance", metadata=_choice("instance", "batch", "group"))
@@ -141,6 +168,7 @@ class RunConfig:
     seed: int = field(default=42, metadata=_range(0, 2**31 - 1))
     num_server_rounds: int = field(default=3, metadata=_range(1, 100_000))
     data: DataConfig = DataConfig()
+    task: TaskConfig = TaskConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -255,6 +283,27 @@ def _check_cross_field(cfg: RunConfig) -> None:
             "config key 'model.norm' = 'batch' cannot be used with 'privacy.dp' = true: BatchNorm mixes samples, "
             "so per-sample gradients are undefined; use 'instance' or 'group'"
         )
+    if cfg.task.name == "classification":
+        if len(cfg.task.class_names) < 2 or len(set(cfg.task.class_names)) != len(cfg.task.class_names):
+            raise ConfigError(
+                f"config key 'task.classes' = {cfg.task.classes!r}: name at least two different classes, e.g. 'normal,pneumonia'"
+            )
+        if cfg.model.name == "unet":
+            raise ConfigError("config key 'model.name' = 'unet' is a segmentation network; for 'task.name' = 'classification' use 'resnet', 'densenet121' or 'auto'")
+    elif cfg.model.name in ("resnet", "densenet121"):
+        raise ConfigError(f"config key 'model.name' = {cfg.model.name!r} is a classification network; for 'task.name' = 'segmentation' use 'unet' or 'auto'")
+    elif cfg.data.source:
+        raise ConfigError(
+            f"config key 'data.source' = {cfg.data.source!r} gives class-labelled images; set 'task.name' = 'classification' "
+            "(segmentation sites are the synthetic phantoms: 'data.source' = '')"
+        )
+    if cfg.task.name == "segmentation" and cfg.data.modality not in ("MR", "CT"):
+        raise ConfigError(f"config key 'data.modality' = {cfg.data.modality!r}: the segmentation phantoms are 'MR' or 'CT'")
+    if cfg.task.name == "classification" and not cfg.data.source and not cfg.data.root:
+        raise ConfigError(
+            "'task.name' = 'classification' needs labelled sites: set 'data.source' to a MedMNIST-layout .npz "
+            "(e.g. ../shared/data/pneumoniamnist/pneumoniamnist_merged.npz) or 'data.root' to sites with labels.csv"
+        )
     try:
         channels = cfg.model.channel_tuple
     except ValueError:
@@ -265,8 +314,16 @@ def _check_cross_field(cfg: RunConfig) -> None:
         raise ConfigError(
             f"config key 'model.channels' = {cfg.model.channels!r}: needs at least two positive sizes, e.g. '16,32,64'"
         )
+    if cfg.task.name == "classification" and cfg.model.name in ("auto", "resnet") and len(channels) != 4:
+        raise ConfigError(
+            f"config key 'model.channels' = {cfg.model.channels!r}: the classification ResNet has 4 stages; give 4 sizes, e.g. '8,16,32,64'"
+        )
+    if cfg.task.name == "classification" and cfg.data.image_size < 32:
+        raise ConfigError(
+            f"config key 'data.image-size' = {cfg.data.image_size}: classification networks downsample 16x; use at least 32"
+        )
     depth = 2 ** (len(channels) - 1)
-    if cfg.data.image_size % depth:
+    if cfg.task.name == "segmentation" and cfg.data.image_size % depth:
         raise ConfigError(
             f"config key 'data.image-size' = {cfg.data.image_size}: must be divisible by {depth} "
             f"for a UNet with {len(channels)} levels ('model.channels' = {cfg.model.channels!r})"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import DenseNet121, ResNet, UNet
 
-from common.config import ModelConfig
+from common.config import ModelConfig, TaskConfig
 
-__all__ = ["build_model", "pick_device", "norm_keys", "NUM_CLASSES"]
+__all__ = ["build_model", "architecture", "pick_device", "norm_keys", "NUM_CLASSES"]
 
 _NORM_TYPES = (
     torch.nn.modules.batchnorm._BatchNorm,
@@ -44,16 +44,40 @@ def _norm(name: str) -> tuple[str, dict[str, object]] | str:
     return "batch"
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
-    """Build the 2D segmentation network described by ``cfg``.
+def architecture(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> str:
+    """The network ``cfg`` names for ``task``: ``model.name``, or for ``"auto"`` UNet/ResNet by task."""
+    if cfg.name != "auto":
+        return cfg.name
+    return "unet" if task.name == "segmentation" else "resnet"
+
+
+def build_model(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.Module:
+    """Build the 2D network described by ``cfg`` for ``task``.
 
     Args:
         cfg: The ``model.*`` group of the run config.
+        task: The ``task.*`` group (segmentation by default).
 
     Returns:
-        A MONAI ``UNet`` with one input channel (the image) and ``NUM_CLASSES`` output logits
-        per pixel, shape ``(B, 1, H, W) -> (B, 2, H, W)``.
+        Segmentation: a MONAI ``UNet``, ``(B, 1, H, W) -> (B, NUM_CLASSES, H, W)`` logits per pixel.
+        Classification: a MONAI ``ResNet`` (basic blocks, one per stage, stage widths
+        ``model.channels``) or ``DenseNet121``, ``(B, 1, H, W) -> (B, len(task.classes))`` logits.
     """
+    arch = architecture(cfg, task)
+    if arch == "resnet":
+        return ResNet(
+            block="basic",
+            layers=[1] * len(cfg.channel_tuple),
+            block_inplanes=list(cfg.channel_tuple),
+            spatial_dims=2,
+            n_input_channels=1,
+            conv1_t_size=3,
+            conv1_t_stride=1,
+            num_classes=len(task.class_names),
+            norm=_norm(cfg.norm),
+        )
+    if arch == "densenet121":
+        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(task.class_names), norm=_norm(cfg.norm))
     channels = cfg.channel_tuple
     return UNet(
         spatial_dims=2,

@@ -118,6 +118,8 @@ def train_private(
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    task: str = "segmentation",
+    weights: torch.Tensor | None = None,
 ) -> PrivateTrainResult:
     """DP-SGD: per-sample clipping to ``max_grad_norm`` plus Gaussian noise, Poisson batches.
 
@@ -140,6 +142,8 @@ def train_private(
             after each private step (post-processing: it costs no privacy).
         seed: Seeds batch sampling and noise.
         device: Where to train.
+        task: ``"segmentation"`` or ``"classification"`` (the loss, :func:`common.task.loss_function`).
+        weights: Classification only: per-class loss weights (computed from the site's own labels).
 
     Returns:
         The training result and the accountant history including this call.
@@ -165,7 +169,7 @@ def train_private(
     torch.manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt = make_optimizer(model, optimizer, lr)
-    loss_fn = loss_function()
+    loss_fn = loss_function(task, None if weights is None else weights.to(device))
     loader = DataLoader(
         TensorDataset(data.images, data.labels),
         batch_size=min(batch_size, len(data)),
@@ -189,7 +193,7 @@ def train_private(
             )
             dp_loss = loss_fn
     sample_rate = 1.0 / len(loader)  # Opacus' Poisson loader: each sample joins a batch with this rate
-    steps = 0
+    steps = samples_seen = 0
     epoch_loss = 0.0
     try:
         with warnings.catch_warnings():
@@ -209,6 +213,7 @@ def train_private(
                             for p, g in zip(model.parameters(), global_params):
                                 p.sub_(lr * proximal_mu * (p - g))
                     steps += 1
+                    samples_seen += len(x)
                     total += float(loss.detach()) * len(x)
                     seen += len(x)
                 epoch_loss = total / max(seen, 1)
@@ -220,7 +225,9 @@ def train_private(
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
     new_history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
-    result = TrainResult(num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start)
+    result = TrainResult(
+        num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start, samples_seen=samples_seen
+    )
     return PrivateTrainResult(result=result, history=new_history, sample_rate=sample_rate, steps=steps)
 
 
@@ -231,9 +238,10 @@ def per_sample_losses(model: torch.nn.Module, data: Batchable, *, batch_size: in
     out = []
     for start in range(0, len(data), batch_size):
         x = data.images[start : start + batch_size].to(device)
-        y = data.labels[start : start + batch_size].to(device)
-        ce = F.cross_entropy(model(x), y[:, 0].long(), reduction="none")
-        out.append(ce.flatten(1).mean(1).cpu().numpy())
+        y = data.labels[start : start + batch_size].to(device).long()
+        target = y[:, 0] if y.dim() > 1 else y  # a mask (B, 1, H, W) or class indices (B,)
+        ce = F.cross_entropy(model(x), target, reduction="none")
+        out.append(ce.reshape(len(ce), -1).mean(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -1,8 +1,13 @@
-"""Training and evaluation of the segmentation task. Plain PyTorch and MONAI; no Flower.
+"""Training and evaluation of the two tasks. Plain PyTorch and MONAI; no Flower.
 
-Samples arrive as MONAI-style dicts (``{"image": (1, H, W), "label": (1, H, W), ...}``);
-:func:`stack_samples` turns a list of them into two tensors once, so that every epoch after the
-first reads memory, not dicts.
+* ``"segmentation"``: lesion masks, samples ``{"image": (1, H, W), "label": (1, H, W)}``, Dice+CE
+  loss, Dice over the whole split.
+* ``"classification"``: one class per image, samples ``{"image": (1, H, W), "label": ()}``
+  (class index), cross-entropy (optionally weighted by inverse class frequency), AUC, accuracy,
+  sensitivity, specificity and calibration error (:mod:`common.metrics`).
+
+:func:`stack_samples` turns a list of sample dicts into two tensors once, so that every epoch
+after the first reads memory, not dicts.
 """
 
 from __future__ import annotations
@@ -11,15 +16,32 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-__all__ = ["Batchable", "stack_samples", "train", "evaluate", "TrainResult", "dice_from_counts", "loss_function", "make_optimizer"]
+from common.metrics import classification_metrics
+
+__all__ = [
+    "Batchable",
+    "stack_samples",
+    "train",
+    "evaluate",
+    "TrainResult",
+    "dice_from_counts",
+    "loss_function",
+    "make_optimizer",
+    "class_weights",
+    "TASKS",
+]
+
+TASKS = ("segmentation", "classification")
 
 
 @dataclass(frozen=True)
 class Batchable:
-    """A split held as two tensors: images ``(N, 1, H, W)`` float32, labels ``(N, 1, H, W)`` int64."""
+    """A split held as two tensors: images ``(N, 1, H, W)`` float32; labels int64, ``(N, 1, H, W)``
+    masks for segmentation or ``(N,)`` class indices for classification."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -56,11 +78,49 @@ class TrainResult:
     loss: float
     """Mean training loss over the last epoch (task loss, without the proximal term)."""
     seconds: float
+    samples_seen: int = 0
+    """Sample-steps: samples that went through a training step, summed over all steps (the
+    training budget; the same for two runs that did the same work)."""
 
 
-def loss_function() -> DiceCELoss:
-    """The task loss: Dice + cross-entropy over the two classes, from logits."""
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is unknown; use one of {', '.join(TASKS)}")
+
+
+def loss_function(task: str = "segmentation", weights: torch.Tensor | None = None) -> torch.nn.Module:
+    """The task loss, from logits.
+
+    Args:
+        task: ``"segmentation"`` (Dice + cross-entropy over the two pixel classes) or
+            ``"classification"`` (cross-entropy).
+        weights: Classification only: per-class loss weights (:func:`class_weights`).
+    """
+    _check_task(task)
+    if task == "classification":
+        return torch.nn.CrossEntropyLoss(weight=weights)
     return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights for an imbalanced training split.
+
+    ``w_c = N / (K * n_c)`` over the ``K`` classes present (so a balanced split gets all ones); a
+    class absent from the split gets weight 1.
+
+    Args:
+        labels: ``(N,)`` class indices.
+        num_classes: Number of classes.
+
+    Returns:
+        ``(num_classes,)`` float32 weights.
+    """
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    if present.any():
+        weights[present] = counts.sum() / (int(present.sum()) * counts[present])
+    return weights.float()
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
@@ -88,6 +148,8 @@ def train(
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    task: str = "segmentation",
+    weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``.
 
@@ -101,6 +163,8 @@ def train(
         proximal_mu: FedProx weight; adds ``mu/2 * ||w - w_global||^2`` to the loss when > 0.
         seed: Seeds the shuffling order, so a round is repeatable.
         device: Where to train.
+        task: ``"segmentation"`` or ``"classification"``.
+        weights: Classification only: per-class loss weights (:func:`class_weights`).
 
     Returns:
         A :class:`TrainResult` with ``num_examples`` = number of training samples.
@@ -113,12 +177,12 @@ def train(
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
-    loss_fn = loss_function()
+    loss_fn = loss_function(task, None if weights is None else weights.to(device))
     opt = make_optimizer(model, optimizer, lr)
     params = [p for p in model.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
-    steps = 0
+    steps = samples_seen = 0
     epoch_loss = 0.0
     for _ in range(epochs):
         total, seen = 0.0, 0
@@ -134,10 +198,13 @@ def train(
             loss.backward()
             opt.step()
             steps += 1
+            samples_seen += len(idx)
             total += float(task_loss.detach()) * len(idx)
             seen += len(idx)
         epoch_loss = total / max(seen, 1)
-    return TrainResult(num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start)
+    return TrainResult(
+        num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start, samples_seen=samples_seen
+    )
 
 
 def dice_from_counts(tp: float, fp: float, fn: float) -> float:
@@ -153,28 +220,38 @@ def evaluate(
     *,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    task: str = "segmentation",
 ) -> dict[str, float]:
-    """Evaluate lesion segmentation on ``data``.
+    """Evaluate ``model`` on ``data``.
 
-    Dice is computed over the whole split (all pixels of all slices pooled), so slices without
-    lesion count through their false positives instead of being undefined.
+    Segmentation: Dice is computed over the whole split (all pixels of all slices pooled), so
+    slices without lesion count through their false positives instead of being undefined.
+    Classification: :func:`common.metrics.classification_metrics` on the softmax outputs, the last
+    class being the positive one; ``auc`` is left out when the split holds a single class (it is
+    undefined there), so every value returned is finite.
 
     Args:
         model: The network to evaluate.
         data: A validation split.
         batch_size: Samples per forward pass.
         device: Where to run.
+        task: ``"segmentation"`` or ``"classification"``.
 
     Returns:
-        ``{"dice": ..., "loss": ..., "num-examples": N}``; loss is the mean Dice+CE loss per sample.
+        Segmentation ``{"dice", "loss", "num-examples"}``; classification ``{"auc", "accuracy",
+        "sensitivity", "specificity", "balanced-accuracy", "ece", "loss", "num-examples"}``. The
+        loss is the mean unweighted task loss per sample.
 
     Raises:
         ValueError: If ``data`` is empty.
     """
+    _check_task(task)
     if len(data) == 0:
         raise ValueError("no validation samples: the site's validation split is empty")
     device = torch.device(device)
     model.to(device).eval()
+    if task == "classification":
+        return _evaluate_classification(model, data, batch_size=batch_size, device=device)
     loss_fn = loss_function()
     tp = fp = fn = 0.0
     loss_sum = 0.0
@@ -188,3 +265,21 @@ def evaluate(
         fp += float(((pred == 1) & (y != 1)).sum())
         fn += float(((pred != 1) & (y == 1)).sum())
     return {"dice": dice_from_counts(tp, fp, fn), "loss": loss_sum / len(data), "num-examples": float(len(data))}
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """Softmax class probabilities ``(N, C)`` of a classification model on ``data``."""
+    device = torch.device(device)
+    model.to(device).eval()
+    out = [torch.softmax(model(data.images[idx].to(device)).float(), dim=1).cpu() for idx in _batches(len(data), batch_size, None)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
+
+
+def _evaluate_classification(model: torch.nn.Module, data: Batchable, *, batch_size: int, device: torch.device) -> dict[str, float]:
+    probs = predict_proba(model, data, batch_size=batch_size, device=device)
+    labels = data.labels.reshape(-1).numpy()
+    scores = classification_metrics(probs, labels, positive=probs.shape[1] - 1)
+    eps = 1e-12
+    scores["loss"] = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0))))
+    return {k: float(v) for k, v in scores.items() if np.isfinite(v)}

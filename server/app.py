@@ -46,13 +46,14 @@ def train_config(cfg: RunConfig) -> ConfigRecord:
     )
 
 
-def _progress(rec: RoundRecord, total: int) -> str:
-    if not rec.per_site:
-        return f"round {rec.round}/{total}: no site returned evaluation results ({len(rec.rejected)} rejected) in {rec.seconds:.1f}s"
-    worst_site = min(rec.per_site, key=lambda s: rec.per_site[s].get("dice", 0.0))
-    mean = rec.mean()
+def _progress(rec: RoundRecord, total: int, metric: str = "dice") -> str:
+    scored = {s: m[metric] for s, m in rec.per_site.items() if metric in m}
+    if not scored:
+        return f"round {rec.round}/{total}: no site returned {metric} ({len(rec.per_site)} evaluated, {len(rec.rejected)} rejected) in {rec.seconds:.1f}s"
+    worst_site = min(scored, key=lambda s: scored[s])
+    mean = sum(scored.values()) / len(scored)
     line = (
-        f"round {rec.round}/{total}: mean dice {mean['dice']:.3f}, worst {rec.per_site[worst_site]['dice']:.3f} ({worst_site}), "
+        f"round {rec.round}/{total}: mean {metric} {mean:.3f}, worst {scored[worst_site]:.3f} ({worst_site}), "
         f"{len(rec.per_site)} sites, {len(rec.rejected)} rejected, {rec.seconds:.1f}s"
     )
     if rec.central_privacy:
@@ -75,13 +76,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     log.info("fedsite: %s, %d rounds, results in %s", cfg.strategy.name, cfg.num_server_rounds, out)
 
     def on_round(rec: RoundRecord) -> None:
-        log.info(_progress(rec, cfg.num_server_rounds))
+        log.info(_progress(rec, cfg.num_server_rounds, cfg.task.metric))
         tracker.log_metrics(round_metrics(rec), step=rec.round)
         # Partial results after every round: a crash later loses nothing already learnt.
         write_json(out / "results.json", build_results(flat, recorder.records, total_s=time.perf_counter() - started))
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.task)
     strategy = make_strategy(cfg, on_round=on_round)
     recorder = recorder_of(strategy)
     status = "FAILED"
@@ -123,7 +124,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         tracker.log_artifact(out / "results.json")
         tracker.log_metrics({"total-s": total}, step=cfg.num_server_rounds)
         tracker.finish(status)
-    log.info("per-site results:\n%s", site_table(results))
+    log.info("per-site results:\n%s", site_table(results, metric=cfg.task.metric))
     log.info("results: %s", out / "results.json")
     log.info("open the MLflow store with: %s", ui_hint(tracker.tracking_uri))
     return results

@@ -91,28 +91,28 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
     return out
 
 
-def site_table(results: dict[str, Any]) -> str:
-    """A plain-text table: one row per site, first and final Dice, final loss; then mean and worst."""
+def site_table(results: dict[str, Any], *, metric: str = "dice") -> str:
+    """A plain-text table: one row per site, first and final ``metric``, final loss; then mean and worst."""
     rounds = [r for r in results["rounds"] if r["per_site"]]
     if not rounds:
         return "no site reported evaluation results"
     first, final = rounds[0], results["final"]
-    rows = [("site", f"dice r{first['round']}", f"dice r{final['round']}", "loss", "val slices")]
+    rows = [("site", f"{metric} r{first['round']}", f"{metric} r{final['round']}", "loss", "val samples")]
     for site in sorted(final["per_site"]):
         f = first["per_site"].get(site, {})
         last_round = rounds[-1]["per_site"].get(site, {})
         rows.append(
             (
                 site,
-                f"{f['dice']:.3f}" if "dice" in f else "-",
-                f"{final['per_site'][site].get('dice', float('nan')):.3f}",
+                f"{f[metric]:.3f}" if metric in f else "-",
+                f"{final['per_site'][site].get(metric, float('nan')):.3f}",
                 f"{final['per_site'][site].get('loss', float('nan')):.3f}",
                 f"{int(last_round.get('num-examples', 0))}",
             )
         )
     for label in ("mean", "worst"):
-        fv = first[label].get("dice")
-        rows.append((label, f"{fv:.3f}" if fv is not None else "-", f"{final[label].get('dice', float('nan')):.3f}", f"{final[label].get('loss', float('nan')):.3f}", ""))
+        fv = first[label].get(metric)
+        rows.append((label, f"{fv:.3f}" if fv is not None else "-", f"{final[label].get(metric, float('nan')):.3f}", f"{final[label].get('loss', float('nan')):.3f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -56,7 +56,7 @@ class RoundRecord:
         return summarize(self.per_site)[1]
 
 
-_HIGHER_IS_WORSE = {"mia-auc", "mia-auc-initial"}
+_HIGHER_IS_WORSE = {"mia-auc", "mia-auc-initial", "ece"}
 
 
 def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -73,8 +73,13 @@ def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], 
     return mean, worst
 
 
-_REPORTED_EVAL = ("dice", "loss", "num-examples", "mia-auc", "mia-auc-initial")
-_REPORTED_TRAIN = ("num-examples", "train-loss", "steps", "compute-s", "handler-s", "threads")
+#: Scores a site may report; each must lie in [0, 1].
+_UNIT_SCORES = ("dice", "auc", "accuracy", "sensitivity", "specificity", "balanced-accuracy", "ece", "mia-auc", "mia-auc-initial")
+_REPORTED_EVAL = (*_UNIT_SCORES, "loss", "num-examples")
+_REPORTED_TRAIN = ("num-examples", "samples-seen", "train-loss", "steps", "compute-s", "handler-s", "threads")
+#: The metric an evaluation reply must carry, per task (a classification site whose validation
+#: split holds one class cannot compute AUC, so there accuracy is the minimum).
+_REQUIRED_EVAL = {"dice": "dice", "auc": "accuracy"}
 _TIMING = ("compute-s", "handler-s")
 
 
@@ -104,8 +109,11 @@ class SiteRecording:
     _round_start: float
     _global_ref: dict[str, np.ndarray]
 
-    def init_recording(self, on_round: Callable[[RoundRecord], None] | None = None, *, stop_on_budget: bool = False) -> None:
+    def init_recording(
+        self, on_round: Callable[[RoundRecord], None] | None = None, *, stop_on_budget: bool = False, metric: str = "dice"
+    ) -> None:
         self._records = {}
+        self.metric = metric
         self._on_round = on_round
         self._round_start = time.perf_counter()
         self._global_ref = {}
@@ -165,9 +173,13 @@ class SiteRecording:
             except RecordError as exc:
                 return site, str(exc)
         else:
-            dice = metrics.get("dice")
-            if not isinstance(dice, (int, float)) or not 0.0 <= dice <= 1.0:
-                return site, f"dice must be in [0, 1], got {dice!r}"
+            required = _REQUIRED_EVAL.get(self.metric, self.metric)
+            if required not in metrics:
+                return site, f"evaluation reply has no '{required}'"
+            for key in _UNIT_SCORES:
+                value = metrics.get(key)
+                if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+                    return site, f"{key} must be in [0, 1], got {value!r}"
         return site, None
 
     def _filter(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> tuple[list[Message], dict[str, Message]]:
@@ -372,14 +384,14 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
     elif s.name == "fedbn":
         from common.model import build_model, norm_keys
 
-        strategy = SiteFedBN(local_keys=norm_keys(build_model(cfg.model)), **common)
+        strategy = SiteFedBN(local_keys=norm_keys(build_model(cfg.model, cfg.task)), **common)
     elif s.name == "fedadam":
         strategy = SiteFedAdam(eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
     elif s.name == "fedyogi":
         strategy = SiteFedYogi(eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
     else:
         strategy = SiteFedAvg(**common)
-    strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop")
+    strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop", metric=cfg.task.metric)
     if cfg.privacy.central_dp:
         return CentralDP(  # type: ignore[return-value]
             strategy,

@@ -41,20 +41,22 @@ def app_dir() -> Path:
     return root
 
 
-def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None) -> RunConfig:
-    """Resolve folders and write missing synthetic sites; returns the config the run will use."""
-    from client.runtime import default_sites_root
+def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, synthesize: bool = True) -> RunConfig:
+    """Resolve folders and write missing synthetic sites; returns the config the run will use.
+
+    Args:
+        cfg: The run config.
+        out: The run's output folder.
+        progress: Called with a line of text as sites are written.
+        synthesize: Write the simulated sites under ``data.root`` if missing; False when
+            ``data.root`` already holds the sites to use (e.g. a leave-one-site-out selection).
+    """
+    from client.runtime import default_sites_root, synth_options
     from simulations.synth import write_sites
 
     root = Path(cfg.data.root).expanduser().resolve() if cfg.data.root else default_sites_root(cfg)
-    write_sites(
-        root,
-        sites=cfg.sim.sites,
-        seed=cfg.seed,
-        patients=cfg.data.synth_patients,
-        slices=cfg.data.synth_slices,
-        progress=progress,
-    )
+    if synthesize:
+        write_sites(root, sites=cfg.sim.sites, progress=progress, **synth_options(cfg))
     return replace(
         cfg,
         data=replace(cfg.data, root=str(root)),
@@ -100,7 +102,7 @@ def start_ray(*, quiet: bool) -> bool:
 
 
 def simulate(
-    cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, quiet: bool = True
+    cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, quiet: bool = True, synthesize: bool = True
 ) -> dict[str, Any]:
     """Run the federation described by ``cfg`` and return its ``results.json`` content.
 
@@ -109,6 +111,7 @@ def simulate(
         out: The output folder (results.json, final_model.pt, mlflow.db).
         progress: Called with a line of text as sites are written.
         quiet: Show only warnings from Flower and Ray (fedsite's own progress is always shown).
+        synthesize: Write missing simulated sites first (see :func:`prepare`).
 
     Returns:
         The parsed ``results.json``.
@@ -132,7 +135,7 @@ def simulate(
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.WARNING)
         flwr_log.propagate = False
-    cfg = prepare(cfg, out, progress=progress)
+    cfg = prepare(cfg, out, progress=progress, synthesize=synthesize)
     overrides = flatten(cfg)
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)

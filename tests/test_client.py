@@ -215,12 +215,13 @@ def test_a_library_error_reaches_the_server_without_its_message(small_sites: Pat
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
-def test_fedbn_site_keeps_its_normalization_layers_across_rounds(small_sites: Path, task_identity: None) -> None:
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+def test_fedbn_site_keeps_its_normalization_layers_across_rounds(small_sites: Path, task_identity: None, norm: str) -> None:
     from client.app import evaluate, train
     from common.model import norm_keys
 
-    ctx = _context(small_sites / "site-01")
-    model = build_model(parse_run_config(FAST).model)
+    ctx = _context(small_sites / "site-01", **{"model.norm": norm})
+    model = build_model(parse_run_config({**FAST, "model.norm": norm}).model)
     keys = norm_keys(model)
     r1 = train(_message(to_arrays(model), MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1, "fedbn": True}), ctx)
     kept = ctx.state.array_records["fedbn-local"].to_torch_state_dict()

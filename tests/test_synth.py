@@ -233,8 +233,12 @@ def test_write_sites_records_the_sites_in_an_index(sites_root: Path, tmp_path: P
     assert doc == {
         "generator_version": GENERATOR_VERSION,
         "seed": SEED,
+        "task": "segmentation",
+        "modality": "MR",
         "patients": PATIENTS,
         "slices": SLICES,
+        "label_skew": 0.0,
+        "quantity_skew": 0.0,
         "sites": [site_name(i) for i in range(SITES)],
     }
     for index in range(SITES):
@@ -465,7 +469,9 @@ def test_profile_for_site_cycles_through_defaults_as_named_variants() -> None:
         ("noise_level", -0.1),
         ("contrast_gamma", 0.0),
         ("rescale_slope", 0.0),
-        ("modality", "CT"),
+        ("modality", "PET"),
+        ("modality", "CT"),  # an MR profile's field strength does not apply to CT
+        ("gibbs", 0.05),
     ],
 )
 def test_invalid_profile_field_raises_naming_field_and_value(field: str, value: object) -> None:

@@ -1,0 +1,115 @@
+"""The shift study's accounting and matrices: equal budgets, every model on every site, the goals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.config import parse_run_config
+from common.task import Batchable
+from simulations.shift import cross_site_matrix, federated_budget, goals, shift_pairs, summarize_sites, train_rounds
+
+CLS = {
+    "task.name": "classification",
+    "data.source": "x.npz",
+    "model.channels": "4,8,8,16",
+    "num-server-rounds": 2,
+    "train.local-epochs": 3,
+    "train.batch-size": 4,
+}
+
+
+def _split(n: int, positives: int, seed: int) -> Batchable:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([1] * positives + [0] * (n - positives))
+    return Batchable(torch.rand(n, 1, 32, 32, generator=g), labels)
+
+
+class _Constant(torch.nn.Module):
+    """Always the same logits: class 1 with probability ``p`` for every image."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.logits = torch.tensor([math.log(1 - p), math.log(p)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), 2)
+
+
+def test_pooled_training_gets_the_same_sample_steps_as_the_sites_together() -> None:
+    from common.model import build_model
+
+    cfg = parse_run_config(CLS)
+    sites = [_split(10, 4, 1), _split(7, 3, 2), _split(13, 5, 3)]  # sizes not multiples of the batch
+    local = 0
+    for i, data in enumerate(sites):
+        steps, _ = train_rounds(build_model(cfg.model, cfg.task), data, cfg, seed_name=f"site-0{i + 1}")
+        local += steps
+    pooled = Batchable(torch.cat([s.images for s in sites]), torch.cat([s.labels for s in sites]))
+    pooled_steps, curve = train_rounds(build_model(cfg.model, cfg.task), pooled, cfg, seed_name="pooled", evaluate_on={"a": sites[0], "b": sites[1]})
+    expected = cfg.num_server_rounds * cfg.train.local_epochs * sum(len(s) for s in sites)
+    assert local == pooled_steps == expected
+    assert [c["round"] for c in curve] == [1, 2]
+    assert all(c["worst"] <= c["mean"] for c in curve)
+
+
+def test_federated_budget_sums_what_every_site_trained_in_every_round() -> None:
+    results = {
+        "rounds": [
+            {"train": {"site-01": {"samples-seen": 30.0}, "site-02": {"samples-seen": 21.0}}},
+            {"train": {"site-01": {"samples-seen": 30.0}}},  # site-02 was rejected this round
+        ]
+    }
+    assert federated_budget(results) == 81
+
+
+def test_cross_site_matrix_scores_every_model_on_every_site() -> None:
+    cfg = parse_run_config(CLS)
+    vals = {"site-01": _split(10, 8, 4), "site-02": _split(10, 2, 5)}
+    models = {"says-positive": _Constant(0.9), "says-negative": _Constant(0.1)}
+    matrix = cross_site_matrix(models, vals, cfg)
+    assert set(matrix) == set(models) and all(set(row) == set(vals) for row in matrix.values())
+    # accuracy of a constant answer = the share of that class at the site
+    assert matrix["says-positive"]["site-01"]["accuracy"] == pytest.approx(0.8)
+    assert matrix["says-positive"]["site-02"]["accuracy"] == pytest.approx(0.2)
+    assert matrix["says-negative"]["site-02"]["accuracy"] == pytest.approx(0.8)
+    assert matrix["says-positive"]["site-01"]["sensitivity"] == pytest.approx(1.0)
+    assert matrix["says-positive"]["site-01"]["specificity"] == pytest.approx(0.0)
+    # a constant score cannot rank: AUC 0.5; confidence 0.9 with accuracy 0.8 -> ECE 0.1
+    assert matrix["says-positive"]["site-01"]["auc"] == pytest.approx(0.5)
+    assert matrix["says-positive"]["site-01"]["ece"] == pytest.approx(0.1, abs=1e-6)
+
+
+def test_shift_pairs_report_how_much_each_local_model_loses_away_from_home() -> None:
+    matrix = {
+        "local:a": {"a": {"dice": 0.9}, "b": {"dice": 0.5}},
+        "local:b": {"a": {"dice": 0.6}, "b": {"dice": 0.8}},
+        "pooled": {"a": {"dice": 0.7}, "b": {"dice": 0.7}},
+    }
+    distances = {"a": {"a": 0.0, "b": 0.3}, "b": {"a": 0.3, "b": 0.0}}
+    pairs = {(p["train_site"], p["test_site"]): p for p in shift_pairs(matrix, distances, "dice")}
+    assert set(pairs) == {("a", "b"), ("b", "a")}
+    assert pairs[("a", "b")]["loss"] == pytest.approx(0.4)
+    assert pairs[("b", "a")]["loss"] == pytest.approx(0.2)
+    assert pairs[("a", "b")]["distance"] == 0.3
+
+
+def test_worst_site_is_the_lowest_score_and_the_highest_loss_or_calibration_error() -> None:
+    mean, worst = summarize_sites({"a": {"auc": 0.9, "loss": 0.2, "ece": 0.05}, "b": {"auc": 0.7, "loss": 0.6, "ece": 0.2}, "c": {"loss": 0.1, "ece": 0.01}})
+    assert worst == {"auc": 0.7, "loss": 0.6, "ece": 0.2}
+    assert mean["auc"] == pytest.approx(0.8)  # a site without AUC (one class) does not count as 0
+
+
+def test_goals_compare_fedavg_with_pooled_the_best_worst_site_with_local_and_unseen_with_seen() -> None:
+    methods = {
+        "local-only": {"per_site": {"a": {"dice": 0.8}, "b": {"dice": 0.5}}, "mean": {"dice": 0.65}, "worst": {"dice": 0.5}},
+        "pooled": {"mean": {"dice": 0.8}, "worst": {"dice": 0.7}},
+        "fedavg": {"per_site": {"a": {"dice": 0.75}, "b": {"dice": 0.6}}, "mean": {"dice": 0.675}, "worst": {"dice": 0.6}, "unseen_mean": {"dice": 0.54}},
+        "fedbn": {"per_site": {"a": {"dice": 0.85}, "b": {"dice": 0.65}}, "mean": {"dice": 0.75}, "worst": {"dice": 0.65}},
+    }
+    g = goals(methods, "dice")
+    assert g["fedavg_over_pooled"] == pytest.approx(0.675 / 0.8)
+    assert g["best_worst_site"] == {"method": "fedbn", "worst_site": "b", "value": 0.65, "local_only_on_that_site": 0.5, "at_least_local": True}
+    assert g["unseen_over_seen"] == {"fedavg": pytest.approx(0.8)}
