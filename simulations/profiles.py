@@ -51,6 +51,8 @@ MIN_FOV_MM = 210.0
 CT_HU_RANGE = (-1024.0, 3071.0)
 #: Field of view of every CR/DX image, mm (the source image is resampled over it).
 XRAY_FOV_MM = 240.0
+#: CR/DX: sigma (mm) of the Gaussian whose difference an unsharp mask (``edge_enhance``) adds back.
+EDGE_KERNEL_MM = 12.0
 
 NOISE_KINDS = ("rician", "gaussian")
 PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
@@ -75,6 +77,7 @@ _ONLY: dict[str, tuple[tuple[str, ...], Any]] = {
     "field_strength": (("MR",), None),
     "bias_field": (("MR",), 0.0),
     "gibbs": (("MR",), 0.0),
+    "lesion_contrast": (("MR",), 1.0),
     "intensity_scale": (("MR",), 1.0),
     "contrast_gamma": (("MR", "CR", "DX"), 1.0),
     "kvp": (("CT", "CR", "DX"), None),
@@ -84,6 +87,7 @@ _ONLY: dict[str, tuple[tuple[str, ...], Any]] = {
     "hu_scale": (("CT",), 1.0),
     "exposure": (("CR", "DX"), 1.0),
     "blur_mm": (("CR", "DX"), 0.0),
+    "edge_enhance": (("CR", "DX"), 0.0),
 }
 
 
@@ -126,6 +130,14 @@ class ScannerProfile:
         hu_scale: CT: calibration scale.
         exposure: CR/DX: relative dose; quantum noise sigma scales as ``1 / sqrt(exposure)``.
         blur_mm: CR/DX: detector blur (MTF), Gaussian sigma in mm; 0 = none.
+        edge_enhance: CR/DX: the vendor's image processing, an unsharp mask of gain
+            ``edge_enhance`` over a Gaussian of :data:`EDGE_KERNEL_MM` (``p + g * (p - blur(p))``,
+            in the log domain, before the display curve); 0 = none. Vendors' processing differs
+            more between sites than the detectors do.
+        lesion_contrast: MR: tissue contrast of the protocol at this field strength, as a factor on
+            the lesion's excess signal over the organ (1 = the phantom's 1.5-1.7x the organ signal;
+            0.5 = 1.25-1.35x). T1 lengthens with field strength and vendors' default sequences
+            differ, so the same lesion stands out less on one scanner than on another.
     """
 
     name: str
@@ -155,6 +167,8 @@ class ScannerProfile:
     hu_scale: float = 1.0
     exposure: float = 1.0
     blur_mm: float = 0.0
+    edge_enhance: float = 0.0
+    lesion_contrast: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("name", "manufacturer", "model_name"):
@@ -211,6 +225,8 @@ class ScannerProfile:
         _number("hu_scale", self.hu_scale, low=0.8, high=1.25)
         _number("exposure", self.exposure, low=0.05, high=20.0)
         _number("blur_mm", self.blur_mm, low=0.0, high=10.0)
+        _number("edge_enhance", self.edge_enhance, low=0.0, high=5.0)
+        _number("lesion_contrast", self.lesion_contrast, low=0.1, high=3.0)
         bits_allowed = XRAY_BITS_STORED if self.modality in XRAY_MODALITIES else BITS_STORED
         if self.bits_stored not in bits_allowed or isinstance(self.bits_stored, bool):
             raise ValueError(
@@ -358,6 +374,7 @@ MR_PROFILES: tuple[ScannerProfile, ...] = (
         photometric="MONOCHROME2",
         rescale_slope=2.0,
         rescale_intercept=-100.0,
+        lesion_contrast=0.7,
     ),
     ScannerProfile(
         name="philips-1.5T",
@@ -377,6 +394,7 @@ MR_PROFILES: tuple[ScannerProfile, ...] = (
         photometric="MONOCHROME1",
         transfer_syntax="RLELossless",
         gibbs=0.5,
+        lesion_contrast=1.6,
     ),
     ScannerProfile(
         name="canon-3T",
@@ -397,6 +415,7 @@ MR_PROFILES: tuple[ScannerProfile, ...] = (
         rescale_slope=0.5,
         rescale_intercept=500.0,
         gibbs=0.7,
+        lesion_contrast=0.85,
     ),
 )
 #: The MR profiles (the name predates the other modalities).
@@ -501,6 +520,7 @@ XRAY_PROFILES: tuple[ScannerProfile, ...] = (
         kvp=85.0,
         exposure=0.6,
         blur_mm=2.5,
+        edge_enhance=2.0,
         contrast_gamma=1.6,
         matrix=64,
         pixel_spacing_mm=3.75,
@@ -537,7 +557,8 @@ XRAY_PROFILES: tuple[ScannerProfile, ...] = (
         kvp=80.0,
         exposure=0.25,
         blur_mm=1.5,
-        contrast_gamma=0.8,
+        edge_enhance=0.8,
+        contrast_gamma=0.6,
         matrix=48,
         pixel_spacing_mm=5.0,
         noise_kind="gaussian",
@@ -554,6 +575,7 @@ XRAY_PROFILES: tuple[ScannerProfile, ...] = (
         kvp=100.0,
         exposure=1.5,
         blur_mm=2.5,
+        edge_enhance=1.2,
         contrast_gamma=0.55,
         matrix=80,
         pixel_spacing_mm=3.0,

@@ -328,7 +328,7 @@ def _plot_methods(path: Path, methods: Mapping[str, Mapping[str, Any]], metric: 
 # --------------------------------------------------------------------------------------- report
 
 _CAPTIONS = {
-    "montage.png": "One validation image per site, each in its own intensity window: look at contrast, noise and "
+    "montage.png": "One image per site (the middle slice of its first series), each in its own intensity window: look at contrast, noise and "
     "field of view, the scanner differences the federation has to bridge.",
     "histograms.png": "The intensity histograms the sites share: sites whose curves sit apart are the ones the "
     "shift measure calls far.",
@@ -439,6 +439,28 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         md.append(_md_table(["model"] + cols, [[name] + [_fmt((r or {}).get(c)) for c in cols] for name, r in rows_cs.items()]))
         md.append("")
         figure("cross_site.png", "cross-site heatmap")
+
+    home = shift.get("home") or {}
+    if home.get("per_site"):
+        md.extend(["## Is the shift real?", ""])
+        md.append(
+            "Each site's local-only model at home (own), the same model on the other sites (away), and the other "
+            "sites' local models on this site's images (visitors). A positive column gap means the site's own model "
+            "beats models trained on other scanners on the same images: shift, not just a harder site."
+        )
+        md.append("")
+        md.append(
+            _md_table(
+                ["site", "own", "away", "visitors", "row gap", "column gap"],
+                [[site, _fmt(v.get("own")), _fmt(v.get("away")), _fmt(v.get("visitors")), _fmt(v.get("row_gap")), _fmt(v.get("column_gap"))] for site, v in home["per_site"].items()],
+            )
+        )
+        md.append("")
+        md.append(
+            f"The own model beats every visitor on {home.get('columns_home_best', DASH)} of {home.get('sites', DASH)} sites, "
+            f"and does better at home than on every other site for {home.get('rows_home_best', DASH)} of {home.get('sites', DASH)}."
+        )
+        md.append("")
 
     pairs = [p for p in (shift.get("pairs") or []) if isinstance(p, Mapping)]
     if pairs or shift.get("distances"):

@@ -124,7 +124,7 @@ from simulations.profiles import (
 
 #: Version of the generator; recorded in every site.json and index. 2: CT and X-ray sites, Gibbs
 #: ringing on two MR profiles, skew settings. A folder written by another version is not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 #: Name of the per-site metadata file.
 SITE_FILE = "site.json"
 #: Name of the index ``write_sites`` writes next to the site folders.
@@ -872,6 +872,7 @@ class _Tissues:
     spine: float
     vessel: float
     hu: bool  # organ and lesion values: from the phantom's MR signals (False) or mapped to HU (True)
+    lesion_contrast: float = 1.0  # MR: scales the lesion's excess signal over the organ (the profile's)
 
     def organ(self, ph: _Phantom) -> float:
         if not self.hu:
@@ -880,7 +881,7 @@ class _Tissues:
 
     def lesion(self, ph: _Phantom, lesion: _Lesion) -> float:
         if not self.hu:
-            return lesion.signal
+            return ph.organ_signal + (lesion.signal - ph.organ_signal) * self.lesion_contrast
         # MR lesions are 1.5-1.7x the organ signal; in CT they are hypodense, 30-60 HU below the organ.
         return self.organ(ph) - 30.0 - (lesion.signal / ph.organ_signal - 1.5) * 150.0
 
@@ -1074,7 +1075,8 @@ def _build_site(folder: Path, index: int, doc: dict[str, Any], profile: ScannerP
             hu, mask = _render_ct(phantom, x, y, z_rel, thk)
             stored = _acquire_ct(hu, profile, rng)
         else:
-            signal, mask = _render(phantom, x, y, z_rel)
+            tissues = dataclasses.replace(_MR_TISSUES, lesion_contrast=profile.lesion_contrast)
+            signal, mask = _render(phantom, x, y, z_rel, tissues)
             stored = _acquire(signal, profile, rng, x, y, z_rel)
         z = np.round(meta.z_centre + z_rel, 4)
         series_uid = _uid(site_key, p, "series")

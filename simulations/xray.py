@@ -38,7 +38,8 @@ resampled to the profile's ``matrix`` over a :data:`~simulations.profiles.XRAY_F
 field of view (linear interpolation up, area average down), exposed with ``N0 = QUANTA_PER_MM2 *
 exposure * pixel area`` photons per pixel through attenuation ``exp(-ATTENUATION * o)`` (Poisson
 quantum noise), blurred by the detector (Gaussian ``blur_mm``), given detector noise (Gaussian,
-sigma ``noise_level * N0``), log-transformed back to ``p = -log(counts / N0) / ATTENUATION``,
+sigma ``noise_level * N0``), log-transformed back to ``p = -log(counts / N0) / ATTENUATION``, sharpened by the vendor's
+processing (unsharp mask ``p + edge_enhance * (p - blur(p))``, Gaussian of ``EDGE_KERNEL_MM``),
 put through the display curve ``v = clip(p, 0, 1) ** contrast_gamma`` and stored as ``round(v *
 (2**BitsStored - 1))`` (MONOCHROME1: ``2**BitsStored - 1 - that``), RescaleSlope 1,
 RescaleIntercept 0.
@@ -70,6 +71,7 @@ from pydicom.uid import (
 
 from simulations import synth
 from simulations.profiles import (
+    EDGE_KERNEL_MM,
     XRAY_MODALITIES,
     ScannerProfile,
     profile_for_site,
@@ -344,6 +346,9 @@ def expose(image: np.ndarray, profile: ScannerProfile, rng: np.random.Generator)
         counts = b @ counts @ b.T
     counts += rng.standard_normal(counts.shape) * (profile.noise_level * n0)
     p = -np.log(np.maximum(counts, 0.5) / n0) / ATTENUATION
+    if profile.edge_enhance > 0:  # the vendor's unsharp mask, in the log domain
+        k = _blur_matrix(m, EDGE_KERNEL_MM / profile.pixel_spacing_mm)
+        p = p + profile.edge_enhance * (p - k @ p @ k.T)
     v = np.clip(p, 0.0, 1.0) ** profile.contrast_gamma
     top = 2**profile.bits_stored - 1
     stored = np.rint(v * top)

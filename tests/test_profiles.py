@@ -113,6 +113,21 @@ def test_mr_bias_field_adds_smooth_low_frequency_variation(tmp_path: Path) -> No
     assert np.nanstd(flat[body] / flat[body]) == 0.0
 
 
+def test_mr_lesion_contrast_scales_the_lesions_excess_over_the_organ_and_nothing_else(tmp_path: Path) -> None:
+    """lesion_contrast 0.5 halves (lesion - organ); the mask and every other tissue stay as they are."""
+    quiet = dataclasses.replace(MR_SMALL, noise_level=0.0, bias_field=0.0, gibbs=0.0, contrast_gamma=1.0)
+    (full, full_mask), *_ = _volumes(_site(tmp_path, quiet, tag="lc1"))
+    (half, half_mask), *_ = _volumes(_site(tmp_path, dataclasses.replace(quiet, lesion_contrast=0.5), tag="lc05"))
+    np.testing.assert_array_equal(full_mask, half_mask)
+    core = full_mask & ~(_ring(~full_mask, 1))  # lesion voxels away from its partial-volume edge
+    organ_level = np.median(full[_ring(full_mask, 2) & ~full_mask])  # organ right around the lesion
+    excess_full = np.median(full[core]) - organ_level
+    excess_half = np.median(half[core]) - organ_level
+    assert excess_full > 100.0
+    assert excess_half == pytest.approx(0.5 * excess_full, rel=0.1)
+    np.testing.assert_array_equal(full[~_ring(full_mask, 2) & ~full_mask], half[~_ring(full_mask, 2) & ~full_mask])
+
+
 def test_mr_gibbs_truncation_rings_next_to_edges_and_leaves_the_mask_alone(tmp_path: Path) -> None:
     """Keeping 40% of k-space puts ripples into the air next to the body; the lesion mask is unchanged."""
     (clean, clean_mask), *_ = _volumes(_site(tmp_path, MR_SMALL, tag="full"))

@@ -113,3 +113,19 @@ def test_goals_compare_fedavg_with_pooled_the_best_worst_site_with_local_and_uns
     assert g["fedavg_over_pooled"] == pytest.approx(0.675 / 0.8)
     assert g["best_worst_site"] == {"method": "fedbn", "worst_site": "b", "value": 0.65, "local_only_on_that_site": 0.5, "at_least_local": True}
     assert g["unseen_over_seen"] == {"fedavg": pytest.approx(0.8)}
+
+
+def test_home_advantage_separates_a_hard_site_from_a_shifted_one() -> None:
+    from simulations.shift import home_advantage
+
+    # site b is hard for everyone (row-wise its own model looks worse at home), but on b's images
+    # b's own model still beats the visitor: shift, measured column-wise.
+    matrix = {
+        "local:a": {"a": {"auc": 0.95}, "b": {"auc": 0.70}},
+        "local:b": {"a": {"auc": 0.90}, "b": {"auc": 0.80}},
+    }
+    home = home_advantage(matrix, ["a", "b"], "auc")
+    assert home["per_site"]["b"]["row_gap"] == pytest.approx(-0.10)
+    assert home["per_site"]["b"]["column_gap"] == pytest.approx(0.10)
+    assert home["per_site"]["a"]["column_gap"] == pytest.approx(0.05)
+    assert (home["rows_home_best"], home["columns_home_best"], home["sites"]) == (1, 2, 2)

@@ -224,6 +224,18 @@ def test_detector_blur_removes_high_frequencies(toy_npz: Path, tmp_path: Path) -
     assert sharp > soft > softer and sharp > 3 * softer
 
 
+def test_vendor_edge_enhancement_steepens_edges_without_moving_flat_regions(toy_npz: Path, tmp_path: Path) -> None:
+    """edge_enhance (unsharp mask): the same exposures get more edge energy; a flat region keeps its level."""
+    def images(gain: float) -> list[np.ndarray]:
+        profile = dataclasses.replace(BASE, edge_enhance=gain, exposure=20.0, contrast_gamma=1.0)
+        return _decoded(_toy_site(tmp_path, toy_npz, profile, tag=f"e{gain}", patients=2))
+
+    plain, enhanced = images(0.0), images(1.5)
+    edge = [float(np.mean([np.mean(np.diff(im, axis=1) ** 2) for im in ims])) for ims in (plain, enhanced)]
+    assert edge[1] > 1.5 * edge[0]
+    assert float(np.mean([_flat(im).mean() for im in enhanced])) == pytest.approx(float(np.mean([_flat(im).mean() for im in plain])), abs=0.05)
+
+
 @pytest.mark.parametrize("matrix", [48, 96])
 def test_matrix_sets_rows_columns_and_spacing_over_a_fixed_field_of_view(toy_npz: Path, tmp_path: Path, matrix: int) -> None:
     """Rows/Columns = matrix; CR writes PixelSpacing, DX ImagerPixelSpacing, both 240 / matrix, which the client uses."""
