@@ -30,6 +30,7 @@ from simulations.profiles import (
     profile_from_dict,
     profile_to_dict,
 )
+from tests.test_synth import _ring
 from simulations.synth import (
     GENERATOR_VERSION,
     INDEX_FILE,
@@ -67,18 +68,6 @@ def _volumes(site: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _ring(mask: np.ndarray, width: int) -> np.ndarray:
-    grown = mask.copy()
-    for _ in range(width):
-        g = grown.copy()
-        g[:, 1:, :] |= grown[:, :-1, :]
-        g[:, :-1, :] |= grown[:, 1:, :]
-        g[:, :, 1:] |= grown[:, :, :-1]
-        g[:, :, :-1] |= grown[:, :, 1:]
-        grown = g
-    return grown & ~mask
 
 
 def _high_freq(volume: np.ndarray) -> float:
