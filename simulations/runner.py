@@ -50,12 +50,21 @@ def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None
         progress: Called with a line of text as sites are written.
         synthesize: Write the simulated sites under ``data.root`` if missing; False when
             ``data.root`` already holds the sites to use (e.g. a leave-one-site-out selection).
+
+    A ``data.root`` that already holds ``site-01`` .. ``site-NN`` is used as it is; sites are
+    written (and checked against the run's generator settings) only under the default root, or
+    when some are missing.
     """
     from client.runtime import default_sites_root, synth_options
-    from simulations.synth import write_sites
+    from simulations.synth import SITE_FILE, site_name, write_sites
 
     root = Path(cfg.data.root).expanduser().resolve() if cfg.data.root else default_sites_root(cfg)
-    if synthesize:
+    present = all((root / site_name(i) / SITE_FILE).is_file() for i in range(cfg.sim.sites))
+    if cfg.data.root and present:
+        # The researcher's own folder of sites (e.g. written by `fedsite data synth --source ...`):
+        # used as it is, whatever settings wrote it.
+        log.info("using the %d sites under %s as they are", cfg.sim.sites, root)
+    elif synthesize:
         write_sites(root, sites=cfg.sim.sites, progress=progress, **synth_options(cfg))
     return replace(
         cfg,

@@ -137,3 +137,33 @@ def test_class_weights_balance_an_imbalanced_split() -> None:
 def test_a_classification_config_that_cannot_work_fails_at_start_with_the_fix(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_run_config({**CLS, **overrides})
+
+
+def test_an_existing_folder_of_xray_sites_is_used_as_it_is(xray_sites: Path, tmp_path: Path) -> None:
+    """`fedsite simulate --data-root <sites written with --source>` reuses them instead of fighting their settings."""
+    from simulations.runner import prepare
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (xray_sites / "site-01").rglob("*.dcm"))
+    cfg = parse_run_config({**{k: v for k, v in CLS.items() if k != "data.source"}, "data.root": str(xray_sites)})
+    assert prepare(cfg, tmp_path / "run").data.root == str(xray_sites.resolve())
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (xray_sites / "site-01").rglob("*.dcm")) == before
+
+
+@pytest.mark.slow
+def test_a_classification_federation_runs_end_to_end_in_flower(xray_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """X-ray DICOM sites -> Flower simulation -> per-site AUC, sensitivity, specificity and ECE in results.json."""
+    import json
+
+    from common.cli import main
+
+    out = tmp_path / "run"
+    overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CLS.items() if k != "data.source")
+    code = main(["simulate", "--sites", "3", "--rounds", "2", "--out", str(out), "--data-root", str(xray_sites), "--run-config", overrides])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    final = results["final"]["per_site"]
+    assert set(final) == {"site-01", "site-02", "site-03"}
+    for m in final.values():
+        assert {"accuracy", "sensitivity", "specificity", "ece", "loss"} <= set(m)
+    assert all(site["samples-seen"] == site["num-examples"] for site in results["rounds"][0]["train"].values())
+    assert "round 2/2: mean auc" in capsys.readouterr().out
