@@ -116,8 +116,8 @@ class StrategyConfig:
 
     name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
-    server_lr: float = field(default=0.01, metadata={**_range(0.0, 10.0, lo_open=True), "help": "FedAdam/FedYogi server step (Flower's default 0.1 overshoots on small sites)"})
-    tau: float = field(default=1e-3, metadata={**_range(0.0, 1.0, lo_open=True), "help": "FedAdam/FedYogi adaptivity"})
+    server_lr: float = field(default=0.03, metadata={**_range(0.0, 10.0, lo_open=True), "help": "FedAdam/FedYogi server step (Flower's default 0.1 collapses on small sites)"})
+    tau: float = field(default=0.01, metadata={**_range(0.0, 1.0, lo_open=True), "help": "FedAdam/FedYogi adaptivity: updates smaller than tau move about as in FedAvg, larger ones at most about server-lr"})
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_sites: int = field(default=2, metadata=_range(1, 100_000))

@@ -63,7 +63,7 @@ def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None
     if cfg.data.root and present:
         # The researcher's own folder of sites (e.g. written by `fedsite data synth --source ...`):
         # used as it is, whatever settings wrote it.
-        log.info("using the %d sites under %s as they are", cfg.sim.sites, root)
+        log.debug("using the %d sites under %s as they are", cfg.sim.sites, root)
     elif synthesize:
         write_sites(root, sites=cfg.sim.sites, progress=progress, **synth_options(cfg))
     return replace(
