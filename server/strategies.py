@@ -386,9 +386,9 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
 
         strategy = SiteFedBN(local_keys=norm_keys(build_model(cfg.model, cfg.task)), **common)
     elif s.name == "fedadam":
-        strategy = SiteFedAdam(eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
+        strategy = SiteFedAdam(eta=s.effective_server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
     elif s.name == "fedyogi":
-        strategy = SiteFedYogi(eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
+        strategy = SiteFedYogi(eta=s.effective_server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
     else:
         strategy = SiteFedAvg(**common)
     strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop", metric=cfg.task.metric)

@@ -162,3 +162,13 @@ def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
     for k, v in start.items():
         expected = v if k in local else v + 2.0
         assert np.allclose(agg[k].numpy(), expected), k
+
+
+def test_server_optimizers_get_their_measured_step_unless_one_is_set() -> None:
+    from common.config import parse_run_config
+    from server.strategies import make_strategy
+
+    assert make_strategy(parse_run_config({"strategy.name": "fedadam"})).eta == pytest.approx(0.03)
+    assert make_strategy(parse_run_config({"strategy.name": "fedyogi"})).eta == pytest.approx(0.01)
+    assert make_strategy(parse_run_config({"strategy.name": "fedyogi", "strategy.server-lr": 0.2})).eta == pytest.approx(0.2)
+    assert make_strategy(parse_run_config({"strategy.name": "fedadam"})).tau == pytest.approx(0.01)
