@@ -26,6 +26,11 @@ _BOUNDED = {"dice", "auc", "accuracy", "balanced-accuracy", "sensitivity", "spec
 # --------------------------------------------------------------------------------------- values
 
 
+#: Further metrics tabulated per method when present (classification reports all of them).
+_OTHER_METRICS = ("accuracy", "sensitivity", "specificity", "balanced-accuracy", "ece", "loss")
+_LOWER_IS_BETTER = ("ece", "loss")
+
+
 def _num(v: Any) -> float:
     """A float, or nan for None / non-numbers."""
     if isinstance(v, bool) or v is None:
@@ -425,6 +430,17 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
             + (" Unseen: each site scored by a model trained without it (leave-one-site-out), averaged." if has_unseen else "")
         )
         md.append("")
+        others = [k for k in _OTHER_METRICS if any(k in (e.get("mean") or {}) for e in methods.values())]
+        if others:
+            md.append(f"Every metric, mean over sites (worst site in brackets; for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):")
+            md.append("")
+            md.append(
+                _md_table(
+                    ["method"] + others,
+                    [[name] + [f"{_fmt((e.get('mean') or {}).get(k))} ({_fmt((e.get('worst') or {}).get(k))})" for k in others] for name, e in methods.items()],
+                )
+            )
+            md.append("")
     else:
         md.extend(["No methods were recorded.", ""])
     figure("methods.png", "mean and worst-site score per method")

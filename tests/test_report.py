@@ -182,11 +182,13 @@ def test_a_classification_document_uses_its_metric_name(tmp_path: Path) -> None:
     doc["task"], doc["metric"] = "classification", "auc"
     for entry in doc["methods"].values():
         for part in ("mean", "worst"):
-            entry[part] = {"auc": entry[part]["dice"]}
+            entry[part] = {"auc": entry[part]["dice"], "sensitivity": 0.8, "specificity": 0.7, "ece": 0.05}
         entry["curve"] = entry["curve"][:2]
         entry.pop("unseen", None)
     md = write_report(tmp_path, doc).read_text()
     assert "mean auc" in md and "worst auc" in md
+    # the other classification metrics get their own table: mean (worst)
+    assert "| method | sensitivity | specificity | ece |" in md and "0.800 (0.800)" in md and "0.050 (0.050)" in md
     _assert_valid_png(tmp_path / "curves.png")
 
 
