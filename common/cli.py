@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--classes", metavar="A,B", help="class names of the source's labels 0, 1, ... (default from the file name, e.g. normal,pneumonia)")
     synth.set_defaults(synth_parser=synth)
 
-    from client.cli import add_parser as add_site_parser  # argparse only; DICOM code is imported when run
+    from client.cli import (
+        add_parser as add_site_parser,  # argparse only; DICOM code is imported when run
+    )
 
     add_site_parser(sub)
     return p
@@ -169,7 +171,13 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
 
 def _cmd_study_shift(args: argparse.Namespace) -> int:
     from simulations.report import format_table
-    from simulations.shift import FULL_METHODS, QUICK_METHODS, quick_defaults, shift_study
+    from simulations.shift import (
+        FULL_METHODS,
+        QUICK_METHODS,
+        check_plan,
+        quick_defaults,
+        shift_study,
+    )
 
     defaults: dict[str, object] = {}
     if args.source is not None:
@@ -184,6 +192,10 @@ def _cmd_study_shift(args: argparse.Namespace) -> int:
     unseen = _names(args.unseen) if args.unseen else (["fedavg"] if args.quick else ["fedavg", "fedbn"])
     if unseen == ["none"]:
         unseen = []
+    try:
+        check_plan(methods, unseen, cfg.sim.sites)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     print(
         f"fedsite study shift: {cfg.task.name} on {cfg.sim.sites} sites, {cfg.num_server_rounds} rounds x {cfg.train.local_epochs} local epochs, "
         f"methods {', '.join(methods)}; unseen scanner for {', '.join(unseen) or 'none'}; seed {cfg.seed}",

@@ -13,11 +13,42 @@ Conventions:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["average_ranks", "classification_metrics", "expected_calibration_error", "roc_auc"]
+__all__ = ["average_ranks", "classification_metrics", "expected_calibration_error", "roc_auc", "summarize_sites", "HIGHER_IS_WORSE"]
+
+#: Metrics whose worst site is the highest value (any key containing "loss" too).
+HIGHER_IS_WORSE = frozenset({"ece", "mia-auc", "mia-auc-initial"})
+
+
+def summarize_sites(per_site: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and worst site of each metric, every site counting the same.
+
+    The worst is the lowest value of a score and the highest of a loss, calibration error or
+    attack AUC (:data:`HIGHER_IS_WORSE`). A metric counts over the sites that report it with a
+    finite value (a site whose validation split holds one class has no AUC; it is left out of the
+    AUC mean rather than counted as 0).
+
+    Args:
+        per_site: Site name -> metric name -> value.
+
+    Returns:
+        ``(mean, worst)``, each metric name -> value.
+    """
+    mean: dict[str, float] = {}
+    worst: dict[str, float] = {}
+    keys = sorted({k for m in per_site.values() for k in m})
+    for k in keys:
+        values = [float(m[k]) for m in per_site.values() if k in m and math.isfinite(float(m[k]))]
+        if not values:
+            continue
+        mean[k] = sum(values) / len(values)
+        worst[k] = max(values) if k in HIGHER_IS_WORSE or "loss" in k else min(values)
+    return mean, worst
 
 
 def average_ranks(x: Any) -> np.ndarray:

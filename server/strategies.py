@@ -19,12 +19,23 @@ from typing import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, FedYogi
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+)
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    SamplingMethod,
+)
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import RunConfig
+from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
 
 __all__ = ["SiteFedBN", "SiteFedAdam", "SiteFedYogi", "CentralDP", "recorder_of", "StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
@@ -56,21 +67,8 @@ class RoundRecord:
         return summarize(self.per_site)[1]
 
 
-_HIGHER_IS_WORSE = {"mia-auc", "mia-auc-initial", "ece"}
-
-
-def summarize(per_site: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and worst over sites: for losses and attack AUC the worst is the highest, for scores the lowest."""
-    mean: dict[str, float] = {}
-    worst: dict[str, float] = {}
-    if not per_site:
-        return mean, worst
-    keys = set.intersection(*(set(m) for m in per_site.values()))
-    for k in sorted(keys):
-        values = [m[k] for m in per_site.values()]
-        mean[k] = sum(values) / len(values)
-        worst[k] = max(values) if k in _HIGHER_IS_WORSE or "loss" in k else min(values)
-    return mean, worst
+#: Mean and worst over sites (every site counts the same): the shared rule of :mod:`common.metrics`.
+summarize = summarize_sites
 
 
 #: Scores a site may report; each must lie in [0, 1].

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common.config import RunConfig, flatten
+from common.metrics import summarize_sites
 
 __all__ = [
     "FEDERATED",
@@ -51,7 +52,7 @@ __all__ = [
     "train_rounds",
     "cross_site_matrix",
     "federated_budget",
-    "summarize_sites",
+    "check_plan",
     "shift_pairs",
     "home_advantage",
     "shift_study",
@@ -96,10 +97,6 @@ def quick_defaults(task: str) -> dict[str, Any]:
     return flat
 
 
-def _metric_name(cfg: RunConfig) -> str:
-    return cfg.task.metric
-
-
 def train_rounds(
     model: torch.nn.Module,
     data: Any,
@@ -132,7 +129,7 @@ def train_rounds(
 
     samples = 0
     curve: list[dict[str, float]] = []
-    metric = _metric_name(cfg)
+    metric = cfg.task.metric
     for r in range(1, cfg.num_server_rounds + 1):
         res = task.train(
             model, data, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
@@ -174,22 +171,6 @@ def federated_budget(results: Mapping[str, Any]) -> int:
         for m in r.get("train", {}).values():
             total += float(m.get("samples-seen", 0.0))
     return int(round(total))
-
-
-def summarize_sites(per_site: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and worst site of each metric (worst = lowest score; highest loss or calibration error)."""
-    mean: dict[str, float] = {}
-    worst: dict[str, float] = {}
-    if not per_site:
-        return mean, worst
-    keys = sorted(set.union(*(set(m) for m in per_site.values())) - {"num-examples"})
-    for k in keys:
-        values = [float(m[k]) for m in per_site.values() if k in m and math.isfinite(float(m[k]))]
-        if not values:
-            continue
-        mean[k] = sum(values) / len(values)
-        worst[k] = max(values) if k in ("loss", "ece") else min(values)
-    return mean, worst
 
 
 def shift_pairs(
@@ -331,6 +312,27 @@ def _federated_config(cfg: RunConfig, method: str, out: Path, *, sites_root: Pat
     )
 
 
+def check_plan(methods: Sequence[str], unseen: Sequence[str], sites: int) -> None:
+    """Check the study's methods and site count before any work starts.
+
+    Raises:
+        ValueError: If a method is unknown, an unseen-site method is not federated, or there are
+            fewer than 2 sites (3 with ``unseen``: leave-one-site-out federates the other n-1).
+    """
+    unknown = [m for m in (*methods, *unseen) if m not in FULL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(FULL_METHODS)}")
+    bad_unseen = [m for m in unseen if m not in FEDERATED]
+    if bad_unseen:
+        raise ValueError(f"unseen-site runs are for federated methods ({', '.join(FEDERATED)}), not {bad_unseen[0]!r}")
+    if not methods and not unseen:
+        raise ValueError("no methods to run; name at least one")
+    if sites < 2 or (unseen and sites < 3):
+        need = 3 if unseen else 2
+        hint = "use --sites 3 or more, or --unseen none to skip leave-one-site-out" if unseen else "use --sites 2 or more"
+        raise ValueError(f"the shift study needs at least {need} sites, got {sites}: {hint}")
+
+
 def shift_study(
     base: RunConfig,
     out: Path,
@@ -356,15 +358,7 @@ def shift_study(
     Raises:
         ValueError: If a method is unknown, or fewer than 2 sites (3 with ``unseen``) are configured.
     """
-    unknown = [m for m in (*methods, *unseen) if m not in FULL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(FULL_METHODS)}")
-    bad_unseen = [m for m in unseen if m not in FEDERATED]
-    if bad_unseen:
-        raise ValueError(f"unseen-site runs are for federated methods ({', '.join(FEDERATED)}), not {bad_unseen[0]!r}")
-    n = base.sim.sites
-    if n < 2 or (unseen and n < 3):
-        raise ValueError(f"the shift study needs at least {3 if unseen else 2} sites (sim.sites = {n}); leave-one-site-out trains on n-1 >= 2")
+    check_plan(methods, unseen, base.sim.sites)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     server_log = logging.getLogger("fedsite.server")
@@ -388,7 +382,7 @@ def _study(
 
     n = base.sim.sites
     started = time.perf_counter()
-    metric = _metric_name(base)
+    metric = base.task.metric
     cfg = prepare(base, out / "runs", progress=progress)
     sites_root = Path(cfg.data.root)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -499,7 +493,7 @@ def _study(
         "cross_site_all": rows,
         "shift": shift,
         "goals": goals(method_entries, metric),
-        "config": {k: v for k, v in _flat(cfg).items() if not k.startswith("output.")},
+        "config": {k: v for k, v in flatten(cfg).items() if not k.startswith("output.")},
     }
     doc["seconds"] = time.perf_counter() - started
     (out / "shift.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
@@ -549,12 +543,6 @@ def _say(progress: Callable[[str], None], name: str, entry: Mapping[str, Any], m
         f"    {name}: mean {metric} {entry['mean'].get(metric, math.nan):.3f}, worst {entry['worst'].get(metric, math.nan):.3f}, "
         f"{entry['sample_steps']} sample-steps, {entry['seconds']:.0f}s"
     )
-
-
-def _flat(cfg: RunConfig) -> dict[str, Any]:
-    from common.config import flatten
-
-    return flatten(cfg)
 
 
 def _finite(obj: Any) -> Any:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, MessageType
 
-from common.config import ConfigError, flatten, parse_run_config
+from common.config import ConfigError, parse_run_config
 from common.model import build_model
 from common.records import to_arrays
+from tests.flower_helpers import site_context, site_message
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_merged.npz"
 pytestmark = pytest.mark.skipif(not NPZ.is_file(), reason=f"the chest X-ray source {NPZ} is not beside the repository")
@@ -88,12 +89,10 @@ def test_an_image_whose_label_is_not_a_configured_class_is_rejected_with_the_rea
 
 
 def _context(site: Path, **overrides: object) -> Context:
-    cfg = parse_run_config({**CLS, **overrides})
-    return Context(run_id=1, node_id=7, node_config={"data-dir": str(site)}, state=RecordDict(), run_config=flatten(cfg))
+    return site_context(site, {**CLS, **overrides})
 
 
-def _message(arrays, kind: str, **config: object) -> Message:
-    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=7, message_type=kind)
+_message = site_message
 
 
 def test_classification_handlers_train_and_report_auc_sensitivity_specificity_and_calibration(xray_sites: Path, task_identity: None) -> None:

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, MessageType
 
 from client.dataset import load_site, split_by_patient
 from client.dicom import DicomError, discover_series
-from common.config import flatten, parse_run_config
+from common.config import parse_run_config
 from common.model import build_model
-from common.records import RecordError, to_arrays
+from common.records import to_arrays
+from tests.flower_helpers import site_context, site_message
 
 FAST = {"data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.batch-size": 8}
 
@@ -60,12 +61,10 @@ def test_slices_are_ordered_by_position_not_instance_number(small_sites: Path) -
 
 
 def _context(site_dir: Path, **overrides: object) -> Context:
-    cfg = parse_run_config({**FAST, **overrides})
-    return Context(run_id=1, node_id=7, node_config={"data-dir": str(site_dir)}, state=RecordDict(), run_config=flatten(cfg))
+    return site_context(site_dir, {**FAST, **overrides})
 
 
-def _message(arrays, kind: str, **config: object) -> Message:
-    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=7, message_type=kind)
+_message = site_message
 
 
 def test_train_handler_replies_weights_samples_and_site_name(small_sites: Path, task_identity: None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.ledger import LedgerError, PrivacyLedger
-from common.config import ConfigError, flatten, parse_run_config
+from common.config import ConfigError, parse_run_config
 from common.model import build_model
-from common.privacy import epsilon_spent, membership_auc, noise_for_target, train_private
+from common.privacy import (
+    epsilon_spent,
+    membership_auc,
+    noise_for_target,
+    train_private,
+)
 from common.records import to_arrays
 from common.task import Batchable
+from tests.flower_helpers import site_context, site_message
 
 FAST = {"data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.batch-size": 8}
 DP = {**FAST, "privacy.dp": True, "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 1.0}
@@ -37,16 +42,12 @@ def test_noise_for_a_target_epsilon_spends_that_epsilon() -> None:
 
 
 def _ctx(site_dir: Path, ledger_dir: Path, run_id: int, state: RecordDict | None = None, **overrides: object) -> Context:
-    cfg = parse_run_config({**DP, "privacy.ledger-dir": str(ledger_dir), **overrides})
-    return Context(run_id=run_id, node_id=3, node_config={"data-dir": str(site_dir)}, state=state or RecordDict(), run_config=flatten(cfg))
+    return site_context(site_dir, {**DP, "privacy.ledger-dir": str(ledger_dir), **overrides}, node_id=3, run_id=run_id, state=state)
 
 
 def _train_msg(server_round: int) -> Message:
     arrays = to_arrays(build_model(parse_run_config(FAST).model))
-    return Message(
-        content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round, "local-epochs": 1})}),
-        dst_node_id=3, message_type=MessageType.TRAIN,
-    )
+    return site_message(arrays, MessageType.TRAIN, node_id=3, **{"server-round": server_round, "local-epochs": 1})
 
 
 def test_epsilon_grows_round_by_round_and_across_runs(small_sites: Path, tmp_path: Path, task_identity: None) -> None:

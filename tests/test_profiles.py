@@ -30,7 +30,6 @@ from simulations.profiles import (
     profile_from_dict,
     profile_to_dict,
 )
-from tests.test_synth import _ring
 from simulations.synth import (
     GENERATOR_VERSION,
     INDEX_FILE,
@@ -41,6 +40,7 @@ from simulations.synth import (
     write_site,
     write_sites,
 )
+from tests.test_synth import _ring
 
 SEED = 3
 # Small, noise-free grids: 64 x 3.5 mm = 224 mm holds the body.

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from common.config import parse_run_config
+from common.metrics import summarize_sites
 from common.task import Batchable
-from simulations.shift import cross_site_matrix, federated_budget, goals, shift_pairs, summarize_sites, train_rounds
+from simulations.shift import (
+    cross_site_matrix,
+    federated_budget,
+    goals,
+    shift_pairs,
+    train_rounds,
+)
 
 CLS = {
     "task.name": "classification",
@@ -129,3 +136,19 @@ def test_home_advantage_separates_a_hard_site_from_a_shifted_one() -> None:
     assert home["per_site"]["b"]["column_gap"] == pytest.approx(0.10)
     assert home["per_site"]["a"]["column_gap"] == pytest.approx(0.05)
     assert (home["rows_home_best"], home["columns_home_best"], home["sites"]) == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("methods", "unseen", "sites", "message"),
+    [
+        (["fedavg", "bogus"], [], 3, "unknown method 'bogus'"),
+        (["fedavg"], ["pooled"], 3, "unseen-site runs are for federated methods"),
+        (["fedavg"], ["fedavg"], 2, "--unseen none"),
+        (["fedavg"], [], 1, "--sites 2 or more"),
+    ],
+)
+def test_a_study_that_cannot_run_is_refused_before_any_work_with_the_fix(methods: list, unseen: list, sites: int, message: str) -> None:
+    from simulations.shift import check_plan
+
+    with pytest.raises(ValueError, match=message):
+        check_plan(methods, unseen, sites)
