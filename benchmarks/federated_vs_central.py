@@ -46,7 +46,7 @@ def centralized(cfg: RunConfig) -> dict:
     """Pooled training with the federation's budget; returns timings and sample-steps."""
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    sites = [load_site(Path(cfg.data.root) / site_name(i), cfg.data, seed=cfg.seed) for i in range(cfg.sim.sites)]
+    sites = [load_site(Path(cfg.sim.root) / site_name(i), cfg.data, seed=cfg.seed) for i in range(cfg.sim.sites)]
     pooled = stack_samples([s for site in sites for s in site.train])
     vals = [stack_samples(site.val) for site in sites]
     t_load = time.perf_counter() - t0
@@ -120,19 +120,19 @@ def main() -> None:
         k, v = part.split("=", 1)
         overrides[k] = json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v.strip("'\"")
     with tempfile.TemporaryDirectory(prefix="fedsite-bench-") as tmp:
-        cfg = parse_run_config({**flatten(RunConfig()), **overrides, "data.root": str(Path(tmp) / "sites")})
+        cfg = parse_run_config({**flatten(RunConfig()), **overrides, "sim.root": str(Path(tmp) / "sites")})
         cfg = prepare(cfg, Path(tmp) / "run")  # write the sites once, outside both timings
         # Decode every site once (the site's disk cache), outside both timings: a site decodes its
         # DICOM once in its life; both runs then read the same cached samples.
         t0 = time.perf_counter()
         for i in range(cfg.sim.sites):
-            load_site(Path(cfg.data.root) / site_name(i), cfg.data, seed=cfg.seed)
+            load_site(Path(cfg.sim.root) / site_name(i), cfg.data, seed=cfg.seed)
         first_decode_s = time.perf_counter() - t0
         fed = federated(cfg, Path(tmp) / "run")
         cen = centralized(cfg)
     report = {
         "benchmark": "federated_vs_central",
-        "config": {k: v for k, v in flatten(cfg).items() if not k.startswith(("data.root", "output."))},
+        "config": {k: v for k, v in flatten(cfg).items() if not k.startswith(("sim.root", "output."))},
         "cpu_count": os.cpu_count(),
         "ratio": fed["wall_s"] / cen["wall_s"],
         "ratio_steady_state": (fed["wall_s"] - fed["startup_s"] - fed["rounds"][0]["overhead_s"]) / max(cen["wall_s"] - cen["load_s"], 1e-9),

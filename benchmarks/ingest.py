@@ -1,7 +1,7 @@
 """Site ingest speed: first-pass slices/s, and a cached epoch against the same samples in memory; JSON out.
 
 One run, one machine, one simulated site (by default the RLE + MONOCHROME1 scanner, 320x320,
-``data.synth-patients`` x ``data.synth-slices`` slices), the run's default data and model config:
+``sim.patients`` x ``sim.slices`` slices), the run's default data and model config:
 
 * **first pass**: ``load_site`` on a site without a cache: header scan, decoding, masks, RAS
   orientation, in-plane resampling, cropping, intensity scaling and writing the sample cache;
@@ -62,7 +62,7 @@ def run(*, site_index: int, transfer_syntax: str | None, repeats: int, work: Pat
     """Measure; returns the JSON document."""
     cfg = RunConfig()
     torch.manual_seed(cfg.seed)
-    site = write_site(work / "sites", site_index, seed=cfg.seed, patients=cfg.data.synth_patients, slices=cfg.data.synth_slices, transfer_syntax=transfer_syntax)
+    site = write_site(work / "sites", site_index, seed=cfg.seed, patients=cfg.sim.patients, slices=cfg.sim.slices, transfer_syntax=transfer_syntax)
     profile = json.loads((site / "site.json").read_text())["profile"]
 
     t0 = time.perf_counter()

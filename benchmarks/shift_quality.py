@@ -44,13 +44,13 @@ def main() -> None:
     args = p.parse_args()
     flat = flatten(RunConfig())
     if args.source:
-        flat.update({"task.name": "classification", "data.source": str(args.source.resolve()), "data.modality": "auto"})
+        flat.update({"task.name": "classification", "sim.source": str(args.source.resolve()), "sim.modality": "auto"})
     flat.update(quick_defaults(str(flat["task.name"])))
     for key, value in (("num-server-rounds", args.rounds), ("sim.sites", args.sites), ("seed", args.seed)):
         if value is not None:
             flat[key] = value
     with tempfile.TemporaryDirectory(prefix="fedsite-shift-") as tmp:
-        flat["data.root"] = str(Path(tmp) / "sites")
+        flat["sim.root"] = str(Path(tmp) / "sites")
         cfg = parse_run_config(flat)
         out = args.out or Path(tmp) / "study"
         t0 = time.perf_counter()

@@ -55,6 +55,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, UID_dictionary
 
+from client.errors import DicomError
+
 __all__ = [
     "DicomError",
     "Rejection",
@@ -147,18 +149,6 @@ _IDENTIFYING_KEYWORDS = (
     "SOPInstanceUID",
     "FrameOfReferenceUID",
 )
-
-
-class DicomError(Exception):
-    """A file or series cannot be used; the message says why, never with patient values.
-
-    Attributes:
-        file: The file that failed, when one did (a site-local path; never log it).
-    """
-
-    def __init__(self, message: str, *, file: Path | None = None) -> None:
-        super().__init__(message)
-        self.file = file
 
 
 def hash_id(value: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any, Mapping
 import torch
 
 from client.dataset import SiteData, load_site
-from client.dicom import DicomError
+from client.errors import DicomError
+from client.layout import sim_site_name
 from common.config import DataConfig, ModelConfig, RunConfig, TaskConfig
 from common.model import build_model
 from common.task import Batchable, stack_samples
 
-__all__ = ["synth_options", "prewarm", "LoadedSite", "resolve_site_dir", "default_sites_root", "loaded_site", "model_for", "site_seed", "apply_threads"]
+__all__ = ["prewarm", "LoadedSite", "resolve_site_dir", "loaded_site", "model_for", "site_seed", "apply_threads"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -45,53 +45,15 @@ class LoadedSite:
         return self.data.name
 
 
-def default_sites_root(cfg: RunConfig) -> Path:
-    """Where simulated sites live when ``data.root`` is empty: one folder per generator setting.
-
-    The synthetic MR default is ``seed42-p8-s12-g<generator version>``; any other source,
-    modality or skew adds to it, so two settings or generator versions never share a folder.
-    """
-    from simulations.synth import GENERATOR_VERSION  # a simulated run only
-
-    base = Path(os.environ.get("FEDSITE_CACHE", Path.home() / ".cache" / "fedsite")) / "sites"
-    d = cfg.data
-    name = f"seed{cfg.seed}-p{d.synth_patients}-s{d.synth_slices}-g{GENERATOR_VERSION}"
-    if d.source:
-        source = Path(d.source).expanduser().resolve()
-        digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
-        name = f"{source.stem}-{digest}-seed{cfg.seed}-p{d.synth_patients}-g{GENERATOR_VERSION}"
-    if d.modality != "MR":
-        name += f"-{d.modality}"
-    if d.label_skew:
-        name += f"-ls{d.label_skew:g}"
-    if d.quantity_skew:
-        name += f"-qs{d.quantity_skew:g}"
-    return base / name
-
-
-def synth_options(cfg: RunConfig) -> dict[str, Any]:
-    """Keyword arguments of :func:`simulations.synth.write_sites` for the run config's ``data.*``."""
-    d = cfg.data
-    return {
-        "seed": cfg.seed,
-        "patients": d.synth_patients,
-        "slices": d.synth_slices,
-        "modality": d.modality,
-        "source": Path(d.source).expanduser().resolve() if d.source else None,
-        "label_skew": d.label_skew,
-        "quantity_skew": d.quantity_skew,
-    }
-
-
 def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
     """Find this site's data folder.
 
     In deployment the SuperNode names it: ``--node-config "data-dir='/path/to/site'"``.
-    In simulation ``partition-id`` picks ``site-NN`` under ``data.root``; a simulated site that is
-    not there yet is generated (deterministically, from the run seed).
+    In simulation ``partition-id`` picks ``site-NN`` under ``sim.root``, written by the simulation
+    runner before the federation starts; a site never generates data itself.
 
     Raises:
-        DicomError: If neither ``data-dir`` nor ``partition-id`` is given, or ``data-dir`` is missing.
+        DicomError: If neither ``data-dir`` nor ``partition-id`` is given, or the folder is missing.
     """
     if "data-dir" in node_config:
         path = Path(str(node_config["data-dir"])).expanduser()
@@ -100,17 +62,22 @@ def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
         return path
     if "partition-id" not in node_config:
         raise DicomError(
-            "this SuperNode has no data folder: start it with --node-config \"data-dir='/path/to/site'\""
+            "this SuperNode has no data folder: start it with --node-config \"data-dir='/path/to/site'\" "
+            "(check the folder first with `fedsite site check /path/to/site`)"
         )
+    # A simulated site: the runner wrote site-01, site-02, ... under sim.root before it started.
     index = int(node_config["partition-id"])
-    root = Path(cfg.data.root).expanduser() if cfg.data.root else default_sites_root(cfg)
-    # Imported here: only a simulated site generates its own data.
-    from simulations.synth import site_name, write_site
-
-    path = root / site_name(index)
+    if not cfg.sim.root:
+        raise DicomError(
+            "simulated site without a site folder: 'sim.root' is empty. Write the sites first with "
+            "`fedsite data synth --out DIR` and set sim.root = DIR, or run `fedsite simulate`, which writes them"
+        )
+    path = Path(cfg.sim.root).expanduser() / sim_site_name(index)
     if not path.is_dir():
-        log.info("simulated site %s not found under %s: generating it", site_name(index), root)
-        write_site(root, index, sites=cfg.sim.sites, **synth_options(cfg))
+        raise DicomError(
+            f"simulated site folder {sim_site_name(index)} is missing under sim.root; write the sites with "
+            "`fedsite data synth --out DIR --sites N` (N at least the number of simulated sites), or run `fedsite simulate`"
+        )
     return path
 
 

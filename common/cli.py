@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--sites", type=int, default=3)
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--seed", type=int, default=RunConfig().seed)
-    synth.add_argument("--patients", type=int, default=RunConfig().data.synth_patients, help="patients per site")
-    synth.add_argument("--slices", type=int, default=RunConfig().data.synth_slices, help="slices per patient")
+    synth.add_argument("--patients", type=int, default=RunConfig().sim.patients, help="patients per site")
+    synth.add_argument("--slices", type=int, default=RunConfig().sim.slices, help="slices per patient")
     synth.add_argument(
         "--transfer-syntax", choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
         help="store every site in this lossless transfer syntax (default: each scanner profile's own)",
@@ -117,7 +117,7 @@ def _simulate_config(args: argparse.Namespace, defaults: dict[str, object] | Non
         "train.local-epochs": getattr(args, "local_epochs", None),
         "strategy.name": getattr(args, "strategy", None),
         "seed": args.seed,
-        "data.root": str(args.data_root) if args.data_root else None,
+        "sim.root": str(args.data_root) if args.data_root else None,
     }
     flat.update({k: v for k, v in named.items() if v is not None})
     cfg = parse_run_config(flat)
@@ -183,7 +183,7 @@ def _cmd_study_shift(args: argparse.Namespace) -> int:
     if args.source is not None:
         if not args.source.is_file():
             raise ConfigError(f"--source {args.source} is not a file; give a MedMNIST-layout .npz, e.g. ../shared/data/pneumoniamnist/pneumoniamnist_merged.npz")
-        defaults.update({"task.name": "classification", "data.source": str(args.source.resolve()), "data.modality": "auto"})
+        defaults.update({"task.name": "classification", "sim.source": str(args.source.resolve()), "sim.modality": "auto"})
     task = str(defaults.get("task.name", _parse_kv(args.run_config).get("task.name", "segmentation")))
     if args.quick:
         defaults.update(quick_defaults(task))

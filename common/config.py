@@ -48,18 +48,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where a site's data is and how samples are made from it."""
+    """How a site turns its images into samples (the same at every site)."""
 
-    root: str = field(default="", metadata={"help": "simulation: folder holding site-01, site-02, ... ('' = ~/.cache/fedsite/sites)"})
     image_size: int = field(default=64, metadata=_range(16, 1024))
     spacing_mm: float = field(default=3.75, metadata=_range(0.0, 100.0, lo_open=True))
     val_fraction: float = field(default=0.25, metadata=_range(0.0, 0.9, lo_open=True))
-    synth_patients: int = field(default=8, metadata=_range(2, 10_000))
-    synth_slices: int = field(default=12, metadata=_range(1, 1_000))
-    source: str = field(default="", metadata={"help": "simulation: a MedMNIST-layout .npz of labelled images written as X-ray sites ('' = synthetic phantoms)"})
-    modality: str = field(default="MR", metadata={**_choice("MR", "CT", "CR", "DX", "auto"), "help": "simulation: scanner modality of the generated sites"})
-    label_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "simulation: per-site label imbalance (0 = every site has the global mix)"})
-    quantity_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "simulation: spread of site sizes (0 = equal sizes)"})
 
 
 TASKS = ("segmentation", "classification")
@@ -154,8 +147,15 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """The one-machine simulation (ignored in deployment)."""
+    """The one-machine simulation and its site generator (never read by a deployed site)."""
 
+    root: str = field(default="", metadata={"help": "folder holding site-01, site-02, ... ('' = ~/.cache/fedsite/sites/<generator settings>)"})
+    patients: int = field(default=8, metadata=_range(2, 10_000))
+    slices: int = field(default=12, metadata=_range(1, 1_000))
+    source: str = field(default="", metadata={"help": "a MedMNIST-layout .npz of labelled images written as X-ray sites ('' = synthetic phantoms)"})
+    modality: str = field(default="MR", metadata={**_choice("MR", "CT", "CR", "DX", "auto"), "help": "scanner modality of the generated sites"})
+    label_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "per-site label imbalance (0 = every site has the global mix)"})
+    quantity_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "spread of site sizes (0 = equal sizes)"})
     sites: int = field(default=3, metadata=_range(1, 1_000))
     cpus_per_site: float = field(default=1.0, metadata=_range(0.0, 256.0, lo_open=True))
 
@@ -300,18 +300,13 @@ def _check_cross_field(cfg: RunConfig) -> None:
             raise ConfigError("config key 'model.name' = 'unet' is a segmentation network; for 'task.name' = 'classification' use 'resnet', 'densenet121' or 'auto'")
     elif cfg.model.name in ("resnet", "densenet121"):
         raise ConfigError(f"config key 'model.name' = {cfg.model.name!r} is a classification network; for 'task.name' = 'segmentation' use 'unet' or 'auto'")
-    elif cfg.data.source:
+    elif cfg.sim.source:
         raise ConfigError(
-            f"config key 'data.source' = {cfg.data.source!r} gives class-labelled images; set 'task.name' = 'classification' "
-            "(segmentation sites are the synthetic phantoms: 'data.source' = '')"
+            f"config key 'sim.source' = {cfg.sim.source!r} gives class-labelled images; set 'task.name' = 'classification' "
+            "(segmentation sites are the synthetic phantoms: 'sim.source' = '')"
         )
-    if cfg.task.name == "segmentation" and cfg.data.modality not in ("MR", "CT"):
-        raise ConfigError(f"config key 'data.modality' = {cfg.data.modality!r}: the segmentation phantoms are 'MR' or 'CT'")
-    if cfg.task.name == "classification" and not cfg.data.source and not cfg.data.root:
-        raise ConfigError(
-            "'task.name' = 'classification' needs labelled sites: set 'data.source' to a MedMNIST-layout .npz "
-            "(e.g. ../shared/data/pneumoniamnist/pneumoniamnist_merged.npz) or 'data.root' to sites with labels.csv"
-        )
+    if cfg.task.name == "segmentation" and cfg.sim.modality not in ("MR", "CT"):
+        raise ConfigError(f"config key 'sim.modality' = {cfg.sim.modality!r}: the segmentation phantoms are 'MR' or 'CT'")
     try:
         channels = cfg.model.channel_tuple
     except ValueError:

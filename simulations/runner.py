@@ -11,6 +11,7 @@ It uses the Simulation Runtime's entry point of the flwr 1.41 series (``_run_sim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,10 +21,47 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.config import RunConfig, flatten
+from simulations.synth import GENERATOR_VERSION
 
-__all__ = ["simulate", "app_dir", "prepare", "SimulationError", "start_ray"]
+__all__ = ["simulate", "app_dir", "prepare", "SimulationError", "start_ray", "default_sites_root", "synth_options"]
 
 log = logging.getLogger("fedsite.sim")
+
+
+def default_sites_root(cfg: RunConfig) -> Path:
+    """Where simulated sites live when ``sim.root`` is empty: one folder per generator setting.
+
+    The synthetic MR default is ``seed42-p8-s12-g<generator version>``; any other source,
+    modality or skew adds to it, so two settings or generator versions never share a folder.
+    """
+    base = Path(os.environ.get("FEDSITE_CACHE", Path.home() / ".cache" / "fedsite")) / "sites"
+    d = cfg.sim
+    name = f"seed{cfg.seed}-p{d.patients}-s{d.slices}-g{GENERATOR_VERSION}"
+    if d.source:
+        source = Path(d.source).expanduser().resolve()
+        digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+        name = f"{source.stem}-{digest}-seed{cfg.seed}-p{d.patients}-g{GENERATOR_VERSION}"
+    if d.modality != "MR":
+        name += f"-{d.modality}"
+    if d.label_skew:
+        name += f"-ls{d.label_skew:g}"
+    if d.quantity_skew:
+        name += f"-qs{d.quantity_skew:g}"
+    return base / name
+
+
+def synth_options(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`simulations.synth.write_sites` for the run config's ``sim.*``."""
+    d = cfg.sim
+    return {
+        "seed": cfg.seed,
+        "patients": d.patients,
+        "slices": d.slices,
+        "modality": d.modality,
+        "source": Path(d.source).expanduser().resolve() if d.source else None,
+        "label_skew": d.label_skew,
+        "quantity_skew": d.quantity_skew,
+    }
 
 
 def app_dir() -> Path:
@@ -48,19 +86,18 @@ def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None
         cfg: The run config.
         out: The run's output folder.
         progress: Called with a line of text as sites are written.
-        synthesize: Write the simulated sites under ``data.root`` if missing; False when
-            ``data.root`` already holds the sites to use (e.g. a leave-one-site-out selection).
+        synthesize: Write the simulated sites under ``sim.root`` if missing; False when
+            ``sim.root`` already holds the sites to use (e.g. a leave-one-site-out selection).
 
-    A ``data.root`` that already holds ``site-01`` .. ``site-NN`` is used as it is; sites are
+    A ``sim.root`` that already holds ``site-01`` .. ``site-NN`` is used as it is; sites are
     written (and checked against the run's generator settings) only under the default root, or
     when some are missing.
     """
-    from client.runtime import default_sites_root, synth_options
     from simulations.synth import SITE_FILE, site_name, write_sites
 
-    root = Path(cfg.data.root).expanduser().resolve() if cfg.data.root else default_sites_root(cfg)
+    root = Path(cfg.sim.root).expanduser().resolve() if cfg.sim.root else default_sites_root(cfg)
     present = all((root / site_name(i) / SITE_FILE).is_file() for i in range(cfg.sim.sites))
-    if cfg.data.root and present:
+    if cfg.sim.root and present:
         # The researcher's own folder of sites (e.g. written by `fedsite data synth --source ...`):
         # used as it is, whatever settings wrote it.
         log.debug("using the %d sites under %s as they are", cfg.sim.sites, root)
@@ -68,7 +105,7 @@ def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None
         write_sites(root, sites=cfg.sim.sites, progress=progress, **synth_options(cfg))
     return replace(
         cfg,
-        data=replace(cfg.data, root=str(root)),
+        sim=replace(cfg.sim, root=str(root)),
         output=replace(cfg.output, dir=str(Path(out).expanduser().resolve())),
     )
 

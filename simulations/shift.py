@@ -93,7 +93,7 @@ def quick_defaults(task: str) -> dict[str, Any]:
         "model.channels": "8,16,32,64",
     }
     if task == "classification":
-        flat.update({"data.synth-patients": 300, "data.image-size": 32, "data.spacing-mm": 7.5})
+        flat.update({"sim.patients": 300, "data.image-size": 32, "data.spacing-mm": 7.5})
     return flat
 
 
@@ -240,7 +240,7 @@ def _load_sites(cfg: RunConfig) -> list[SiteSplits]:
 
     out = []
     for i in range(cfg.sim.sites):
-        folder = Path(cfg.data.root) / site_name(i)
+        folder = Path(cfg.sim.root) / site_name(i)
         data = load_site(folder, cfg.data, seed=cfg.seed, task=cfg.task)
         out.append(SiteSplits(name=data.name, train=stack_samples(data.train), val=stack_samples(data.val), profile=_profile_name(folder)))
     return out
@@ -384,7 +384,7 @@ def _study(
     started = time.perf_counter()
     metric = base.task.metric
     cfg = prepare(base, out / "runs", progress=progress)
-    sites_root = Path(cfg.data.root)
+    sites_root = Path(cfg.sim.root)
     torch.set_num_threads(os.cpu_count() or 1)
     progress(f"reading {n} sites under {sites_root}")
     sites = _load_sites(cfg)

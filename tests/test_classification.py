@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(not NPZ.is_file(), reason=f"the chest X-ray sour
 
 CLS = {
     "task.name": "classification",
-    "data.source": str(NPZ),
-    "data.modality": "auto",
+    "sim.source": str(NPZ),
+    "sim.modality": "auto",
     "data.image-size": 32,
     "data.spacing-mm": 7.5,
     "model.channels": "4,8,8,16",
@@ -130,7 +130,7 @@ def test_class_weights_balance_an_imbalanced_split() -> None:
         ({"task.classes": "normal"}, "at least two different classes"),
         ({"model.channels": "8,16,32"}, "4 stages"),
         ({"data.image-size": 16}, "at least 32"),
-        ({"task.name": "segmentation", "data.modality": "MR"}, "set 'task.name' = 'classification'"),
+        ({"task.name": "segmentation", "sim.modality": "MR"}, "set 'task.name' = 'classification'"),
     ],
 )
 def test_a_classification_config_that_cannot_work_fails_at_start_with_the_fix(overrides: dict, message: str) -> None:
@@ -143,8 +143,8 @@ def test_an_existing_folder_of_xray_sites_is_used_as_it_is(xray_sites: Path, tmp
     from simulations.runner import prepare
 
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (xray_sites / "site-01").rglob("*.dcm"))
-    cfg = parse_run_config({**{k: v for k, v in CLS.items() if k != "data.source"}, "data.root": str(xray_sites)})
-    assert prepare(cfg, tmp_path / "run").data.root == str(xray_sites.resolve())
+    cfg = parse_run_config({**{k: v for k, v in CLS.items() if k != "sim.source"}, "sim.root": str(xray_sites)})
+    assert prepare(cfg, tmp_path / "run").sim.root == str(xray_sites.resolve())
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (xray_sites / "site-01").rglob("*.dcm")) == before
 
 
@@ -156,7 +156,7 @@ def test_a_classification_federation_runs_end_to_end_in_flower(xray_sites: Path,
     from common.cli import main
 
     out = tmp_path / "run"
-    overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CLS.items() if k != "data.source")
+    overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CLS.items() if k != "sim.source")
     code = main(["simulate", "--sites", "3", "--rounds", "2", "--out", str(out), "--data-root", str(xray_sites), "--run-config", overrides])
     assert code == 0
     results = json.loads((out / "results.json").read_text())

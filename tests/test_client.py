@@ -144,7 +144,7 @@ def test_a_node_without_a_data_folder_gets_an_actionable_error(small_sites: Path
 def test_simulation_partition_maps_to_its_site_folder(small_sites: Path) -> None:
     from client.runtime import resolve_site_dir
 
-    cfg = parse_run_config({"data.root": str(small_sites)})
+    cfg = parse_run_config({"sim.root": str(small_sites)})
     assert resolve_site_dir({"partition-id": 2, "num-partitions": 3}, cfg) == small_sites / "site-03"
 
 

@@ -49,7 +49,7 @@ def test_planted_identifiers_never_leave_the_site(
         [
             "simulate", "--sites", "2", "--rounds", "1", "--local-epochs", "1", "--seed", "7",
             "--out", str(out), "--data-root", str(root),
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 data.synth-patients=4 data.synth-slices=6 model.channels='8,16,32'",
+            "--run-config", "data.image-size=32 data.spacing-mm=7.5 sim.patients=4 sim.slices=6 model.channels='8,16,32'",
             "--run-config", f"privacy.dp={'true' if dp else 'false'} privacy.noise-multiplier=1.0",
         ]
     )

@@ -20,7 +20,7 @@ from simulations.shift import (
 
 CLS = {
     "task.name": "classification",
-    "data.source": "x.npz",
+    "sim.source": "x.npz",
     "model.channels": "4,8,8,16",
     "num-server-rounds": 2,
     "train.local-epochs": 3,
@@ -166,7 +166,7 @@ def test_fedsite_study_shift_writes_shift_json_and_a_report_with_its_pictures(tm
         [
             "study", "shift", "--out", str(out), "--sites", "3", "--rounds", "1", "--data-root", str(tmp_path / "sites"),
             "--methods", "local-only,pooled,fedavg", "--unseen", "fedavg",
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 data.synth-patients=3 data.synth-slices=4 model.channels='8,16,32' train.local-epochs=1",
+            "--run-config", "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=4 model.channels='8,16,32' train.local-epochs=1",
         ]
     )
     assert code == 0

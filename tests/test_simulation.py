@@ -18,7 +18,7 @@ def test_fedsite_simulate_runs_a_federation_and_keeps_results_per_site(tmp_path:
         [
             "simulate", "--sites", "2", "--rounds", "2", "--local-epochs", "2", "--seed", "3",
             "--out", str(out), "--data-root", str(tmp_path / "sites"),
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 data.synth-patients=3 data.synth-slices=6",
+            "--run-config", "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=6",
             "--run-config", "model.channels='8,16,32' strategy.name='fedprox'",
         ]
     )
