@@ -26,6 +26,7 @@ __all__ = [
     "StrategyConfig",
     "PrivacyConfig",
     "SimConfig",
+    "STRATEGY_NAMES",
     "OutputConfig",
     "RunConfig",
     "parse_run_config",
@@ -56,6 +57,10 @@ class DataConfig:
 
 
 TASKS = ("segmentation", "classification")
+
+#: The aggregation strategies ``strategy.name`` may name: the one list (the server maps each to its
+#: builder in ``server.strategies.BUILDERS``; a test keeps the two equal).
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi")
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class StrategyConfig:
     #: ``server-lr = 0`` picks these: measured on three small sites (README, "For the coordinator").
     SERVER_LR_DEFAULTS = {"fedadam": 0.03, "fedyogi": 0.01}
 
-    name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"))
+    name: str = field(default="fedavg", metadata=_choice(*STRATEGY_NAMES))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
     server_lr: float = field(default=0.0, metadata={**_range(0.0, 10.0), "help": "FedAdam/FedYogi server step; 0 = measured default: FedAdam 0.03, FedYogi 0.01 (Flower's 0.1 collapses on small sites)"})
     tau: float = field(default=0.01, metadata={**_range(0.0, 1.0, lo_open=True), "help": "FedAdam/FedYogi adaptivity: updates smaller than tau move about as in FedAvg, larger ones at most about server-lr"})
@@ -141,6 +146,14 @@ class PrivacyConfig:
     central_dp: bool = False
     central_noise: float = field(default=1.0, metadata={**_range(0.0, 1e3, lo_open=True), "help": "central DP: noise multiplier on the clipped site updates"})
     central_clip: float = field(default=1.0, metadata={**_range(0.0, 1e6, lo_open=True), "help": "central DP: L2 norm each site's update is clipped to"})
+    central_sites: int = field(
+        default=0,
+        metadata={
+            **_range(0, 100_000),
+            "help": "central DP: sites expected to answer each round (a round with another number is not aggregated); "
+            "0 = the sites that answer",
+        },
+    )
     audit: bool = False
     audit_fraction: float = field(default=0.2, metadata={**_range(0.0, 0.5, lo_open=True), "help": "training slices held out for the audit"})
 

@@ -2,42 +2,31 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from common.config import parse_run_config
+from common.config import STRATEGY_NAMES, parse_run_config
+from server.recording import RecordingStrategy, RoundRecord, inner_of
 from server.results import build_results, site_table
-from server.strategies import RoundRecord, make_strategy
+from server.strategies import BUILDERS, make_strategy
 
-
-class FakeGrid:
-    """Just enough of a Grid for configure_* to sample nodes."""
-
-    def get_node_ids(self) -> list[int]:
-        return [11, 12, 13]
+from .flower_helpers import FakeGrid, error_reply, eval_reply, instruction, refusal_reply, train_reply
 
 
 def _instruction(node: int, kind: str) -> Message:
-    return Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=kind)
+    return instruction(node, kind)
 
 
 def _train_reply(node: int, site: str, w: np.ndarray, n: int) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
-            "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
-            "site": ConfigRecord({"name": site}),
-        }
-    )
-    return Message(content=content, reply_to=_instruction(node, MessageType.TRAIN))
+    return train_reply(node, site, {"w": w.astype(np.float32)}, {"num-examples": n, "train-loss": 0.5})
 
 
 def _eval_reply(node: int, site: str, dice: float, n: int) -> Message:
-    content = RecordDict(
-        {"metrics": MetricRecord({"dice": dice, "loss": 1 - dice, "num-examples": n}), "site": ConfigRecord({"name": site})}
-    )
-    return Message(content=content, reply_to=_instruction(node, MessageType.EVALUATE))
+    return eval_reply(node, site, {"dice": dice, "loss": 1 - dice, "num-examples": n})
 
 
 @pytest.fixture()
@@ -120,11 +109,9 @@ def _uniform_reply(node: int, site: str, w: np.ndarray) -> Message:
 
 
 def test_central_dp_clips_each_site_adds_noise_and_accounts_epsilon_per_round(task_identity: None) -> None:
-    from server.strategies import recorder_of
-
-    cfg = parse_run_config({"privacy.central-dp": True, "privacy.central-noise": 0.5, "privacy.central-clip": 1.0, "sim.sites": 2})
+    cfg = parse_run_config({"privacy.central-dp": True, "privacy.central-noise": 0.5, "privacy.central-clip": 1.0, "privacy.central-sites": 2})
     s = make_strategy(cfg)
-    rec = recorder_of(s)
+    rec = s
     zero = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
     eps = []
     for r in (1, 2):
@@ -136,9 +123,10 @@ def test_central_dp_clips_each_site_adds_noise_and_accounts_epsilon_per_round(ta
         assert np.linalg.norm(w) < 20 and np.std(w) == pytest.approx(0.25, rel=0.2)
         eps.append(rec.records[-1].central_privacy["epsilon"])
     assert 0 < eps[0] < eps[1]
-    # a round with a missing site is not aggregated: the noise is scaled for every site
+    # with privacy.central-sites = 2, a round with a missing site is not aggregated: the noise is scaled for 2
     s.configure_train(3, zero, ConfigRecord({}), FakeGrid())
     assert s.aggregate_train(3, [_uniform_reply(11, "site-a", np.ones(1000))]) == (None, None)
+    assert "privacy.central-sites = 2" in rec.records[-1].skipped and not rec.records[-1].central_privacy
 
 
 def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
@@ -148,7 +136,9 @@ def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
     s = make_strategy(cfg)
     model = build_model(cfg.model)
     local = set(norm_keys(model))
-    assert local and set(s.local_keys) == local
+    from server.fedbn import FedBN
+
+    assert local and set(inner_of(s, FedBN).local_keys) == local
     start = {k: v.numpy() for k, v in ArrayRecord({k: v.detach() for k, v in model.state_dict().items()}).items()}
     glob = ArrayRecord({k: Array(v) for k, v in start.items()})
     s.configure_train(1, glob, ConfigRecord({}), FakeGrid())
@@ -165,10 +155,12 @@ def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
 
 
 def test_server_optimizers_get_their_measured_step_unless_one_is_set() -> None:
-    from common.config import parse_run_config
-    from server.strategies import make_strategy
+    from flwr.serverapp.strategy import FedAdam, FedYogi
 
-    assert make_strategy(parse_run_config({"strategy.name": "fedadam"})).eta == pytest.approx(0.03)
-    assert make_strategy(parse_run_config({"strategy.name": "fedyogi"})).eta == pytest.approx(0.01)
-    assert make_strategy(parse_run_config({"strategy.name": "fedyogi", "strategy.server-lr": 0.2})).eta == pytest.approx(0.2)
-    assert make_strategy(parse_run_config({"strategy.name": "fedadam"})).tau == pytest.approx(0.01)
+    def server_optimizer(**config: object) -> FedAdam | FedYogi:
+        return inner_of(make_strategy(parse_run_config(config)), FedAdam if config["strategy.name"] == "fedadam" else FedYogi)
+
+    assert server_optimizer(**{"strategy.name": "fedadam"}).eta == pytest.approx(0.03)
+    assert server_optimizer(**{"strategy.name": "fedyogi"}).eta == pytest.approx(0.01)
+    assert server_optimizer(**{"strategy.name": "fedyogi", "strategy.server-lr": 0.2}).eta == pytest.approx(0.2)
+    assert server_optimizer(**{"strategy.name": "fedadam"}).tau == pytest.approx(0.01)
