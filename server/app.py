@@ -19,8 +19,8 @@ from common.config import RunConfig, flatten, parse_run_config
 from common.metrics import summarize_sites
 from common.model import build_model
 from common.records import to_arrays
-from server.results import build_results, round_metrics, site_table, write_json
 from server.recording import RoundRecord, StopFederation
+from server.results import build_results, round_metrics, site_table, write_json
 from server.strategies import make_strategy
 from server.tracking import Tracker, library_versions, ui_hint
 

@@ -64,7 +64,13 @@ class CentralDP(Strategy):
     """
 
     def __init__(
-        self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float, num_sites: int = 0, delta: float = 0.0
+        self,
+        strategy: Strategy,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sites: int = 0,
+        delta: float = 0.0,
     ) -> None:
         if noise_multiplier <= 0 or clipping_norm <= 0 or num_sites < 0:
             raise ValueError(
@@ -119,19 +125,25 @@ class CentralDP(Strategy):
         return self.accountant.get_privacy_spent()
 
     def _event(self, sites: int) -> GaussianPrivacyEvent:
-        return GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier, sample_size=sites, population_size=self._population)
+        return GaussianPrivacyEvent(
+            noise_multiplier=self.noise_multiplier, sample_size=sites, population_size=self._population
+        )
 
     def summary(self) -> None:
         """Log the DP settings and the inner strategy's summary."""
         log.info("central DP: noise multiplier %s, clipping norm %s", self.noise_multiplier, self.clipping_norm)
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the global model the updates are measured from; the inner strategy configures."""
         self._current = arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip each reply's update, let the inner strategy average them, add noise, account.
 
         Args:
@@ -151,8 +163,9 @@ class CentralDP(Strategy):
         n = len(replies)
         if self.num_sites and n != self.num_sites:
             raise RoundNotAggregated(
-                f"central DP expects updates from privacy.central-sites = {self.num_sites} sites, got {n}: the noise "
-                f"is scaled for {self.num_sites}; set privacy.central-sites to the number of sites (0 = those that answer)"
+                f"central DP expects updates from privacy.central-sites = {self.num_sites} sites, got {n}: "
+                f"the noise is scaled for {self.num_sites}; set privacy.central-sites to the number of sites "
+                "(0 = those that answer)"
             )
         current = self._current.to_numpy_ndarrays()
         for reply in replies:
@@ -168,13 +181,21 @@ class CentralDP(Strategy):
         arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(arrays.keys(), noisy)})
         self._seen.update(site_of(m) or f"node-{m.metadata.src_node_id}" for m in replies)
         spent = self._account(n, self.num_sites or max(n, len(self._seen)))
-        log.info("round %d: central DP over %d sites, epsilon %.4g at delta %.3g", server_round, n, spent.epsilon, spent.delta)
+        log.info(
+            "round %d: central DP over %d sites, epsilon %.4g at delta %.3g",
+            server_round,
+            n,
+            spent.epsilon,
+            spent.delta,
+        )
         out = MetricRecord(dict(metrics) if metrics is not None else {})
         out[CENTRAL_EPSILON] = float(spent.epsilon)
         out[CENTRAL_DELTA] = float(spent.delta)
         return arrays, out
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The inner strategy configures the evaluation."""
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 

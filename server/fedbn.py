@@ -36,13 +36,17 @@ class FedBN(Strategy):
         """Log the inner strategy's summary."""
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Ask the sites to keep their own normalization layers; remember the global ones."""
         self._previous = arrays
         config["fedbn"] = True
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner aggregation, with the normalization entries restored to this round's global ones."""
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None and self._previous is not None:
@@ -50,7 +54,9 @@ class FedBN(Strategy):
                 arrays[key] = self._previous[key]
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Sites evaluate with their own normalization layers."""
         config["fedbn"] = True
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)

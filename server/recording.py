@@ -57,7 +57,15 @@ CENTRAL_DELTA = "central-delta"
 
 #: Scores a site may report; each must lie in [0, 1].
 UNIT_SCORES = (
-    "dice", "auc", "accuracy", "sensitivity", "specificity", "balanced-accuracy", "ece", "mia-auc", "mia-auc-initial",
+    "dice",
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "balanced-accuracy",
+    "ece",
+    "mia-auc",
+    "mia-auc-initial",
 )
 _REPORTED_EVAL = (*UNIT_SCORES, "loss", "num-examples")
 _REPORTED_TRAIN = ("num-examples", "samples-seen", "train-loss", "steps", "compute-s", "handler-s", "threads")
@@ -242,14 +250,20 @@ class RecordingStrategy(Strategy):
         """The record of ``server_round`` (created empty on first use)."""
         return self._records.setdefault(server_round, RoundRecord(round=server_round))
 
-    def _filter(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> tuple[list[Message], dict[str, Message]]:
+    def _filter(
+        self, server_round: int, replies: Iterable[Message], *, is_train: bool
+    ) -> tuple[list[Message], dict[str, Message]]:
         rec = self.record(server_round)
         good: list[Message] = []
         by_site: dict[str, Message] = {}
         phase = "train" if is_train else "evaluate"
         for msg in replies:
             site, reason = check_reply(
-                msg, is_train=is_train, seen=set(by_site), global_ref=self._global_ref, metric=self.metric,
+                msg,
+                is_train=is_train,
+                seen=set(by_site),
+                global_ref=self._global_ref,
+                metric=self.metric,
                 checks=self.checks if is_train else (),
             )
             if reason is None:
@@ -268,7 +282,9 @@ class RecordingStrategy(Strategy):
         """Log the wrapped strategy's summary."""
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the global model the replies are checked against; the inner strategy configures."""
         self._round_start = time.perf_counter()
         self._global_ref = {k: v.numpy() for k, v in arrays.items()}
@@ -276,7 +292,9 @@ class RecordingStrategy(Strategy):
         self.record(server_round)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and record the replies; the inner strategy aggregates the accepted ones.
 
         Raises:
@@ -289,10 +307,14 @@ class RecordingStrategy(Strategy):
             rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
             if "epsilon" in m:
                 rec.privacy[site] = {"epsilon": _epsilon(m["epsilon"]), "delta": float(m.get("delta", 0.0))}
-        refused = [r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")]
+        refused = [
+            r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")
+        ]
         if refused and self.stop_on_budget:
             sites = ", ".join(r["site"] for r in refused)
-            raise StopFederation(server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation")
+            raise StopFederation(
+                server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation"
+            )
         if not good:
             log.warning("round %d: no usable training replies; the global model is unchanged", server_round)
             return None, None
@@ -308,7 +330,9 @@ class RecordingStrategy(Strategy):
             self.latest_arrays = arrays
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The inner strategy configures the evaluation."""
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 

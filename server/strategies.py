@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from common.config import RunConfig
 from server.central_dp import CentralDP, nonzero_update
 from server.fedbn import FedBN
-from server.recording import RecordingStrategy, RoundRecord
+from server.recording import RecordingStrategy, ReplyCheck, RoundRecord
 
 __all__ = ["BUILDERS", "make_strategy"]
 
@@ -63,17 +63,17 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
         wrapped one (:func:`server.recording.inner_of` finds a given layer).
     """
     s, p = cfg.strategy, cfg.privacy
-    common = dict(
-        fraction_train=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_sites,
-        min_evaluate_nodes=s.min_sites,
-        min_available_nodes=s.min_sites,
+    common: dict[str, Any] = {
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_train_nodes": s.min_sites,
+        "min_evaluate_nodes": s.min_sites,
+        "min_available_nodes": s.min_sites,
         # Central DP bounds one site's influence only if every site weighs the same.
-        weighted_by_key="uniform-weight" if p.central_dp else "num-examples",
-    )
+        "weighted_by_key": "uniform-weight" if p.central_dp else "num-examples",
+    }
     strategy = BUILDERS[s.name](cfg, common)
-    checks = ()
+    checks: tuple[ReplyCheck, ...] = ()
     if p.central_dp:
         strategy = CentralDP(
             strategy,

@@ -39,7 +39,9 @@ class FakeGrid:
             instruction, returns the site's reply.
     """
 
-    def __init__(self, node_ids: Sequence[int] = (11, 12, 13), answer: Callable[[Message], Message] | None = None) -> None:
+    def __init__(
+        self, node_ids: Sequence[int] = (11, 12, 13), answer: Callable[[Message], Message] | None = None
+    ) -> None:
         self.node_ids = list(node_ids)
         self.answer = answer
 
@@ -57,7 +59,12 @@ def instruction(node: int, kind: str) -> Message:
 
 
 def train_reply(
-    node: int, site: object, weights: Mapping[str, np.ndarray], metrics: Mapping[str, float], *, to: Message | None = None
+    node: int,
+    site: object,
+    weights: Mapping[str, np.ndarray],
+    metrics: Mapping[str, float],
+    *,
+    to: Message | None = None,
 ) -> Message:
     """A site's training reply: its weights, its metrics and its ``site`` name (any value, to test bad ones)."""
     content = RecordDict(

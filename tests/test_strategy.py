@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from server.recording import RecordingStrategy, RoundRecord, inner_of
 from server.results import build_results, site_table
 from server.strategies import BUILDERS, make_strategy
 
-from .flower_helpers import FakeGrid, error_reply, eval_reply, instruction, refusal_reply, train_reply
+from .flower_helpers import FakeGrid, error_reply, eval_reply, instruction, train_reply
 
 
 def _instruction(node: int, kind: str) -> Message:
@@ -39,7 +38,9 @@ def strategy(task_identity: None):
 
 def test_weights_are_averaged_by_training_samples_not_by_site(strategy) -> None:
     s, _ = strategy
-    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", np.full(2, 4.0), 10)])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", np.full(2, 4.0), 10)]
+    )
     assert np.allclose(arrays["w"].numpy(), (30 * 1 + 10 * 4) / 40)
 
 
@@ -61,7 +62,9 @@ def test_a_reply_with_nan_weights_is_rejected_with_its_reason_and_the_rest_aggre
 )
 def test_misshapen_or_empty_replies_are_rejected(strategy, reply_kwargs, reason) -> None:
     s, _ = strategy
-    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", **reply_kwargs)])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", **reply_kwargs)]
+    )
     assert np.allclose(arrays["w"].numpy(), 1.0)
     assert reason in s.records[0].rejected[0]["reason"]
 
@@ -90,7 +93,10 @@ def test_results_have_per_site_rounds_final_mean_worst_and_timing(strategy) -> N
     s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.5, 20), _eval_reply(12, "site-b", 0.3, 5)])
     res = build_results({"seed": 1}, s.records, total_s=3.0)
     assert res["rounds"][0]["per_site"]["site-b"]["dice"] == 0.3
-    assert res["final"]["per_site"] == {"site-a": {"dice": 0.5, "loss": 0.5}, "site-b": {"dice": 0.3, "loss": pytest.approx(0.7)}}
+    assert res["final"]["per_site"] == {
+        "site-a": {"dice": 0.5, "loss": 0.5},
+        "site-b": {"dice": 0.3, "loss": pytest.approx(0.7)},
+    }
     assert res["final"]["mean"]["dice"] == pytest.approx(0.4) and res["final"]["worst"]["dice"] == 0.3
     assert res["timing"]["total_s"] == 3.0 and len(res["timing"]["round_s"]) == 1
     table = site_table(res)
@@ -109,7 +115,14 @@ def _uniform_reply(node: int, site: str, w: np.ndarray) -> Message:
 
 
 def test_central_dp_clips_each_site_adds_noise_and_accounts_epsilon_per_round(task_identity: None) -> None:
-    cfg = parse_run_config({"privacy.central-dp": True, "privacy.central-noise": 0.5, "privacy.central-clip": 1.0, "privacy.central-sites": 2})
+    cfg = parse_run_config(
+        {
+            "privacy.central-dp": True,
+            "privacy.central-noise": 0.5,
+            "privacy.central-clip": 1.0,
+            "privacy.central-sites": 2,
+        }
+    )
     s = make_strategy(cfg)
     rec = s
     zero = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
@@ -146,7 +159,10 @@ def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
     def reply(node: int, site: str, shift: float) -> Message:
         arrays = ArrayRecord({k: Array((v + shift).astype(v.dtype)) for k, v in start.items()})
         metrics = MetricRecord({"num-examples": 10})
-        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}), reply_to=_instruction(node, MessageType.TRAIN))
+        return Message(
+            content=RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}),
+            reply_to=_instruction(node, MessageType.TRAIN),
+        )
 
     agg, _ = s.aggregate_train(1, [reply(11, "site-a", 1.0), reply(12, "site-b", 3.0)])
     for k, v in start.items():
@@ -158,7 +174,9 @@ def test_server_optimizers_get_their_measured_step_unless_one_is_set() -> None:
     from flwr.serverapp.strategy import FedAdam, FedYogi
 
     def server_optimizer(**config: object) -> FedAdam | FedYogi:
-        return inner_of(make_strategy(parse_run_config(config)), FedAdam if config["strategy.name"] == "fedadam" else FedYogi)
+        return inner_of(
+            make_strategy(parse_run_config(config)), FedAdam if config["strategy.name"] == "fedadam" else FedYogi
+        )
 
     assert server_optimizer(**{"strategy.name": "fedadam"}).eta == pytest.approx(0.03)
     assert server_optimizer(**{"strategy.name": "fedyogi"}).eta == pytest.approx(0.01)
@@ -190,7 +208,9 @@ def test_every_strategy_name_the_config_accepts_has_exactly_one_server_builder(t
         ({"dice": 0.5, "loss": float("inf")}, "metric 'loss' is not finite"),
     ],
 )
-def test_an_evaluation_with_a_score_outside_0_1_or_a_non_finite_metric_is_rejected_and_not_kept(strategy, metrics, reason) -> None:
+def test_an_evaluation_with_a_score_outside_0_1_or_a_non_finite_metric_is_rejected_and_not_kept(
+    strategy, metrics, reason
+) -> None:
     s, rounds = strategy
     good = eval_reply(11, "site-a", {"dice": 0.7, "loss": 0.3, "num-examples": 10})
     s.aggregate_evaluate(1, [good, eval_reply(12, "site-b", {**metrics, "num-examples": 10})])
@@ -201,22 +221,33 @@ def test_an_evaluation_with_a_score_outside_0_1_or_a_non_finite_metric_is_reject
 
 def test_a_perfect_and_a_useless_site_are_both_kept_scores_0_and_1_are_in_range(strategy) -> None:
     s, rounds = strategy
-    s.aggregate_evaluate(1, [eval_reply(11, "site-a", {"dice": 1.0, "loss": 0.0, "num-examples": 4}),
-                             eval_reply(12, "site-b", {"dice": 0.0, "loss": 2.0, "num-examples": 4})])
+    s.aggregate_evaluate(
+        1,
+        [
+            eval_reply(11, "site-a", {"dice": 1.0, "loss": 0.0, "num-examples": 4}),
+            eval_reply(12, "site-b", {"dice": 0.0, "loss": 2.0, "num-examples": 4}),
+        ],
+    )
     assert rounds[0].rejected == [] and rounds[0].worst()["dice"] == 0.0
 
 
 def test_a_training_reply_with_a_non_finite_metric_is_rejected_and_its_weights_not_averaged(strategy) -> None:
     s, _ = strategy
-    bad = train_reply(12, "site-b", {"w": np.full(2, 9.0, np.float32)}, {"num-examples": 10, "train-loss": float("inf")})
+    bad = train_reply(
+        12, "site-b", {"w": np.full(2, 9.0, np.float32)}, {"num-examples": 10, "train-loss": float("inf")}
+    )
     arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 10), bad])
     assert np.allclose(arrays["w"].numpy(), 1.0)
-    assert s.records[0].rejected == [{"site": "site-b", "phase": "train", "reason": "metric 'train-loss' is not finite"}]
+    assert s.records[0].rejected == [
+        {"site": "site-b", "phase": "train", "reason": "metric 'train-loss' is not finite"}
+    ]
 
 
 def test_a_site_error_is_recorded_by_node_with_its_reason_and_the_others_aggregated(strategy) -> None:
     s, _ = strategy
-    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 10), error_reply(12, "handler raised MemoryError")])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(11, "site-a", np.ones(2), 10), error_reply(12, "handler raised MemoryError")]
+    )
     assert np.allclose(arrays["w"].numpy(), 1.0)
     (rej,) = s.records[0].rejected
     assert rej == {"site": "node-12", "phase": "train", "reason": "site reported an error: handler raised MemoryError"}
@@ -225,7 +256,13 @@ def test_a_site_error_is_recorded_by_node_with_its_reason_and_the_others_aggrega
 @pytest.mark.parametrize("name", ["../site-b", "site b", "", "x" * 65, 7, "Patient^Jane"])
 def test_a_reply_without_a_safe_site_name_is_rejected_and_recorded_by_node_not_by_its_name(strategy, name) -> None:
     s, rounds = strategy
-    s.aggregate_evaluate(1, [eval_reply(11, "site-a", {"dice": 0.7, "num-examples": 5}), eval_reply(12, name, {"dice": 0.2, "num-examples": 5})])
+    s.aggregate_evaluate(
+        1,
+        [
+            eval_reply(11, "site-a", {"dice": 0.7, "num-examples": 5}),
+            eval_reply(12, name, {"dice": 0.2, "num-examples": 5}),
+        ],
+    )
     (rej,) = rounds[0].rejected
     assert rej["site"] == "node-12" and "no valid 'site' name" in rej["reason"]
     assert set(rounds[0].per_site) == {"site-a"}
@@ -240,8 +277,15 @@ def _sites_reply(node: int, site: str, value: float, size: int) -> Message:
     return train_reply(node, site, {"w": np.full(size, value, np.float32)}, {"num-examples": 10, "uniform-weight": 1.0})
 
 
-def test_central_dp_with_4_sites_and_the_default_sim_sites_aggregates_every_round_for_4_sites(task_identity: None) -> None:
-    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+def test_central_dp_with_4_sites_and_the_default_sim_sites_aggregates_every_round_for_4_sites(
+    task_identity: None,
+) -> None:
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
     from server.central_dp import CentralDP
@@ -261,14 +305,18 @@ def test_central_dp_with_4_sites_and_the_default_sim_sites_aggregates_every_roun
     dp = inner_of(s, CentralDP)
     assert dp.accountant is not None and dp.accountant.config.population_size == 4
     # the guarantee of 3 releases of the Gaussian mechanism over 4 sites, at the default delta 1/(10 x 4)
-    expected = RdpAccountant(PrivacyConfig(0.025, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION))
+    expected = RdpAccountant(
+        PrivacyConfig(0.025, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+    )
     expected.compose(GaussianPrivacyEvent(noise_multiplier=0.5, sample_size=4, population_size=4), count=3)
     assert s.records[-1].central_privacy == {"epsilon": pytest.approx(expected.get_epsilon(0.025)), "delta": 0.025}
     assert [len(r.train) for r in s.records] == [4, 4, 4] and all(not r.rejected for r in s.records)
 
 
 @pytest.mark.parametrize(("declared", "answering"), [(4, 3), (3, 4)])
-def test_central_dp_with_declared_sites_skips_a_round_where_another_number_answers(task_identity: None, declared, answering) -> None:
+def test_central_dp_with_declared_sites_skips_a_round_where_another_number_answers(
+    task_identity: None, declared, answering
+) -> None:
     cfg = parse_run_config({"privacy.central-dp": True, "privacy.central-sites": declared})
     s = make_strategy(cfg)
     nodes = list(range(11, 11 + answering))
@@ -280,12 +328,20 @@ def test_central_dp_with_declared_sites_skips_a_round_where_another_number_answe
     assert build_results({}, s.records, total_s=0.0)["rounds"][0]["skipped"] == rec.skipped
 
 
-def test_central_dp_rejects_a_site_that_sent_back_the_global_model_and_counts_only_the_others(task_identity: None) -> None:
+def test_central_dp_rejects_a_site_that_sent_back_the_global_model_and_counts_only_the_others(
+    task_identity: None,
+) -> None:
     s = make_strategy(parse_run_config({"privacy.central-dp": True, "privacy.central-noise": 0.5}))
     size = 4000
     zero = ArrayRecord({"w": Array(np.zeros(size, dtype=np.float32))})
     s.configure_train(1, zero, ConfigRecord({}), FakeGrid())
-    replies = [_sites_reply(11, "site-a", 5.0, size), _sites_reply(12, "site-b", 5.0, size), _sites_reply(13, "site-c", 0.0, size)]
+    replies = [
+        _sites_reply(11, "site-a", 5.0, size),
+        _sites_reply(12, "site-b", 5.0, size),
+        _sites_reply(13, "site-c", 0.0, size),
+    ]
     agg, _ = s.aggregate_train(1, replies)
-    assert s.records[0].rejected == [{"site": "site-c", "phase": "train", "reason": "update is exactly zero (nothing learnt)"}]
+    assert s.records[0].rejected == [
+        {"site": "site-c", "phase": "train", "reason": "update is exactly zero (nothing learnt)"}
+    ]
     assert np.std(agg["w"].numpy()) == pytest.approx(0.5 / 2, rel=0.08)  # noise for the 2 sites aggregated
