@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
+    "STRATEGY_NAMES",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -57,6 +58,10 @@ class DataConfig:
 
 
 TASKS = ("segmentation", "classification")
+
+#: The aggregation strategies ``strategy.name`` may name: the one list (the server maps each to its
+#: builder in ``server.strategies.BUILDERS``; a test keeps the two equal).
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi")
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ class StrategyConfig:
     #: ``server-lr = 0`` picks these: measured on three small sites (README, "For the coordinator").
     SERVER_LR_DEFAULTS = {"fedadam": 0.03, "fedyogi": 0.01}
 
-    name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"))
+    name: str = field(default="fedavg", metadata=_choice(*STRATEGY_NAMES))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
     server_lr: float = field(
         default=0.0,
@@ -179,6 +184,14 @@ class PrivacyConfig:
     central_clip: float = field(
         default=1.0,
         metadata={**_range(0.0, 1e6, lo_open=True), "help": "central DP: L2 norm each site's update is clipped to"},
+    )
+    central_sites: int = field(
+        default=0,
+        metadata={
+            **_range(0, 100_000),
+            "help": "central DP: sites expected to answer each round (a round with another number is not aggregated); "
+            "0 = the sites that answer",
+        },
     )
     audit: bool = False
     audit_fraction: float = field(

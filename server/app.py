@@ -1,7 +1,7 @@
 """The coordinator's Flower ServerApp: read the config, run the strategy, keep what it learns.
 
-Thin over plain modules: :mod:`server.strategies` (aggregation, per-site results, reply checks),
-:mod:`server.results` (results.json and the table), :mod:`server.tracking` (MLflow).
+Thin over plain modules: :mod:`server.strategies` (which aggregation), :mod:`server.recording`
+(per-site results, reply checks), :mod:`server.results` (results.json and the table), :mod:`server.tracking` (MLflow).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, flatten, parse_run_config
+from common.metrics import summarize_sites
 from common.model import build_model
 from common.records import to_arrays
+from server.recording import RoundRecord, StopFederation
 from server.results import build_results, round_metrics, site_table, write_json
-from server.strategies import RoundRecord, StopFederation, make_strategy, recorder_of
+from server.strategies import make_strategy
 from server.tracking import Tracker, library_versions, ui_hint
 
 app = ServerApp()
@@ -47,15 +49,19 @@ def train_config(cfg: RunConfig) -> ConfigRecord:
 
 
 def _progress(rec: RoundRecord, total: int, metric: str = "dice") -> str:
-    scored = {s: m[metric] for s, m in rec.per_site.items() if metric in m}
-    if not scored:
-        return f"round {rec.round}/{total}: no site returned {metric} ({len(rec.per_site)} evaluated, {len(rec.rejected)} rejected) in {rec.seconds:.1f}s"
-    worst_site = min(scored, key=lambda s: scored[s])
-    mean = sum(scored.values()) / len(scored)
+    mean, worst = summarize_sites(rec.per_site)
+    if metric not in mean:
+        return (
+            f"round {rec.round}/{total}: no site returned {metric} ({len(rec.per_site)} evaluated, "
+            f"{len(rec.rejected)} rejected) in {rec.seconds:.1f}s"
+        )
+    worst_site = next(s for s, m in sorted(rec.per_site.items()) if m.get(metric) == worst[metric])
     line = (
-        f"round {rec.round}/{total}: mean {metric} {mean:.3f}, worst {scored[worst_site]:.3f} ({worst_site}), "
+        f"round {rec.round}/{total}: mean {metric} {mean[metric]:.3f}, worst {worst[metric]:.3f} ({worst_site}), "
         f"{len(rec.per_site)} sites, {len(rec.rejected)} rejected, {rec.seconds:.1f}s"
     )
+    if rec.skipped:
+        line += f"; not aggregated: {rec.skipped}"
     if rec.central_privacy:
         line += f"; central (site-level) epsilon {rec.central_privacy['epsilon']:.3g}"
     if rec.privacy:
@@ -83,13 +89,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.task)
-    strategy = make_strategy(cfg, on_round=on_round)
-    recorder = recorder_of(strategy)
+    recorder = make_strategy(cfg, on_round=on_round)
     status = "FAILED"
     stopped: dict | None = None
     try:
         try:
-            result = strategy.start(  # type: ignore[attr-defined]
+            result = recorder.start(
                 grid=grid,
                 initial_arrays=to_arrays(model),
                 num_rounds=cfg.num_server_rounds,

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from server.strategies import RoundRecord, summarize
+from common.metrics import summarize_sites as summarize
+from server.recording import RoundRecord
 
 __all__ = ["build_results", "round_entry", "round_metrics", "site_table", "write_json"]
 
@@ -25,6 +26,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         "evaluate_timing": rec.eval_timing,
         "privacy": rec.privacy,
         **({"central_privacy": rec.central_privacy} if rec.central_privacy else {}),
+        **({"skipped": rec.skipped} if rec.skipped else {}),
         "rejected": rec.rejected,
         "seconds": rec.seconds,
     }

@@ -1,0 +1,368 @@
+"""A strategy wrapper that keeps results per site and rejects misbehaving replies with a reason.
+
+Flower's metric aggregation averages the sites' numbers and forgets who sent what.
+:class:`RecordingStrategy` holds any Flower Message-API strategy (FedAvg, FedProx, FedAdam, ...,
+or another wrapper such as :class:`server.fedbn.FedBN` or :class:`server.central_dp.CentralDP`)
+and delegates the aggregation to it, the way Flower's own DP wrappers do. Before delegating it
+checks every reply (a reply with wrong weights, non-finite numbers, an out-of-range score, no
+samples or no valid site name is dropped, and the reason is logged and kept), and it hands each
+round's per-site results to a callback as a :class:`RoundRecord`.
+
+Two ways for a wrapped strategy to tell the recorder something, without touching its state:
+
+* raise :class:`RoundNotAggregated` from ``aggregate_train`` (the round is recorded as skipped
+  with that reason and the global model stays as it was);
+* return the keys :data:`CENTRAL_EPSILON` and :data:`CENTRAL_DELTA` in its aggregated training
+  metrics (recorded as the round's ``central_privacy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.metrics import summarize_sites
+from common.records import RecordError, check_arrays
+
+__all__ = [
+    "CENTRAL_DELTA",
+    "CENTRAL_EPSILON",
+    "RecordingStrategy",
+    "ReplyCheck",
+    "RoundNotAggregated",
+    "RoundRecord",
+    "StopFederation",
+    "check_reply",
+    "inner_of",
+    "site_of",
+]
+
+log = logging.getLogger("fedsite.server")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+#: Aggregated training metrics a wrapped strategy returns to report central (site-level) privacy.
+CENTRAL_EPSILON = "central-epsilon"
+CENTRAL_DELTA = "central-delta"
+
+#: Scores a site may report; each must lie in [0, 1].
+UNIT_SCORES = (
+    "dice",
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "balanced-accuracy",
+    "ece",
+    "mia-auc",
+    "mia-auc-initial",
+)
+_REPORTED_EVAL = (*UNIT_SCORES, "loss", "num-examples")
+_REPORTED_TRAIN = ("num-examples", "samples-seen", "train-loss", "steps", "compute-s", "handler-s", "threads")
+#: The metric an evaluation reply must carry, per task (a classification site whose validation
+#: split holds one class cannot compute AUC, so there accuracy is the minimum).
+_REQUIRED_EVAL = {"dice": "dice", "auc": "accuracy"}
+_TIMING = ("compute-s", "handler-s")
+
+#: An extra check of a training reply's weights against the global model: a reason to reject, or None.
+ReplyCheck = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], "str | None"]
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, per site."""
+
+    round: int
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_timing: dict[str, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    central_privacy: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    #: Why the round's training was not aggregated ("" when it was, or when no reply was usable).
+    skipped: str = ""
+    seconds: float = 0.0
+
+    def mean(self) -> dict[str, float]:
+        """Unweighted mean over sites of each evaluation metric (every site counts the same)."""
+        return summarize_sites(self.per_site)[0]
+
+    def worst(self) -> dict[str, float]:
+        """The worst site's value of each metric (lowest Dice, highest loss)."""
+        return summarize_sites(self.per_site)[1]
+
+
+class StopFederation(RuntimeError):
+    """Raised by a strategy to end the federation early (e.g. a site's privacy budget is spent)."""
+
+    def __init__(self, server_round: int, reason: str) -> None:
+        super().__init__(reason)
+        self.server_round = server_round
+        self.reason = reason
+
+
+class RoundNotAggregated(RuntimeError):
+    """Raised by a wrapped strategy's ``aggregate_train`` when the round must not change the model.
+
+    Args:
+        reason: Why, naming the setting that decides it; kept as the round's ``skipped``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _epsilon(value: object) -> float | None:
+    """Epsilon for results: None when unbounded (clipping without noise gives no guarantee)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def site_of(msg: Message) -> str | None:
+    """The site name a reply carries in its ``site`` ConfigRecord, or None if absent or unsafe."""
+    rec = msg.content.config_records.get("site")
+    name = rec.get("name") if isinstance(rec, ConfigRecord) else None
+    if isinstance(name, str) and _SAFE_NAME.match(name):
+        return name
+    return None
+
+
+def check_reply(
+    msg: Message,
+    *,
+    is_train: bool,
+    seen: set[str],
+    global_ref: Mapping[str, np.ndarray],
+    metric: str = "dice",
+    checks: Sequence[ReplyCheck] = (),
+) -> tuple[str, str | None]:
+    """Check one site's reply before it is aggregated.
+
+    Args:
+        msg: The reply.
+        is_train: Whether it answers a training (else an evaluation) instruction.
+        seen: Site names already accepted this round (a second node may not claim one).
+        global_ref: The global model sent this round, by state-dict key.
+        metric: The task's primary metric (``"dice"`` or ``"auc"``).
+        checks: Extra checks of a training reply's weights (e.g. central DP's non-zero update).
+
+    Returns:
+        ``(site label, reason to reject or None)``; the label is ``node-<id>`` when the reply
+        names no valid site.
+    """
+    node = f"node-{msg.metadata.src_node_id}"
+    if msg.has_error():
+        return node, f"site reported an error: {msg.error.reason}"
+    site = site_of(msg)
+    if site is None:
+        return node, "reply has no valid 'site' name (letters, digits, '.', '_', '-'; at most 64)"
+    if site in seen:
+        return f"{site}@{node}", f"a second node claims the site name '{site}'"
+    refusal = msg.content.config_records.get("refusal")
+    if isinstance(refusal, ConfigRecord):
+        return site, f"refused ({refusal.get('kind', 'unspecified')}): {refusal.get('reason', 'no reason given')}"
+    metrics = msg.content.metric_records.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        return site, "reply has no 'metrics' record"
+    n = metrics.get("num-examples")
+    if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        return site, f"num-examples must be a positive number, got {n!r}"
+    for key, value in metrics.items():
+        # epsilon is infinite, honestly, when a site clips without noise
+        if key != "epsilon" and isinstance(value, (int, float)) and not math.isfinite(value):
+            return site, f"metric '{key}' is not finite"
+    if is_train:
+        arrays = msg.content.array_records.get("arrays")
+        if not isinstance(arrays, ArrayRecord):
+            return site, "training reply has no 'arrays' record"
+        try:
+            check_arrays(arrays, global_ref, what="the global model")
+        except RecordError as exc:
+            return site, str(exc)
+        if checks:
+            local = {k: v.numpy() for k, v in arrays.items()}
+            for check in checks:
+                reason = check(local, global_ref)
+                if reason is not None:
+                    return site, reason
+    else:
+        required = _REQUIRED_EVAL.get(metric, metric)
+        if required not in metrics:
+            return site, f"evaluation reply has no '{required}'"
+        for key in UNIT_SCORES:
+            value = metrics.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+                return site, f"{key} must be in [0, 1], got {value!r}"
+    return site, None
+
+
+class RecordingStrategy(Strategy):
+    """Wrap a Flower strategy: per-site results and reply checks; the aggregation is the inner one's.
+
+    Args:
+        strategy: The Flower Message-API strategy (or wrapper) that aggregates the accepted replies.
+        on_round: Called with each finished :class:`RoundRecord` (after the round's evaluation).
+        stop_on_budget: Whether a site's privacy-budget refusal ends the federation
+            (:class:`StopFederation`).
+        metric: The task's primary metric, ``"dice"`` or ``"auc"``.
+        checks: Extra checks of each training reply's weights (see :data:`ReplyCheck`).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        stop_on_budget: bool = False,
+        metric: str = "dice",
+        checks: Sequence[ReplyCheck] = (),
+    ) -> None:
+        self.strategy = strategy
+        self.metric = metric
+        self.stop_on_budget = stop_on_budget
+        self.checks = tuple(checks)
+        self._on_round = on_round
+        self._records: dict[int, RoundRecord] = {}
+        self._round_start = time.perf_counter()
+        self._global_ref: dict[str, np.ndarray] = {}
+        #: The latest global model (the last aggregation, else the last one sent).
+        self.latest_arrays: ArrayRecord | None = None
+
+    def __repr__(self) -> str:
+        return f"RecordingStrategy({self.strategy!r})"
+
+    @property
+    def records(self) -> list[RoundRecord]:
+        """Finished and current rounds, in order."""
+        return [self._records[r] for r in sorted(self._records)]
+
+    def record(self, server_round: int) -> RoundRecord:
+        """The record of ``server_round`` (created empty on first use)."""
+        return self._records.setdefault(server_round, RoundRecord(round=server_round))
+
+    def _filter(
+        self, server_round: int, replies: Iterable[Message], *, is_train: bool
+    ) -> tuple[list[Message], dict[str, Message]]:
+        rec = self.record(server_round)
+        good: list[Message] = []
+        by_site: dict[str, Message] = {}
+        phase = "train" if is_train else "evaluate"
+        for msg in replies:
+            site, reason = check_reply(
+                msg,
+                is_train=is_train,
+                seen=set(by_site),
+                global_ref=self._global_ref,
+                metric=self.metric,
+                checks=self.checks if is_train else (),
+            )
+            if reason is None:
+                good.append(msg)
+                by_site[site] = msg
+                continue
+            log.warning("round %d %s: rejected reply from %s: %s", server_round, phase, site, reason)
+            rec.rejected.append({"site": site, "phase": phase, "reason": reason})
+            spent = msg.content.metric_records.get("privacy") if not msg.has_error() else None
+            if isinstance(spent, MetricRecord) and "epsilon" in spent:
+                rec.privacy[site] = {"epsilon": _epsilon(spent["epsilon"]), "delta": float(spent.get("delta", 0.0))}
+        return good, by_site
+
+    # --- the Strategy interface, delegated ---------------------------------------------------
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global model the replies are checked against; the inner strategy configures."""
+        self._round_start = time.perf_counter()
+        self._global_ref = {k: v.numpy() for k, v in arrays.items()}
+        self.latest_arrays = arrays
+        self.record(server_round)
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check and record the replies; the inner strategy aggregates the accepted ones.
+
+        Raises:
+            StopFederation: If a site refused for its privacy budget and ``stop_on_budget`` is set.
+        """
+        good, by_site = self._filter(server_round, replies, is_train=True)
+        rec = self.record(server_round)
+        for site, msg in by_site.items():
+            m = msg.content["metrics"]
+            rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
+            if "epsilon" in m:
+                rec.privacy[site] = {"epsilon": _epsilon(m["epsilon"]), "delta": float(m.get("delta", 0.0))}
+        refused = [
+            r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")
+        ]
+        if refused and self.stop_on_budget:
+            sites = ", ".join(r["site"] for r in refused)
+            raise StopFederation(
+                server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation"
+            )
+        if not good:
+            log.warning("round %d: no usable training replies; the global model is unchanged", server_round)
+            return None, None
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, good)
+        except RoundNotAggregated as skip:
+            log.warning("round %d: %s; the global model is unchanged", server_round, skip.reason)
+            rec.skipped = skip.reason
+            return None, None
+        if metrics is not None and CENTRAL_EPSILON in metrics:
+            rec.central_privacy = {"epsilon": float(metrics[CENTRAL_EPSILON]), "delta": float(metrics[CENTRAL_DELTA])}
+        if arrays is not None:
+            self.latest_arrays = arrays
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy configures the evaluation."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Check and record each site's evaluation, then finish the round (``on_round``)."""
+        good, by_site = self._filter(server_round, replies, is_train=False)
+        rec = self.record(server_round)
+        for site, msg in sorted(by_site.items()):
+            m = msg.content["metrics"]
+            rec.per_site[site] = {k: float(m[k]) for k in _REPORTED_EVAL if k in m}
+            rec.eval_timing[site] = {k: float(m[k]) for k in _TIMING if k in m}
+        rec.seconds = time.perf_counter() - self._round_start
+        aggregated = self.strategy.aggregate_evaluate(server_round, good) if good else None
+        if self._on_round is not None:
+            self._on_round(rec)
+        return aggregated
+
+
+S = TypeVar("S", bound=Strategy)
+
+
+def inner_of(strategy: Strategy, kind: type[S]) -> S:
+    """The first strategy of type ``kind`` in a chain of wrappers (each holding ``.strategy``).
+
+    Raises:
+        LookupError: If no strategy in the chain is a ``kind``.
+    """
+    current: object = strategy
+    while current is not None:
+        if isinstance(current, kind):
+            return current
+        current = getattr(current, "strategy", None)
+    raise LookupError(f"{strategy!r} holds no {kind.__name__}")

@@ -1,0 +1,127 @@
+"""results.json as the coordinator writes it: a whole federation of fake sites through server.app, no Flower runtime."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Message, MessageType
+
+from common.config import parse_run_config
+
+from .flower_helpers import FakeGrid, eval_reply, refusal_reply, train_reply
+
+SMALL_MODEL = {"model.channels": "8,16", "data.image-size": 32}
+
+
+class NoTracker:
+    """Stands in for MLflow (server.tracking is tested on its own)."""
+
+    tracking_uri = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def finish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait(self) -> None:
+        return None
+
+
+Site = Callable[[int, str, Message], Message]
+
+
+def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], site: Site, nodes: list[int]) -> dict:
+    import server.app
+
+    monkeypatch.setattr(server.app, "Tracker", NoTracker)
+
+    def answer(msg: Message) -> Message:
+        return site(msg.content["config"]["server-round"], msg.metadata.message_type, msg)
+
+    cfg = parse_run_config({**SMALL_MODEL, **config, "output.dir": str(tmp_path / "run")})
+    server.app.run_federation(FakeGrid(nodes, answer=answer), cfg)
+    return json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+def _learnt(msg: Message, step: float) -> dict[str, np.ndarray]:
+    """The global weights moved by ``step`` (a site that learnt something)."""
+    return {k: (v.numpy() + step).astype(v.numpy().dtype) for k, v in msg.content["arrays"].items()}
+
+
+def test_results_keep_rejections_site_epsilons_and_why_the_federation_stopped(
+    tmp_path, monkeypatch, task_identity
+) -> None:
+    names = {11: "site-01", 12: "site-02", 13: "site-03"}
+
+    def site(r: int, kind: str, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if kind == MessageType.TRAIN:
+            if node == 13 and r == 2:  # site-03's budget is spent in round 2
+                return refusal_reply(node, names[node], epsilon=2.5, delta=1e-4, to=msg)
+            return train_reply(
+                node, names[node], _learnt(msg, 0.01), {"num-examples": 10, "epsilon": 1.0 * r, "delta": 1e-4}, to=msg
+            )
+        dice = 1.4 if (node == 12 and r == 1) else 0.5  # site-02 reports an impossible Dice in round 1
+        return eval_reply(node, names[node], {"dice": dice, "loss": 0.5, "num-examples": 5}, to=msg)
+
+    config = {"num-server-rounds": 3, "privacy.dp": True, "privacy.on-budget": "stop"}
+    res = _run(tmp_path, monkeypatch, config, site, list(names))
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert res["rounds"][0]["rejected"] == [
+        {"site": "site-02", "phase": "evaluate", "reason": "dice must be in [0, 1], got 1.4"}
+    ]
+    assert res["rounds"][0]["privacy"] == {s: {"epsilon": 1.0, "delta": 1e-4} for s in names.values()}
+    (refused,) = res["rounds"][1]["rejected"]
+    assert refused["site"] == "site-03" and refused["reason"].startswith("refused (privacy-budget)")
+    assert res["stopped"] == {
+        "round": 2,
+        "reason": "privacy budget spent at site-03; privacy.on-budget = 'stop' ends the federation",
+    }
+    # each site's latest epsilon: two rounds spent at site-01 and -02, the refusal's own account at site-03
+    assert res["final"]["privacy"] == {
+        "site-01": {"epsilon": 2.0, "delta": 1e-4},
+        "site-02": {"epsilon": 2.0, "delta": 1e-4},
+        "site-03": {"epsilon": 2.5, "delta": 1e-4},
+    }
+    assert res["final"]["round"] == 1 and set(res["final"]["per_site"]) == {"site-01", "site-03"}
+    assert "central_privacy" not in res["final"]
+
+
+def test_results_of_central_dp_over_4_sites_report_the_site_level_epsilon_every_round(
+    tmp_path, monkeypatch, task_identity
+) -> None:
+    names = {n: f"site-0{n - 10}" for n in (11, 12, 13, 14)}
+
+    def site(r: int, kind: str, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if kind == MessageType.TRAIN:
+            return train_reply(
+                node, names[node], _learnt(msg, 0.01 * node), {"num-examples": 10, "uniform-weight": 1.0}, to=msg
+            )
+        return eval_reply(
+            node, names[node], {"dice": 0.5, "loss": 0.5, "num-examples": 5, "uniform-weight": 1.0}, to=msg
+        )
+
+    res = _run(tmp_path, monkeypatch, {"num-server-rounds": 2, "privacy.central-dp": True}, site, list(names))
+    central = [r["central_privacy"] for r in res["rounds"]]
+    assert all(
+        c["delta"] == pytest.approx(1 / 40) for c in central
+    )  # the default delta for 4 sites, not for sim.sites = 3
+    assert 0 < central[0]["epsilon"] < central[1]["epsilon"]
+    assert res["final"]["central_privacy"] == central[1]
+    assert all(not r["rejected"] and "skipped" not in r for r in res["rounds"]) and "stopped" not in res
