@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from client.layout import LABELS_DIR, SITE_FILE
 from common.config import RunConfig
 
 __all__ = ["add_parser", "run"]
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and why the rest is rejected. Nothing identifying is printed or written."
         ),
     )
-    check.add_argument("dir", type=Path, metavar="DIR", help="the site folder (dicom/, labels/, site.json), or any folder of images")
+    check.add_argument("dir", type=Path, metavar="DIR", help=f"the site folder (dicom/, {LABELS_DIR}/, {SITE_FILE}), or any folder of images")
     check.add_argument("--json", dest="report", type=Path, metavar="REPORT", help="also write the full report as JSON to REPORT")
     check.add_argument("--modality", action="append", metavar="MOD", help="keep only this DICOM Modality, e.g. MR (repeatable; default all)")
     check.add_argument("--headers-only", action="store_true", help="do not decode pixel data (faster; damaged pixel data goes unnoticed)")
@@ -51,7 +52,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"fedsite site check: error: --val-fraction {args.val_fraction} must be between 0 and 1 (e.g. 0.25)", file=sys.stderr)
         return 2
     if not args.dir.is_dir():
-        print(f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)", file=sys.stderr)
+        print(f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and {LABELS_DIR}/)", file=sys.stderr)
         return 2
     modalities = tuple(m.upper() for m in args.modality) if args.modality else None
     report = check_site(args.dir, modalities=modalities, decode=not args.headers_only, seed=args.seed, val_fraction=args.val_fraction)

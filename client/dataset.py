@@ -11,7 +11,7 @@ Site folder layout (what ``fedsite data synth`` writes and what a site prepares)
                                            series (see client.labels); replaces labels/
 
 Everything in the site folder except ``labels/``, ``site.json``, ``labels.csv`` and the cache
-(:data:`RESERVED`) is searched for images, so images may also live in ``<site>/images/``.
+(:data:`client.layout.RESERVED`) is searched for images, so images may also live in ``<site>/images/``.
 
 Every slice of a labelled series becomes one sample dict ``{"image", "label", "patient",
 "series", "slice"}`` where patient and series are hashes; ``label`` is the slice's mask
@@ -43,10 +43,14 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureTyped, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
 
 from client.cache import cached
-from client.dicom import DicomError, Rejection, SeriesRecord, read_series, series_affine
+from client.discovery import read_series
+from client.errors import DicomError
+from client.geometry import series_affine
+from client.records import Rejection, SeriesRecord
 from client.labels import LabelManifestError, class_labels
 from client.masks import index_masks, read_mask
-from client.site import RESERVED, scan_site, site_name_of, site_split_seed, split_by_patient
+from client.layout import LABELS_CSV, LABELS_DIR
+from client.site import scan_site, site_name_of, site_split_seed, split_by_patient
 from common.config import DataConfig, TaskConfig
 
 __all__ = [
@@ -61,7 +65,6 @@ __all__ = [
     "canonical_volume",
     "canonical_slices",
     "CANONICAL_AXCODES",
-    "RESERVED",
 ]
 
 #: The canonical orientation of every sample (MONAI axis codes).
@@ -94,7 +97,7 @@ def canonical_volume(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     """A series and its mask in the canonical orientation (stage 1 of the pipeline, before slicing).
 
     Args:
-        volume: ``(Z, Y, X)`` image from :func:`client.dicom.read_series`.
+        volume: ``(Z, Y, X)`` image from :func:`client.discovery.read_series`.
         mask: ``(Z, Y, X)`` mask on the same grid.
         series: The series' record (its geometry; not a projection series).
 
@@ -115,7 +118,7 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     """Cut a series into 2-D items in the canonical orientation (stage 1 of the pipeline).
 
     Args:
-        volume: ``(Z, Y, X)`` image from :func:`client.dicom.read_series`.
+        volume: ``(Z, Y, X)`` image from :func:`client.discovery.read_series`.
         mask: ``(Z, Y, X)`` mask on the same grid.
         series: The series' record (its geometry).
 
@@ -174,10 +177,6 @@ def sample_pipeline(cfg: DataConfig, *, with_mask: bool = True) -> Compose:
 PIPELINE_VERSION = 4
 """Bump when the sample pipeline changes: it invalidates every site's sample cache."""
 
-#: The classification label manifest in a site folder.
-LABELS_CSV = "labels.csv"
-
-
 def _class_targets(site_dir: Path, series: list[SeriesRecord], task: TaskConfig, rejected: list[Rejection]) -> dict[str, int]:
     """Series hash -> class index from ``labels.csv``; series without a usable label are rejected."""
     path = site_dir / LABELS_CSV
@@ -214,7 +213,7 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
     if classify:
         targets = _class_targets(site_dir, list(series), task, rejected)
     else:
-        masks = index_masks(site_dir / "labels")
+        masks = index_masks(site_dir / LABELS_DIR)
     pipeline = sample_pipeline(cfg, with_mask=not classify)
     samples: list[dict] = []
     used = 0
@@ -225,7 +224,7 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
         else:
             found = masks.masks_for(s)
             if len(found) != 1:
-                why = "no mask in labels/ for this series" if not found else f"{len(found)} masks in labels/ for this series; keep one"
+                why = f"no mask in {LABELS_DIR}/ for this series" if not found else f"{len(found)} masks in {LABELS_DIR}/ for this series; keep one"
                 rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
                 continue
         try:

@@ -13,8 +13,9 @@ from tests.dicom_fixtures import SHARED_DATA, one_file_folder, pydicom_file, wri
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from client.dataset import CANONICAL_AXCODES, canonical_slices, canonical_volume
-from client.dicom import IMAGE_SOP_CLASSES, discover_series, read_series, series_affine
-from client.site import RESERVED
+from client.dicom_header import IMAGE_SOP_CLASSES
+from client.discovery import discover_series, read_series
+from client.geometry import series_affine
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
@@ -112,7 +113,7 @@ def test_multi_frame_files_decode_every_frame_like_the_uncompressed_file(name: s
 
 
 def test_truncated_multi_frame_pixel_data_is_rejected_not_read(tmp_path: Path) -> None:
-    from client.dicom import DicomError
+    from client.errors import DicomError
 
     as_frames = {**IMAGE_SOP_CLASSES, ENHANCED_MR: "projection"}
     series = _only_series(one_file_folder(pydicom_file("emri_small_jpeg_2k_lossless_too_short.dcm"), tmp_path), sop_classes=as_frames)
@@ -246,12 +247,6 @@ def test_slices_are_ordered_by_position_along_the_normal_even_when_it_points_dow
     got = read_series(series)
     assert [s.position for s in series.slices] == sorted(s.position for s in series.slices)
     assert list(got[:, 0, 0]) == [0, 1, 2, 3, 4]  # written along the normal, so position order = k
-
-
-def test_reserved_names_include_the_cache_folder() -> None:
-    from client.cache import CACHE_DIRNAME
-
-    assert CACHE_DIRNAME in RESERVED
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from client.dicom import DicomError, SeriesRecord, discover_series, hash_id, read_series
+from client.discovery import discover_series, read_series
+from client.errors import DicomError
+from client.phi import hash_id
+from client.records import SeriesRecord
 from client.labels import LabelManifestError, class_labels
 from client.masks import read_mask
 

@@ -20,7 +20,8 @@ from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
 )
 
-from client.dicom import discover_series, hash_id, read_series
+from client.discovery import discover_series, read_series
+from client.phi import hash_id
 from client.labels import class_labels
 from common.cli import main as fedsite
 from simulations import synth, xray
