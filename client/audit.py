@@ -25,9 +25,9 @@ from typing import Any
 from client.discovery import read_series
 from client.errors import DicomError
 from client.layout import LABELS_CSV, LABELS_DIR
+from client.masks import index_masks, read_mask
 from client.phi import hash_id
 from client.records import Rejection, SeriesRecord, SliceRef
-from client.masks import index_masks, read_mask
 
 __all__ = ["SiteReport", "check_site", "format_report", "write_report", "reason_group", "count_reasons"]
 

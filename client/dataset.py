@@ -45,11 +45,11 @@ from monai.transforms import Compose, EnsureTyped, Orientationd, ResizeWithPadOr
 from client.cache import cached
 from client.discovery import read_series
 from client.errors import DicomError
-from client.geometry import series_affine
-from client.records import Rejection, SeriesRecord
+from client.geometry import LPS_TO_RAS, ras_affine
 from client.labels import LabelManifestError, class_labels
-from client.masks import index_masks, read_mask
 from client.layout import LABELS_CSV, LABELS_DIR
+from client.masks import index_masks, read_mask
+from client.records import Rejection, SeriesRecord
 from client.site import scan_site, site_name_of, site_split_seed, split_by_patient
 from common.config import DataConfig, TaskConfig
 
@@ -69,7 +69,6 @@ __all__ = [
 
 #: The canonical orientation of every sample (MONAI axis codes).
 CANONICAL_AXCODES = "RAS"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 log = logging.getLogger("fedsite.client")
 
@@ -106,7 +105,7 @@ def canonical_volume(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
         indices to RAS mm with axes pointing Right, Anterior, Superior (closest axes for oblique
         series).
     """
-    affine = torch.as_tensor(_LPS_TO_RAS @ series_affine(series))
+    affine = torch.as_tensor(ras_affine(series))
     item = {
         "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0))[None]), affine=affine),
         "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 1, 0))[None].astype(np.float32)), affine=affine),
@@ -139,7 +138,7 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     out = canonical_volume(volume, mask, series)
     oriented = out["image"].affine.numpy()
     iop = np.asarray(series.orientation, dtype=float)
-    normal = _LPS_TO_RAS[:3, :3] @ np.cross(iop[:3], iop[3:])
+    normal = LPS_TO_RAS[:3, :3] @ np.cross(iop[:3], iop[3:])
     axes = oriented[:3, :3] / np.linalg.norm(oriented[:3, :3], axis=0, keepdims=True)
     axis = int(np.argmax(np.abs(axes.T @ normal)))
     in_plane = [a for a in range(3) if a != axis]

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.errors import SiteDataError
 from client.phi import hash_id
 from client.records import SeriesRecord
 
@@ -37,8 +38,8 @@ __all__ = ["LabelManifestError", "ClassLabels", "KEY_COLUMNS", "class_labels", "
 KEY_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID")
 
 
-class LabelManifestError(ValueError):
-    """The label manifest cannot be used; the message names the problem and the fix."""
+class LabelManifestError(SiteDataError):
+    """The label manifest cannot be used; the message names the problem and the fix (columns and row numbers only)."""
 
 
 @dataclass(frozen=True)
