@@ -25,6 +25,8 @@ from client.records import SeriesRecord, SliceRef
 
 __all__ = ["DicomReader"]
 
+_DUPLICATE = "duplicate of another file of the same image (same SOPInstanceUID); only the first is used"
+
 
 class DicomReader(ImageReader):
     """DICOM image files (any name; Part-10, or a bare dataset with native pixels).
@@ -58,7 +60,7 @@ class DicomReader(ImageReader):
         for header in headers:
             info: DicomFile = header.facts
             if info.sop_uid in seen_sop:
-                rejected.append((info.path, "duplicate of another file of the same image (same SOPInstanceUID); only the first is used"))
+                rejected.append((info.path, _DUPLICATE))
                 continue
             seen_sop.add(info.sop_uid)
             groups.setdefault(info.series_uid, []).append(info)
@@ -104,7 +106,8 @@ def _record(uid: str, infos: list[DicomFile], frames: list[Frame]) -> SeriesReco
     if first_info.kind == "volume":
         normal = slice_normal(first.iop)  # type: ignore[arg-type]
         slices = tuple(
-            SliceRef(f.path, float(np.dot(f.ipp, normal)), f.instance, f.frame, f.ipp) for f in frames  # type: ignore[arg-type]
+            SliceRef(f.path, float(np.dot(f.ipp, normal)), f.instance, f.frame, f.ipp)
+            for f in frames  # type: ignore[arg-type]
         )
         orientation = first.iop
     else:

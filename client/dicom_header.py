@@ -81,8 +81,14 @@ _NOT_IMAGE: tuple[tuple[str, str], ...] = (
     ("1.2.840.10008.1.3.10", "a DICOMDIR (an index of a DICOM medium), not an image"),
     ("1.2.840.10008.5.1.4.1.1.88.", "a structured report (SR), not an image"),
     ("1.2.840.10008.5.1.4.1.1.11.", "a presentation state (PR), not an image"),
-    ("1.2.840.10008.5.1.4.1.1.481.", "a radiotherapy object (RT plan, dose, structure set or image), not used by this task"),
-    ("1.2.840.10008.5.1.4.1.1.66.4", f"a segmentation (SEG): a label, not an image; put it in the site's {LABELS_DIR}/ folder"),
+    (
+        "1.2.840.10008.5.1.4.1.1.481.",
+        "a radiotherapy object (RT plan, dose, structure set or image), not used by this task",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        f"a segmentation (SEG): a label, not an image; put it in the site's {LABELS_DIR}/ folder",
+    ),
     ("1.2.840.10008.5.1.4.1.1.66", "a raw data, registration or fiducials object, not an image"),
     ("1.2.840.10008.5.1.4.1.1.104.", "an encapsulated document (PDF, CDA, 3D model), not an image"),
     ("1.2.840.10008.5.1.4.1.1.9.", "a waveform (ECG, audio, ...), not an image"),
@@ -91,8 +97,20 @@ _NOT_IMAGE: tuple[tuple[str, str], ...] = (
 )
 
 _COLOUR_PHOTOMETRICS = (
-    "MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-    "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB",
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "PALETTE COLOR",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "HSV",
+    "ARGB",
+    "CMYK",
+    "XYB",
 )
 
 
@@ -130,9 +148,7 @@ def read_dataset(path: Path, *, pixels: bool) -> Dataset:
         pass
     ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds or "Rows" not in ds:
-        raise DicomError(
-            "not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)"
-        )
+        raise DicomError("not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)")
     encoding = getattr(ds, "original_encoding", (None, None))
     ts = _ENCODING_TS.get(tuple(encoding))  # type: ignore[arg-type]
     if ts is None:
@@ -277,15 +293,35 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
             raise DicomError(f"PerFrameFunctionalGroupsSequence has {len(per)} items for {n_frames} frames")
         frames = []
         for i in range(n_frames):
-            pos, ori, meas = (functional_group(ds, i, s) for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
-            missing = [n for n, v in (("PlanePositionSequence", pos), ("PlaneOrientationSequence", ori), ("PixelMeasuresSequence", meas)) if v is None]
+            pos, ori, meas = (
+                functional_group(ds, i, s)
+                for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence")
+            )
+            missing = [
+                n
+                for n, v in (
+                    ("PlanePositionSequence", pos),
+                    ("PlaneOrientationSequence", ori),
+                    ("PixelMeasuresSequence", meas),
+                )
+                if v is None
+            ]
             if missing:
-                raise DicomError(f"enhanced multi-frame image without {', '.join(missing)} for frame {i + 1} in its functional groups")
+                raise DicomError(
+                    f"enhanced multi-frame image without {', '.join(missing)} for frame {i + 1} in its functional groups"
+                )
             try:
                 frames.append(
-                    Frame(path, i, rows, cols,
-                           _floats(meas.PixelSpacing, 2), _floats(ori.ImageOrientationPatient, 6),  # type: ignore[union-attr]
-                           _floats(pos.ImagePositionPatient, 3), instance)  # type: ignore[arg-type, union-attr]
+                    Frame(
+                        path,
+                        i,
+                        rows,
+                        cols,
+                        _floats(meas.PixelSpacing, 2),
+                        _floats(ori.ImageOrientationPatient, 6),  # type: ignore[union-attr]
+                        _floats(pos.ImagePositionPatient, 3),
+                        instance,
+                    )  # type: ignore[arg-type, union-attr]
                 )
             except (AttributeError, TypeError, ValueError):
                 raise DicomError(f"malformed geometry in the functional groups of frame {i + 1}") from None
@@ -301,7 +337,9 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
         ipp = _floats(ds.ImagePositionPatient, 3)
         spacing = _floats(ds.PixelSpacing, 2)
     except (TypeError, ValueError):
-        raise DicomError("malformed geometry attributes (PixelSpacing, ImageOrientationPatient or ImagePositionPatient)") from None
+        raise DicomError(
+            "malformed geometry attributes (PixelSpacing, ImageOrientationPatient or ImagePositionPatient)"
+        ) from None
     if min(spacing) <= 0:
         raise DicomError(f"PixelSpacing {spacing[0]:g}\\{spacing[1]:g} is not positive")
     n_mosaic, csa_normal = _mosaic_tiles(ds)
@@ -313,7 +351,7 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
         row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
         # The mosaic's position is that of the whole mosaic's corner; move it to the first tile's
         # (the correction nibabel and dcm2niix apply).
-        first = (np.asarray(ipp) + col_dir * spacing[0] * (rows - tr) / 2.0 + row_dir * spacing[1] * (cols - tc) / 2.0)
+        first = np.asarray(ipp) + col_dir * spacing[0] * (rows - tr) / 2.0 + row_dir * spacing[1] * (cols - tc) / 2.0
         normal = csa_normal if csa_normal is not None else np.cross(row_dir, col_dir)
         gap = finite(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 0.0)
         if gap <= 0:
@@ -343,7 +381,9 @@ def _projection_frames(ds: Dataset, path: Path, n_frames: int, instance: int | N
             if min(value) > 0:  # 0\0 is written by some CR readers for "not calibrated"
                 spacing = value  # type: ignore[assignment]
                 break
-    return [Frame(path, i if n_frames > 1 else None, rows, cols, spacing, None, None, instance) for i in range(n_frames)]
+    return [
+        Frame(path, i if n_frames > 1 else None, rows, cols, spacing, None, None, instance) for i in range(n_frames)
+    ]
 
 
 def read_header(path: Path, *, sop_classes: dict[str, str]) -> tuple[DicomFile, set[str]]:
@@ -393,7 +433,9 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
     photometric = _text(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if photometric not in _COLOUR_PHOTOMETRICS:
-            raise DicomError("unknown PhotometricInterpretation (a damaged header?); the task reads MONOCHROME1/MONOCHROME2 images")
+            raise DicomError(
+                "unknown PhotometricInterpretation (a damaged header?); the task reads MONOCHROME1/MONOCHROME2 images"
+            )
         raise DicomError(
             f"colour image ({photometric}, {samples} samples per pixel); the task reads grayscale "
             "(MONOCHROME1/MONOCHROME2) images"
@@ -434,4 +476,3 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
         mosaic=mosaic,
         frames=frames,
     )
-

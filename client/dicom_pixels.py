@@ -99,7 +99,9 @@ def _decode_file(path: Path, series: SeriesRecord, items: list[tuple[int, SliceR
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
-        raise DicomError(f"pixel data cannot be decoded ({type(exc).__name__}: {scrub(str(exc), ids)})", file=path) from None
+        raise DicomError(
+            f"pixel data cannot be decoded ({type(exc).__name__}: {scrub(str(exc), ids)})", file=path
+        ) from None
     n_frames = frame_count(ds)
     rows, cols = int(ds.Rows), int(ds.Columns)
     if n_frames > 1:
@@ -151,4 +153,3 @@ def decode_series(series: SeriesRecord) -> np.ndarray:
                     file=path,
                 ) from None
     return out
-

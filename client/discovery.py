@@ -113,7 +113,9 @@ def scan_images(
             continue
         redactor.add(header.identifiers)
         if wanted is not None and header.modality is not None and header.modality.upper() not in wanted:
-            raw_rejected.append((path, f"modality {header.modality} not used by this task (wants {', '.join(sorted(wanted))})"))
+            raw_rejected.append(
+                (path, f"modality {header.modality} not used by this task (wants {', '.join(sorted(wanted))})")
+            )
             continue
         headers[index].append(header)
 
@@ -124,7 +126,9 @@ def scan_images(
         raw_rejected.extend(problems)
     series = [replace(s, first_file=redactor.redact(rel(s.slices[0].path))) for s in series]
     series.sort(key=lambda s: s.series_hash)
-    rejected = [Rejection(redactor.redact(rel(p)), reason) for p, reason in sorted(raw_rejected, key=lambda r: str(r[0]))]
+    rejected = [
+        Rejection(redactor.redact(rel(p)), reason) for p, reason in sorted(raw_rejected, key=lambda r: str(r[0]))
+    ]
     return Scan(series=series, rejected=rejected, files_total=files_total, redactor=redactor)
 
 

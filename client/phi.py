@@ -132,5 +132,5 @@ class PathRedactor:
                 out.append(part)
                 continue
             stem = _strip_suffixes(part)
-            out.append(f"~{hash_id(part)}{part[len(stem):]}")
+            out.append(f"~{hash_id(part)}{part[len(stem) :]}")
         return "/".join(out)
