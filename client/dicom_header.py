@@ -35,12 +35,12 @@ from client.phi import hash_id, identifiers
 __all__ = [
     "IMAGE_SOP_CLASSES",
     "DicomFile",
+    "finite",
+    "frame_count",
+    "functional_group",
     "quiet_dicom",
     "read_dataset",
     "read_header",
-    "frame_count",
-    "functional_group",
-    "finite",
 ]
 
 #: Image storage SOP classes read by default: UID -> ``"volume"`` (needs patient geometry:
@@ -207,7 +207,7 @@ def _floats(value: object, n: int) -> tuple[float, ...]:
 def _text(ds: Dataset, key: str, default: str = "") -> str:
     try:
         value = ds.get(key)
-    except Exception:  # noqa: BLE001 - malformed value
+    except Exception:
         return default
     if value is None:
         return default
@@ -270,13 +270,13 @@ def _mosaic_tiles(ds: Dataset) -> tuple[int, np.ndarray | None]:
             vec = csareader.get_slice_normal(csa)
             if vec is not None:
                 normal = np.asarray(vec, dtype=float)
-    except Exception:  # noqa: BLE001 - a damaged CSA header: fall back to the public tag
+    except Exception:
         n = 0
     if not n:
         try:
             creator_block = ds.private_block(0x0019, "SIEMENS MR HEADER")
             n = int(creator_block[0x0A].value)
-        except Exception:  # noqa: BLE001
+        except Exception:
             n = 0
     if n <= 0:
         raise DicomError("Siemens mosaic without NumberOfImagesInMosaic; convert it to single slices (e.g. dcm2niix)")
@@ -396,14 +396,14 @@ def read_header(path: Path, *, sop_classes: dict[str, str]) -> tuple[DicomFile, 
         raise DicomError("not a DICOM file (no 'DICM' marker or file meta)") from None
     except MemoryError:
         raise DicomError("unreadable DICOM header (an element length is larger than the file)") from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken files
+    except Exception as exc:
         raise DicomError(f"unreadable DICOM header ({type(exc).__name__}); the file is damaged or truncated") from None
     ids = identifiers(ds)
     try:
         return _header_info(ds, path, sop_classes), ids
     except DicomError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a value that cannot be parsed
+    except Exception as exc:
         raise DicomError(f"malformed DICOM header value ({type(exc).__name__}); the file is damaged") from None
 
 

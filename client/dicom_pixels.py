@@ -98,7 +98,7 @@ def _decode_file(path: Path, series: SeriesRecord, items: list[tuple[int, SliceR
     ids = identifiers(ds)
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+    except Exception as exc:
         raise DicomError(
             f"pixel data cannot be decoded ({type(exc).__name__}: {scrub(str(exc), ids)})", file=path
         ) from None
@@ -147,7 +147,7 @@ def decode_series(series: SeriesRecord) -> np.ndarray:
                 _decode_file(path, series, items, out)
             except DicomError as exc:
                 raise DicomError(f"series {series.series_hash}: {exc}", file=path) from None
-            except Exception as exc:  # noqa: BLE001 - a damaged file must not crash the site
+            except Exception as exc:
                 raise DicomError(
                     f"series {series.series_hash}: pixel data cannot be read ({type(exc).__name__}); the file is damaged",
                     file=path,

@@ -29,7 +29,7 @@ from client.reader import FileHeader, ImageReader
 from client.records import Rejection, Scan, SeriesRecord
 from client.volumes import VolumeReader
 
-__all__ = ["default_readers", "scan_images", "discover_series", "read_series"]
+__all__ = ["default_readers", "discover_series", "read_series", "scan_images"]
 
 
 def default_readers(*, sop_classes: dict[str, str] | None = None) -> tuple[ImageReader, ...]:
@@ -108,7 +108,7 @@ def scan_images(
         except DicomError as exc:
             raw_rejected.append((path, str(exc)))
             continue
-        except Exception as exc:  # noqa: BLE001 - never a traceback: the file is rejected
+        except Exception as exc:
             raw_rejected.append((path, f"unexpected error while reading the header ({type(exc).__name__})"))
             continue
         redactor.add(header.identifiers)

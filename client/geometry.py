@@ -19,7 +19,7 @@ import numpy as np
 
 from client.records import SeriesRecord
 
-__all__ = ["Frame", "LPS_TO_RAS", "slice_normal", "stack_problem", "sort_along_normal", "series_affine", "ras_affine"]
+__all__ = ["LPS_TO_RAS", "Frame", "ras_affine", "series_affine", "slice_normal", "sort_along_normal", "stack_problem"]
 
 #: LPS (DICOM patient coordinates) -> RAS, as a 4x4 affine.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -19,7 +19,7 @@ from pydicom.multival import MultiValue
 
 from client.layout import LABELS_DIR
 
-__all__ = ["IDENTIFYING_KEYWORDS", "hash_id", "identifiers", "scrub", "PathRedactor"]
+__all__ = ["IDENTIFYING_KEYWORDS", "PathRedactor", "hash_id", "identifiers", "scrub"]
 
 _HASH_SALT = b"fedsite-v1"
 
@@ -65,7 +65,7 @@ def identifiers(ds: Any) -> set[str]:
     for key in IDENTIFYING_KEYWORDS:
         try:
             elem = ds.get(key)
-        except Exception:  # noqa: BLE001 - a malformed value is skipped, not trusted
+        except Exception:
             continue
         if elem in (None, ""):
             continue

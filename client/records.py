@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from client.phi import PathRedactor
 
-__all__ = ["Rejection", "SliceRef", "SeriesRecord", "Scan"]
+__all__ = ["Rejection", "Scan", "SeriesRecord", "SliceRef"]
 
 
 @dataclass(frozen=True)
