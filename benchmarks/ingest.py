@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from client.dataset import load_site, scan_site  # noqa: E402
-from client.dicom import read_series  # noqa: E402
+from client.discovery import read_series  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.task import stack_samples, train  # noqa: E402

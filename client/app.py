@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dicom import DicomError
+from client.errors import DicomError
 from client.ledger import LedgerError, current_epsilon, ledger_for, private_round
 from client.runtime import apply_threads, loaded_site, model_for, resolve_site_dir, site_seed
 from common import task

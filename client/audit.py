@@ -9,7 +9,7 @@ patient is computed as a run would.
 
 The report holds counts, modality and manufacturer names, SOP class and transfer syntax names,
 hashes, and paths relative to the site folder with every identifying part hashed
-(:class:`client.dicom.PathRedactor`). It never holds patient names, IDs, birth dates,
+(:class:`client.phi.PathRedactor`). It never holds patient names, IDs, birth dates,
 accession numbers, institution names or raw UIDs.
 """
 
@@ -22,8 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from client.dicom import DicomError, Rejection, SeriesRecord, SliceRef, hash_id, read_series
+from client.discovery import read_series
+from client.errors import DicomError
+from client.layout import LABELS_CSV, LABELS_DIR
 from client.masks import index_masks, read_mask
+from client.phi import hash_id
+from client.records import Rejection, SeriesRecord, SliceRef
 
 __all__ = ["SiteReport", "check_site", "count_reasons", "format_report", "reason_group", "write_report"]
 
@@ -114,7 +118,7 @@ def _decode_check(series: list[SeriesRecord], redact) -> tuple[list[SeriesRecord
 
 def _mask_check(site_dir: Path, series: list[SeriesRecord], redact) -> tuple[dict[str, Any], set[str]]:
     """Label coverage of the segmentation masks; returns (summary, hashes of series with a good mask)."""
-    index = index_masks(site_dir / "labels")
+    index = index_masks(site_dir / LABELS_DIR)
     problems: list[dict[str, str]] = [{"file": redact(p), "reason": r} for p, r in index.problems]
     good: set[str] = set()
     keys = {s.label_key for s in series}
@@ -167,7 +171,7 @@ def _mask_check(site_dir: Path, series: list[SeriesRecord], redact) -> tuple[dic
 def _manifest_check(site_dir: Path, series: list[SeriesRecord]) -> dict[str, Any] | None:
     from client.labels import LabelManifestError, class_labels
 
-    path = site_dir / "labels.csv"
+    path = site_dir / LABELS_CSV
     if not path.is_file():
         return None
     try:
@@ -215,7 +219,7 @@ def check_site(
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise DicomError(
-            f"{site_dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)"
+            f"{site_dir} is not a folder; give the site's data folder (the one holding dicom/ and {LABELS_DIR}/)"
         )
     scan = scan_site(site_dir, modalities=modalities)
 
@@ -308,11 +312,11 @@ def format_report(report: SiteReport, *, max_reasons: int = 20) -> str:
     cls = report.labels.get("classification")
     if cls is not None:
         if "error" in cls:
-            out.append(f"classification labels (labels.csv): {cls['error']}")
+            out.append(f"classification labels ({LABELS_CSV}): {cls['error']}")
         else:
             classes = ", ".join(f"{k} {v}" for k, v in cls["classes"].items()) or "none"
             out.append(
-                f"classification labels (labels.csv): {cls['labelled']} labelled, {cls['unlabelled']} unlabelled, "
+                f"classification labels ({LABELS_CSV}): {cls['labelled']} labelled, {cls['unlabelled']} unlabelled, "
                 f"{cls['ambiguous']} ambiguous series; {cls['unmatched_rows']} rows match no usable series; classes: {classes}"
             )
     sp = report.split

@@ -3,10 +3,14 @@
 Decoding DICOM and resampling is the slow part of reading a site. The result is stored once in
 ``<site>/.fedsite-cache/`` (or, when the site folder is read-only, under ``$FEDSITE_CACHE``, by
 default ``~/.cache/fedsite/site-cache/``) and reused by every later round, run and process. The
-cache key covers every input file's relative path, size and modification time plus the
-preprocessing settings and a pipeline version, so a changed file or setting makes a new entry;
-older entries of the same site are removed. The cache holds patient pixels: it never leaves the
-site and is never committed.
+cache key covers every input file's relative path and stat data (size, modification time, change
+time and inode, as git's index keeps them) plus the preprocessing settings and a pipeline
+version, so a changed file or setting makes a new entry; older entries of the same site are
+removed. The change time catches a file rewritten with the same size whose modification time
+was restored or kept (``cp -p``, ``rsync -a``, unpacking an archive, or two writes within the
+clock's resolution): no program can set it back. fedsite's own folders (the cache and the
+privacy ledger, :mod:`client.layout`) are not inputs. The cache holds patient pixels: it never
+leaves the site and is never committed.
 """
 
 from __future__ import annotations
@@ -22,20 +26,20 @@ from typing import Any
 
 import torch
 
+from client.layout import CACHE_DIR, LEDGER_DIR
+
 __all__ = ["cache_dir_for", "cached", "fingerprint"]
 
 log = logging.getLogger("fedsite.client")
 
-CACHE_DIRNAME = ".fedsite-cache"
 
-
-def fingerprint(root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (CACHE_DIRNAME,)) -> str:
-    """A key for everything under ``root`` (paths, sizes, mtimes) and ``settings``.
+def fingerprint(root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (CACHE_DIR, LEDGER_DIR)) -> str:
+    """A key for everything under ``root`` (paths and stat data: size, mtime, ctime, inode) and ``settings``.
 
     Args:
         root: The site folder.
         settings: Preprocessing settings that change the samples (JSON-able).
-        skip: Top-level folder names to ignore (the cache itself).
+        skip: Top-level folder names to ignore (the cache itself and the privacy ledger).
 
     Returns:
         A hex digest.
@@ -52,7 +56,7 @@ def fingerprint(root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (
                 st = p.stat()
             except OSError:
                 continue
-            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -68,7 +72,7 @@ def _writable(path: Path) -> bool:
 
 def cache_dir_for(site_dir: Path) -> Path:
     """Where the site's cache lives: in the site folder if writable, else the user cache."""
-    local = site_dir / CACHE_DIRNAME
+    local = site_dir / CACHE_DIR
     if _writable(local):
         return local
     base = Path(os.environ.get("FEDSITE_CACHE", Path.home() / ".cache" / "fedsite")) / "site-cache"

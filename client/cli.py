@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from client.layout import LABELS_DIR, SITE_FILE
 from common.config import RunConfig
 
 __all__ = ["add_parser", "run"]
@@ -33,7 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     check.add_argument(
-        "dir", type=Path, metavar="DIR", help="the site folder (dicom/, labels/, site.json), or any folder of images"
+        "dir",
+        type=Path,
+        metavar="DIR",
+        help=f"the site folder (dicom/, {LABELS_DIR}/, {SITE_FILE}), or any folder of images",
     )
     check.add_argument(
         "--json", dest="report", type=Path, metavar="REPORT", help="also write the full report as JSON to REPORT"
@@ -75,7 +79,7 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     if not args.dir.is_dir():
         print(
-            f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)",
+            f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and {LABELS_DIR}/)",
             file=sys.stderr,
         )
         return 2

@@ -11,7 +11,7 @@ Site folder layout (what ``fedsite data synth`` writes and what a site prepares)
                                            series (see client.labels); replaces labels/
 
 Everything in the site folder except ``labels/``, ``site.json``, ``labels.csv`` and the cache
-(:data:`RESERVED`) is searched for images, so images may also live in ``<site>/images/``.
+(:data:`client.layout.RESERVED`) is searched for images, so images may also live in ``<site>/images/``.
 
 Every slice of a labelled series becomes one sample dict ``{"image", "label", "patient",
 "series", "slice"}`` where patient and series are hashes; ``label`` is the slice's mask
@@ -50,15 +50,18 @@ from monai.transforms import (
 )
 
 from client.cache import cached
-from client.dicom import DicomError, Rejection, SeriesRecord, read_series, series_affine
+from client.discovery import read_series
+from client.errors import DicomError
+from client.geometry import LPS_TO_RAS, ras_affine
 from client.labels import LabelManifestError, class_labels
+from client.layout import LABELS_CSV, LABELS_DIR
 from client.masks import index_masks, read_mask
-from client.site import RESERVED, scan_site, site_name_of, site_split_seed, split_by_patient
+from client.records import Rejection, SeriesRecord
+from client.site import scan_site, site_name_of, site_split_seed, split_by_patient
 from common.config import DataConfig, TaskConfig
 
 __all__ = [
     "CANONICAL_AXCODES",
-    "RESERVED",
     "SiteData",
     "canonical_slices",
     "canonical_volume",
@@ -73,7 +76,6 @@ __all__ = [
 
 #: The canonical orientation of every sample (MONAI axis codes).
 CANONICAL_AXCODES = "RAS"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 log = logging.getLogger("fedsite.client")
 
@@ -101,7 +103,7 @@ def canonical_volume(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     """A series and its mask in the canonical orientation (stage 1 of the pipeline, before slicing).
 
     Args:
-        volume: ``(Z, Y, X)`` image from :func:`client.dicom.read_series`.
+        volume: ``(Z, Y, X)`` image from :func:`client.discovery.read_series`.
         mask: ``(Z, Y, X)`` mask on the same grid.
         series: The series' record (its geometry; not a projection series).
 
@@ -110,7 +112,7 @@ def canonical_volume(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
         indices to RAS mm with axes pointing Right, Anterior, Superior (closest axes for oblique
         series).
     """
-    affine = torch.as_tensor(_LPS_TO_RAS @ series_affine(series))
+    affine = torch.as_tensor(ras_affine(series))
     item = {
         "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0))[None]), affine=affine),
         "label": MetaTensor(
@@ -124,7 +126,7 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     """Cut a series into 2-D items in the canonical orientation (stage 1 of the pipeline).
 
     Args:
-        volume: ``(Z, Y, X)`` image from :func:`client.dicom.read_series`.
+        volume: ``(Z, Y, X)`` image from :func:`client.discovery.read_series`.
         mask: ``(Z, Y, X)`` mask on the same grid.
         series: The series' record (its geometry).
 
@@ -145,7 +147,7 @@ def canonical_slices(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     out = canonical_volume(volume, mask, series)
     oriented = out["image"].affine.numpy()
     iop = np.asarray(series.orientation, dtype=float)
-    normal = _LPS_TO_RAS[:3, :3] @ np.cross(iop[:3], iop[3:])
+    normal = LPS_TO_RAS[:3, :3] @ np.cross(iop[:3], iop[3:])
     axes = oriented[:3, :3] / np.linalg.norm(oriented[:3, :3], axis=0, keepdims=True)
     axis = int(np.argmax(np.abs(axes.T @ normal)))
     in_plane = [a for a in range(3) if a != axis]
@@ -182,9 +184,6 @@ def sample_pipeline(cfg: DataConfig, *, with_mask: bool = True) -> Compose:
 
 PIPELINE_VERSION = 4
 """Bump when the sample pipeline changes: it invalidates every site's sample cache."""
-
-#: The classification label manifest in a site folder.
-LABELS_CSV = "labels.csv"
 
 
 def _class_targets(
@@ -229,7 +228,7 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
     if classify:
         targets = _class_targets(site_dir, list(series), task, rejected)
     else:
-        masks = index_masks(site_dir / "labels")
+        masks = index_masks(site_dir / LABELS_DIR)
     pipeline = sample_pipeline(cfg, with_mask=not classify)
     samples: list[dict] = []
     used = 0
@@ -241,9 +240,9 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
             found = masks.masks_for(s)
             if len(found) != 1:
                 why = (
-                    "no mask in labels/ for this series"
+                    f"no mask in {LABELS_DIR}/ for this series"
                     if not found
-                    else f"{len(found)} masks in labels/ for this series; keep one"
+                    else f"{len(found)} masks in {LABELS_DIR}/ for this series; keep one"
                 )
                 rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
                 continue

@@ -13,8 +13,8 @@ specific row that names it (series over study over patient). Two rows at that le
 different labels make the series **ambiguous**: it gets no label and is reported. Delimiters
 ``,``, ``;`` and tab are recognised; a UTF-8 byte order mark is ignored.
 
-Keys are compared as salted hashes (:func:`client.dicom.hash_id`) with the hashes a
-:class:`~client.dicom.SeriesRecord` already holds, so nothing here keeps or reports a raw
+Keys are compared as salted hashes (:func:`client.phi.hash_id`) with the hashes a
+:class:`~client.records.SeriesRecord` already holds, so nothing here keeps or reports a raw
 identifier: results are keyed by series hash, errors name columns and row numbers only.
 """
 
@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.dicom import SeriesRecord, hash_id
+from client.errors import SiteDataError
+from client.phi import hash_id
+from client.records import SeriesRecord
 
 __all__ = ["KEY_COLUMNS", "ClassLabels", "LabelManifestError", "class_labels", "match_labels", "read_manifest"]
 
@@ -36,8 +38,8 @@ __all__ = ["KEY_COLUMNS", "ClassLabels", "LabelManifestError", "class_labels", "
 KEY_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID")
 
 
-class LabelManifestError(ValueError):
-    """The label manifest cannot be used; the message names the problem and the fix."""
+class LabelManifestError(SiteDataError):
+    """The label manifest cannot be used; the message names the problem and the fix (columns and row numbers only)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def class_labels(path: Path, series: Sequence[SeriesRecord], *, label_column: st
 
     Args:
         path: The CSV manifest, e.g. ``<site>/labels.csv``.
-        series: The site's usable series (from :func:`client.dicom.discover_series`).
+        series: The site's usable series (from :func:`client.discovery.discover_series`).
         label_column: Name of the label column.
 
     Returns:

@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client.dicom import VOLUME_SUFFIXES, DicomError, SeriesRecord, quiet_dicom, series_affine
-from client.volumes import image_affine, volume_stem
+from client.dicom_header import quiet_dicom
+from client.errors import DicomError
+from client.geometry import series_affine
+from client.layout import LABELS_DIR
+from client.records import SeriesRecord
+from client.volumes import VOLUME_SUFFIXES, image_affine, volume_stem
 
 __all__ = ["SEG_SOP_CLASS", "MaskIndex", "index_masks", "place_on_grid", "read_mask"]
 
@@ -84,7 +88,7 @@ def index_masks(labels_dir: Path) -> MaskIndex:
             )
             continue
         if sop != SEG_SOP_CLASS:
-            index.problems.append((path, "DICOM file in labels/ that is not a Segmentation (SEG)"))
+            index.problems.append((path, f"DICOM file in {LABELS_DIR}/ that is not a Segmentation (SEG)"))
             continue
         if not refs:
             index.problems.append(
@@ -229,7 +233,7 @@ def read_mask(path: Path, series: SeriesRecord, shape: tuple[int, int, int]) -> 
     Args:
         path: A NIfTI/NRRD file or a DICOM SEG.
         series: The series it labels.
-        shape: The series' ``(Z, Y, X)`` shape (from :func:`client.dicom.read_series`).
+        shape: The series' ``(Z, Y, X)`` shape (from :func:`client.discovery.read_series`).
 
     Returns:
         A ``(Z, Y, X)`` uint8 array of 0 and 1, voxel for voxel on the series.

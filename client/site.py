@@ -13,29 +13,28 @@ import random
 import re
 from pathlib import Path
 
-from client.dicom import DicomError, Scan, scan_images
+from client.discovery import scan_images
+from client.errors import DicomError
+from client.layout import RESERVED, SITE_FILE
+from client.records import Scan
 
-__all__ = ["RESERVED", "scan_site", "site_name_of", "site_split_seed", "split_by_patient"]
+__all__ = ["scan_site", "site_name_of", "site_split_seed", "split_by_patient"]
 
 log = logging.getLogger("fedsite.client")
-
-#: Top-level names of a site folder that are not searched for images (the last one is
-#: ``client.cache.CACHE_DIRNAME``; a test keeps them equal).
-RESERVED = ("labels", "site.json", "labels.csv", ".fedsite-cache")
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def site_name_of(site_dir: Path) -> str:
     """The site's public name: ``name`` in ``site.json`` if valid, else the folder name."""
-    meta = site_dir / "site.json"
+    meta = site_dir / SITE_FILE
     if meta.is_file():
         try:
             name = json.loads(meta.read_text()).get("name")
             if isinstance(name, str) and _SAFE_NAME.match(name):
                 return name
         except (OSError, ValueError):
-            log.warning("site.json in the site folder is not valid JSON; using the folder name")
+            log.warning("%s in the site folder is not valid JSON; using the folder name", SITE_FILE)
     return site_dir.name
 
 

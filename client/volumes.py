@@ -1,4 +1,4 @@
-"""NIfTI and NRRD image volumes as series (sites often hold converted data). Read with SimpleITK.
+"""The NIfTI/NRRD reader: image volumes as series (sites often hold converted data). Read with SimpleITK.
 
 A volume file (``.nii``, ``.nii.gz``, ``.nrrd``) anywhere in the site's image folders is one
 series. Its geometry comes from the file (SimpleITK reports it in LPS, like DICOM), so it goes
@@ -14,9 +14,23 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client.dicom import VOLUME_SUFFIXES, DicomError, SeriesRecord, SliceRef, hash_id
+from client.errors import DicomError
+from client.phi import hash_id
+from client.reader import FileHeader, ImageReader
+from client.records import SeriesRecord, SliceRef
 
-__all__ = ["image_affine", "is_volume_file", "read_volume", "read_volume_header", "volume_stem"]
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "VolumeReader",
+    "image_affine",
+    "is_volume_file",
+    "read_volume",
+    "read_volume_header",
+    "volume_stem",
+]
+
+#: File name endings read as image volumes with SimpleITK.
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd")
 
 # ITK prints warnings (with file paths, which may hold patient names) straight to stderr.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -145,3 +159,26 @@ def read_volume(series: SeriesRecord) -> np.ndarray:
     if not np.all(np.isfinite(out)):
         raise DicomError(f"series {series.series_hash}: volume holds NaN or infinite values", file=path)
     return out
+
+
+class VolumeReader(ImageReader):
+    """NIfTI and NRRD volume files (by name: :data:`VOLUME_SUFFIXES`); each file is one series."""
+
+    name = "volume"
+    kinds = ("file",)
+
+    def can_read(self, path: Path) -> bool:
+        """Whether ``path`` is named like a NIfTI or NRRD volume."""
+        return is_volume_file(path)
+
+    def read_header(self, path: Path, *, rel: str) -> FileHeader:
+        """The file's series record (:func:`read_volume_header`); a volume has no modality to filter on."""
+        return FileHeader(path=path, rel=rel, modality=None, facts=read_volume_header(path, rel))
+
+    def series(self, headers: list[FileHeader]) -> tuple[list[SeriesRecord], list[tuple[Path, str]]]:
+        """One series per file, as its header gave it."""
+        return [h.facts for h in headers], []
+
+    def read(self, series: SeriesRecord) -> np.ndarray:
+        """The file's voxels (:func:`read_volume`)."""
+        return read_volume(series)

@@ -290,7 +290,8 @@ def _profile_name(folder: Path) -> str:
 
 def _example_image(folder: Path) -> np.ndarray | None:
     """The middle slice of the site's first series, as decoded modality values (for the montage)."""
-    from client.dicom import DicomError, read_series
+    from client.discovery import read_series
+    from client.errors import DicomError
     from client.site import scan_site
 
     try:

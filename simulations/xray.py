@@ -46,7 +46,7 @@ RescaleIntercept 0.
 
 What the client reads: every file has a VOI window (VOILUTFunction LINEAR, WindowCenter
 ``2**(BitsStored-1)``, WindowWidth ``2**BitsStored``) that spans exactly the stored range
-``0 .. 2**BitsStored - 1``, so :func:`client.dicom.read_series` returns ``v`` (the display value
+``0 .. 2**BitsStored - 1``, so :func:`client.discovery.read_series` returns ``v`` (the display value
 in ``0..1``, bright = attenuating) for MONOCHROME1 and MONOCHROME2 alike. Gamma, noise, blur and
 resolution survive the client's resampling and percentile normalisation; a linear scale would not.
 """

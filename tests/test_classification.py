@@ -64,7 +64,7 @@ def test_a_classification_site_gives_one_class_index_per_image(xray_sites: Path)
 
 def test_a_site_without_labels_csv_is_told_what_to_add(xray_sites: Path, tmp_path: Path) -> None:
     from client.dataset import load_site
-    from client.dicom import DicomError
+    from client.errors import DicomError
 
     site = tmp_path / "site"
     shutil.copytree(xray_sites / "site-02", site, ignore=shutil.ignore_patterns("labels.csv", ".fedsite-cache"))

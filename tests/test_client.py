@@ -10,7 +10,8 @@ import torch
 from flwr.app import Context, MessageType
 
 from client.dataset import load_site, split_by_patient
-from client.dicom import DicomError, discover_series
+from client.discovery import discover_series
+from client.errors import DicomError
 from common.config import parse_run_config
 from common.model import build_model
 from common.records import to_arrays
@@ -192,6 +193,86 @@ def test_site_cache_is_rebuilt_when_a_file_or_setting_changes(small_sites: Path,
     assert entry2 != entry  # new key, old entry removed
     other = parse_run_config({**FAST, "data.image-size": 64, "data.spacing-mm": 3.75})
     assert tuple(load_site(site, other.data, seed=1).train[0]["image"].shape) == (1, 64, 64)
+
+
+def _samples_by_slice(site: Path, cfg, **kwargs) -> dict[tuple[str, int], torch.Tensor]:
+    """A site's sample images (train and validation) keyed by (series hash, slice index)."""
+    data = load_site(site, cfg, seed=1, **kwargs)
+    return {(x["series"], x["slice"]): x["image"] for x in data.train + data.val}
+
+
+def test_site_cache_is_rebuilt_when_a_file_is_rewritten_with_its_size_and_mtime_kept(
+    small_sites: Path, tmp_path: Path
+) -> None:
+    """A corrected slice copied over the old one with its timestamp kept (cp -p, rsync -a, unzip) is re-read."""
+    import os
+    import shutil
+
+    import pydicom
+
+    from client.phi import hash_id
+
+    site = tmp_path / "site-01"
+    shutil.copytree(small_sites / "site-01", site, ignore=shutil.ignore_patterns(".fedsite-cache"))
+    cfg = parse_run_config(FAST).data
+    before = _samples_by_slice(site, cfg)
+    path = sorted((site / "dicom").rglob("*.dcm"))[len(before) // 4]
+    ds = pydicom.dcmread(path)
+    raw, pixels = path.read_bytes(), ds.PixelData
+    assert not ds.file_meta.TransferSyntaxUID.is_compressed and raw.endswith(pixels)  # native pixels, last element
+    stored = np.frombuffer(pixels, dtype=np.uint16 if ds.BitsAllocated == 16 else np.uint8)
+    inverted = (int(stored.max()) + int(stored.min()) - stored.astype(np.int64)).astype(stored.dtype)
+    st = path.stat()
+    path.write_bytes(raw[: -len(pixels)] + inverted.tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    after = _samples_by_slice(site, cfg)
+    fresh = _samples_by_slice(site, cfg, use_cache=False)
+    assert after.keys() == fresh.keys() == before.keys()
+    assert all(torch.equal(after[k], fresh[k]) for k in after)  # what the files now say, not the old entry
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == 1 and changed[0][0] == hash_id(str(ds.SeriesInstanceUID))  # one axial file, one sample
+    old, new = before[changed[0]].flatten().double(), after[changed[0]].flatten().double()
+    assert float(torch.corrcoef(torch.stack([old, new]))[0, 1]) < -0.5  # inverted stored values: inverted contrast
+
+
+def test_site_cache_is_rebuilt_when_only_the_spacing_setting_changes(small_sites: Path, tmp_path: Path) -> None:
+    """Same files, same image size, another data.spacing-mm: the samples are resampled, not taken from the cache."""
+    import shutil
+
+    site = tmp_path / "site-01"
+    shutil.copytree(small_sites / "site-01", site, ignore=shutil.ignore_patterns(".fedsite-cache"))
+    coarse = _samples_by_slice(site, parse_run_config(FAST).data)
+    fine_cfg = parse_run_config({**FAST, "data.spacing-mm": 3.75}).data
+    fine = _samples_by_slice(site, fine_cfg)
+    fresh = _samples_by_slice(site, fine_cfg, use_cache=False)
+    assert fine.keys() == fresh.keys() == coarse.keys()
+    assert all(torch.equal(fine[k], fresh[k]) for k in fine)
+    assert sum(not torch.equal(fine[k], coarse[k]) for k in fine) == len(fine)  # every slice is resampled anew
+
+
+def test_writing_the_privacy_ledger_keeps_the_sample_cache(
+    small_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger is written every private round inside the site folder; it is not an input of the samples."""
+    import shutil
+
+    import client.dataset as ds
+    from client.layout import CACHE_DIR, LEDGER_DIR
+
+    site = tmp_path / "site-01"
+    shutil.copytree(small_sites / "site-01", site, ignore=shutil.ignore_patterns(CACHE_DIR))
+    cfg = parse_run_config(FAST).data
+    load_site(site, cfg, seed=1)
+    (site / LEDGER_DIR).mkdir()
+    (site / LEDGER_DIR / "ledger.json").write_text('{"rounds": []}')
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("DICOM decoded again because the privacy ledger changed")
+
+    monkeypatch.setattr(ds, "read_series", no_decoding)
+    load_site(site, cfg, seed=1)
 
 
 def test_a_simulated_site_uses_the_cores_ray_gave_it_not_every_core() -> None:

@@ -1,7 +1,7 @@
 """Scanner profiles of the phantom sites (MR and CT): each parameter does what it says, on the written pixels.
 
 Most tests write one small site (64 x 64 matrix, 2-3 patients x 3 slices) per profile variant and
-compare the decoded values (client.dicom's reader: rescale applied, MONOCHROME1 undone).
+compare the decoded values (the site's DICOM reader: rescale applied, MONOCHROME1 undone).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import CTImageStorage
 
-from client.dicom import discover_series, read_series
+from client.discovery import discover_series, read_series
 from simulations.profiles import (
     CT_PROFILES,
     MR_PROFILES,

@@ -14,7 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from client.dicom import DicomError, discover_series, hash_id, read_series
+from client.discovery import discover_series, read_series
+from client.errors import DicomError
+from client.phi import hash_id
 from common.cli import main
 from tests.dicom_fixtures import pydicom_file, pydicom_test_files, pydicom_tree
 

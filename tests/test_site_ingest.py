@@ -12,8 +12,9 @@ import SimpleITK as sitk
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from client.dataset import CANONICAL_AXCODES, canonical_slices, canonical_volume
-from client.dicom import IMAGE_SOP_CLASSES, discover_series, read_series, series_affine
-from client.site import RESERVED
+from client.dicom_header import IMAGE_SOP_CLASSES
+from client.discovery import discover_series, read_series
+from client.geometry import series_affine
 from tests.dicom_fixtures import SHARED_DATA, one_file_folder, pydicom_file, write_series
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -122,7 +123,7 @@ def test_multi_frame_files_decode_every_frame_like_the_uncompressed_file(name: s
 
 
 def test_truncated_multi_frame_pixel_data_is_rejected_not_read(tmp_path: Path) -> None:
-    from client.dicom import DicomError
+    from client.errors import DicomError
 
     as_frames = {**IMAGE_SOP_CLASSES, ENHANCED_MR: "projection"}
     series = _only_series(
@@ -273,12 +274,6 @@ def test_slices_are_ordered_by_position_along_the_normal_even_when_it_points_dow
     assert list(got[:, 0, 0]) == [0, 1, 2, 3, 4]  # written along the normal, so position order = k
 
 
-def test_reserved_names_include_the_cache_folder() -> None:
-    from client.cache import CACHE_DIRNAME
-
-    assert CACHE_DIRNAME in RESERVED
-
-
 # ------------------------------------------------------------------------------------------
 # NIfTI / NRRD volumes and the canonical orientation
 
@@ -417,3 +412,34 @@ def test_a_compressed_sites_folder_is_reused_by_later_calls_without_the_option(t
     assert write_site(tmp_path, 1, seed=3, patients=2, slices=2) == first[1]
     with pytest.raises(ValueError, match="use one of explicit, rle, jpeg-ls, jpeg2000, deflate"):
         write_sites(tmp_path / "x", sites=1, seed=3, transfer_syntax="jpeg-lossy")
+
+
+# ------------------------------------------------------------------------------------------
+# The reader seam: each file goes to the first reader that can read it
+
+
+def test_discovery_gives_each_file_to_the_first_reader_that_claims_it(tmp_path: Path) -> None:
+    """A reader placed before the default ones takes the files it claims; the others still read theirs."""
+    from client.discovery import default_readers, scan_images
+    from client.errors import DicomError
+    from client.volumes import VolumeReader
+
+    class GzipReader(VolumeReader):  # claims .gz files that are not NIfTI, and says what they are
+        def can_read(self, path: Path) -> bool:
+            return path.name.endswith(".gz") and not path.name.endswith(".nii.gz")
+
+        def read_header(self, path: Path, *, rel: str):
+            raise DicomError("gzip-compressed file; unpack it first")
+
+    write_series(tmp_path / "dicom", np.arange(3 * 4 * 4, dtype=np.uint16).reshape(3, 4, 4))
+    (tmp_path / "dicom" / "export.dcm.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    default = scan_images(tmp_path)
+    custom = scan_images(tmp_path, readers=(GzipReader(), *default_readers()))
+    not_dicom = "not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)"
+    assert [r.reason for r in default.rejected] == [not_dicom]
+    assert [(r.file, r.reason) for r in custom.rejected] == [
+        ("dicom/export.dcm.gz", "gzip-compressed file; unpack it first")
+    ]
+    assert len(custom.series) == len(default.series) == 1 and len(custom.series[0].slices) == 3
+    assert custom.files_total == default.files_total == 4
+    np.testing.assert_array_equal(read_series(custom.series[0])[:, 0, 0], [0, 16, 32])

@@ -10,9 +10,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from client.dicom import DicomError, SeriesRecord, discover_series, hash_id, read_series
+from client.discovery import discover_series, read_series
+from client.errors import DicomError
 from client.labels import LabelManifestError, class_labels
 from client.masks import read_mask
+from client.phi import hash_id
+from client.records import SeriesRecord
 
 FAST = {"data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.batch-size": 8}
 
@@ -78,6 +81,18 @@ def test_a_manifest_without_label_or_key_column_says_which_columns_it_has(
         LabelManifestError, match="no key column; name one of SeriesInstanceUID, StudyInstanceUID, PatientID"
     ):
         class_labels(csv, site_series)
+
+
+def test_an_unreadable_manifest_is_a_site_data_error_whose_message_the_coordinator_may_see(tmp_path: Path) -> None:
+    """A manifest problem is caught with every other site data error (its message names columns, never values)."""
+    from client.errors import SiteDataError
+    from common.errors import FedsiteError
+
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"PatientID,label\n\xff\xfeP1,x\n")  # not UTF-8
+    with pytest.raises(SiteDataError, match="save it as UTF-8 CSV") as caught:
+        class_labels(csv, [])
+    assert isinstance(caught.value, FedsiteError) and "P1" not in str(caught.value)
 
 
 def test_the_site_check_reports_classification_label_coverage(small_sites: Path, tmp_path: Path) -> None:

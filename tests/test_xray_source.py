@@ -20,8 +20,9 @@ from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
 )
 
-from client.dicom import discover_series, hash_id, read_series
+from client.discovery import discover_series, read_series
 from client.labels import class_labels
+from client.phi import hash_id
 from common.cli import main as fedsite
 from simulations import synth, xray
 from simulations.profiles import (
