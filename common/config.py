@@ -17,6 +17,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from common.errors import FedsiteError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(FedsiteError, ValueError):
     """A run-config key or value is invalid; the message names it and what is allowed."""
 
 

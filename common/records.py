@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from common.errors import FedsiteError
+
 __all__ = ["RecordError", "to_arrays", "load_arrays", "check_arrays"]
 
 
-class RecordError(ValueError):
+class RecordError(FedsiteError, ValueError):
     """A record's content does not fit the model or holds non-finite numbers."""
 
 

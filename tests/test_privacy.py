@@ -8,15 +8,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from client.dpsgd import epsilon_spent, noise_for_target, train_private
 from client.ledger import LedgerError, PrivacyLedger
+from client.membership import membership_auc
 from common.config import ConfigError, parse_run_config
 from common.model import build_model
-from common.privacy import (
-    epsilon_spent,
-    membership_auc,
-    noise_for_target,
-    train_private,
-)
 from common.records import to_arrays
 from common.task import Batchable
 from tests.flower_helpers import site_context, site_message
