@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,7 +36,7 @@ from common.errors import FedsiteError
 from common.model import pick_device
 from common.records import load_arrays, to_arrays
 
-__all__ = ["app", "train", "evaluate", "SiteError", "prewarm"]
+__all__ = ["SiteError", "app", "evaluate", "prewarm", "train"]
 
 app = ClientApp()
 log = logging.getLogger("fedsite.client")

@@ -17,7 +17,8 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -27,9 +28,9 @@ __all__ = [
     "HistoryEntry",
     "PrivateTrainResult",
     "accountant_state",
+    "default_delta",
     "epsilon_spent",
     "noise_for_target",
-    "default_delta",
     "train_private",
 ]
 
@@ -90,7 +91,9 @@ def epsilon_spent(history: Sequence[HistoryEntry], *, delta: float, accountant: 
         return float(acc.get_epsilon(delta=delta))
 
 
-def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def noise_for_target(
+    target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
     """The noise multiplier at which ``steps`` DP-SGD steps spend ``target_epsilon``."""
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -98,7 +101,11 @@ def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float,
         warnings.simplefilter("ignore")
         return float(
             get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
             )
         )
 
@@ -195,13 +202,24 @@ def train_private(
         engine.accountant.load_state_dict(accountant_state(history, accountant))
         if grad_sample_mode == "ghost":
             dp_model, dp_opt, dp_loss, dp_loader = engine.make_private(
-                module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, grad_sample_mode="ghost", criterion=loss_fn, poisson_sampling=True,
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                grad_sample_mode="ghost",
+                criterion=loss_fn,
+                poisson_sampling=True,
             )
         else:
             dp_model, dp_opt, dp_loader = engine.make_private(
-                module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode, poisson_sampling=True,
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                grad_sample_mode=grad_sample_mode,
+                poisson_sampling=True,
             )
             dp_loss = loss_fn
     sample_rate = 1.0 / len(loader)  # Opacus' Poisson loader: each sample joins a batch with this rate
@@ -238,6 +256,10 @@ def train_private(
                 p.grad_sample = None
     new_history = _history_of(engine.accountant)
     result = TrainResult(
-        num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start, samples_seen=samples_seen
+        num_examples=len(data),
+        steps=steps,
+        loss=epoch_loss,
+        seconds=time.perf_counter() - start,
+        samples_seen=samples_seen,
     )
     return PrivateTrainResult(result=result, history=new_history, sample_rate=sample_rate, steps=steps)

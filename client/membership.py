@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from common.task import Batchable
 
-__all__ = ["per_sample_losses", "loss_attack_auc", "membership_auc"]
+__all__ = ["loss_attack_auc", "membership_auc", "per_sample_losses"]
 
 
 @torch.no_grad()

@@ -27,14 +27,14 @@ from common.config import RunConfig
 from common.model import norm_keys
 
 __all__ = [
-    "SiteMemory",
-    "TrainRequest",
-    "TrainOutcome",
-    "Refusal",
     "EvaluationOutcome",
-    "train_round",
+    "Refusal",
+    "SiteMemory",
+    "TrainOutcome",
+    "TrainRequest",
     "evaluate_round",
     "restore_local_norms",
+    "train_round",
 ]
 
 log = logging.getLogger("fedsite.client")
@@ -156,17 +156,17 @@ def train_round(
     Raises:
         LedgerError: If the privacy ledger cannot be read or written.
     """
-    kwargs: dict[str, Any] = dict(
-        epochs=request.epochs,
-        batch_size=request.batch_size,
-        lr=request.lr,
-        optimizer=request.optimizer,
-        proximal_mu=request.proximal_mu,
-        seed=site_seed(cfg.seed, site.name, request.server_round),
-        device=device,
-        task=cfg.task.name,
-        weights=_class_weights(cfg, site),
-    )
+    kwargs: dict[str, Any] = {
+        "epochs": request.epochs,
+        "batch_size": request.batch_size,
+        "lr": request.lr,
+        "optimizer": request.optimizer,
+        "proximal_mu": request.proximal_mu,
+        "seed": site_seed(cfg.seed, site.name, request.server_round),
+        "device": device,
+        "task": cfg.task.name,
+        "weights": _class_weights(cfg, site),
+    }
     if site.audit is not None and memory.mia_reference is None:
         # Per-sample losses under the first global model this site sees: the attack's baseline.
         memory.mia_reference = (
@@ -223,9 +223,7 @@ def evaluate_round(
         when the site runs the membership audit.
     """
     t0 = time.perf_counter()
-    scores = task.evaluate(
-        model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device, task=cfg.task.name
-    )
+    scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device, task=cfg.task.name)
     if site.audit is not None:
         # The site attacks its own model: can its training slices be told from held-out slices
         # of the same patients?
