@@ -16,8 +16,8 @@ import functools
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -114,7 +114,7 @@ def _site(context: Context) -> tuple[RunConfig, Path, LoadedSite]:
     return cfg, site_dir, loaded_site(site_dir, cfg)
 
 
-def _global_model(cfg: RunConfig, msg: Message, memory: SiteMemory):  # noqa: ANN202 - torch module
+def _global_model(cfg: RunConfig, msg: Message, memory: SiteMemory):
     """The process' model holding the received global weights (and, under FedBN, the site's own norms)."""
     model = model_for(cfg.model, cfg.task)
     load_arrays(model, msg.content["arrays"])

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ def default_delta(n_train: int) -> float:
     return 1.0 / (10.0 * max(n_train, 1))
 
 
-def _accountant(name: str):  # noqa: ANN202 - Opacus accountant
+def _accountant(name: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if name == "prv":
@@ -65,7 +65,7 @@ def accountant_state(history: Sequence[HistoryEntry], accountant: str = "rdp") -
     return {"history": entries, "mechanism": _accountant(accountant).mechanism()}
 
 
-def _history_of(acc) -> list[HistoryEntry]:  # noqa: ANN001 - Opacus accountant
+def _history_of(acc) -> list[HistoryEntry]:
     return [(float(s), float(q), int(k)) for s, q, k in acc.state_dict()["history"]]
 
 
