@@ -1,4 +1,4 @@
-"""A site's privacy ledger and its DP training rounds. Plain code; no Flower.
+"""A site's privacy ledger, its budget and its DP training rounds. Plain code; no Flower.
 
 The ledger is the site's accountant for its whole life: an append-only JSON file on the site's
 disk, next to its data (``<site>/.fedsite-privacy/ledger.json``, or ``<privacy.ledger-dir>/<site>.json``),
@@ -7,6 +7,9 @@ never in the repository. Every DP-SGD call on the site's data adds one entry
 epsilon is always computed over all entries, so it grows round by round and run by run.
 During a run the same history is also kept in Flower's ``Context.state`` (see ``client/app.py``);
 if the file was lost or rolled back mid-run, the longer history wins and the file is rewritten.
+
+The ledger becomes accountant state in one place, :func:`accountant_history`; DP-SGD itself and
+the accountant are in :mod:`client.dpsgd`.
 """
 
 from __future__ import annotations
@@ -21,24 +24,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.dpsgd import HistoryEntry, default_delta, epsilon_spent, noise_for_target, train_private
 from common.config import RunConfig
-from common.privacy import (
-    HistoryEntry,
-    PrivacyBudgetExceeded,
-    default_delta,
-    epsilon_spent,
-    noise_for_target,
-    train_private,
-)
+from common.errors import FedsiteError
 from common.task import Batchable, TrainResult
 
-__all__ = ["LedgerError", "PrivacyLedger", "PrivateRound", "current_epsilon", "ledger_for", "private_round"]
+__all__ = [
+    "LedgerError",
+    "PrivacyBudgetExceeded",
+    "PrivacyLedger",
+    "PrivateRound",
+    "accountant_history",
+    "current_epsilon",
+    "ledger_for",
+    "private_round",
+]
 
 log = logging.getLogger("fedsite.client")
 
 
-class LedgerError(RuntimeError):
+class LedgerError(FedsiteError, RuntimeError):
     """The ledger cannot be read or written; DP training is refused (the budget would be unknown)."""
+
+
+class PrivacyBudgetExceeded(FedsiteError, RuntimeError):
+    """Training would push a site's epsilon past its budget; the site refuses the round."""
+
+
+def accountant_history(entries: Sequence[dict[str, Any]]) -> list[HistoryEntry]:
+    """The accountant history of ledger entries: ``(noise_multiplier, sample_rate, steps)`` per entry.
+
+    The one conversion from the ledger to the accountant's state (:func:`client.dpsgd.accountant_state`).
+    """
+    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
 
 
 class PrivacyLedger:
@@ -62,8 +80,7 @@ class PrivacyLedger:
         try:
             data = json.loads(self.path.read_text())
             entries = data["entries"]
-            for e in entries:
-                float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
+            accountant_history(entries)  # every entry must convert
             return list(entries)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
@@ -73,7 +90,7 @@ class PrivacyLedger:
 
     def history(self) -> list[HistoryEntry]:
         """The accountant history: ``(noise_multiplier, sample_rate, steps)`` per entry."""
-        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.entries()]
+        return accountant_history(self.entries())
 
     def write(self, entries: Sequence[dict[str, Any]]) -> None:
         """Replace the ledger's content atomically."""
@@ -135,8 +152,7 @@ def _plan(cfg: RunConfig, n_train: int, *, epochs: int, batch_size: int) -> tupl
 def current_epsilon(entries: Sequence[dict[str, Any]], cfg: RunConfig, n_train: int) -> tuple[float, float]:
     """(epsilon, delta) of the site's whole ledger."""
     delta = cfg.privacy.delta if cfg.privacy.delta > 0 else default_delta(n_train)
-    hist = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
-    return epsilon_spent(hist, delta=delta, accountant=cfg.privacy.accountant), delta
+    return epsilon_spent(accountant_history(entries), delta=delta, accountant=cfg.privacy.accountant), delta
 
 
 def private_round(
@@ -183,7 +199,7 @@ def private_round(
         ledger.write(entries)
     n = len(data)
     delta, sample_rate, steps, sigma = _plan(cfg, n, epochs=epochs, batch_size=batch_size)
-    history = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+    history = accountant_history(entries)
     budget = cfg.privacy.max_epsilon
     if budget > 0:
         projected = epsilon_spent(

@@ -25,7 +25,7 @@ from common.config import DataConfig, ModelConfig, RunConfig, TaskConfig
 from common.model import build_model
 from common.task import Batchable, stack_samples
 
-__all__ = ["LoadedSite", "apply_threads", "loaded_site", "model_for", "prewarm", "resolve_site_dir", "site_seed"]
+__all__ = ["LoadedSite", "apply_threads", "loaded_site", "model_for", "resolve_site_dir", "site_seed"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -130,15 +130,6 @@ def site_seed(seed: int, site: str, server_round: int) -> int:
     """A per-site, per-round seed derived from the run seed."""
     digest = hashlib.sha256(f"{seed}:{site}:{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def prewarm() -> None:
-    """Import the site's heavy modules (torch, MONAI, the handlers) ahead of the first round.
-
-    Used as Ray's ``worker_process_setup_hook`` in simulation: each virtual site's process then
-    imports while the server is still starting, instead of inside round 1.
-    """
-    import client.app  # noqa: F401
 
 
 def apply_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common.errors import FedsiteError
+
 __all__ = [
     "STRATEGY_NAMES",
     "ConfigError",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(FedsiteError, ValueError):
     """A run-config key or value is invalid; the message names it and what is allowed."""
 
 

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from common.errors import FedsiteError
+
 __all__ = ["RecordError", "check_arrays", "load_arrays", "to_arrays"]
 
 
-class RecordError(ValueError):
+class RecordError(FedsiteError, ValueError):
     """A record's content does not fit the model or holds non-finite numbers."""
 
 

@@ -145,7 +145,7 @@ def start_ray(*, quiet: bool) -> bool:
         include_dashboard=False,
         logging_level=logging.WARNING if quiet else logging.INFO,
         log_to_driver=not quiet,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": "client.runtime.prewarm"},
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": "client.app.prewarm"},
     )
     return True
 

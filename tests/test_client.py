@@ -308,35 +308,85 @@ def test_a_library_error_reaches_the_server_without_its_message(
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+_NORM_LAYERS = (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d, torch.nn.GroupNorm)
+
+
+def _normalization_state(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the model's normalization layers, read off the network itself.
+
+    Batch, instance and group norm layers: their weights and biases, and batch norm's running_mean,
+    running_var and num_batches_tracked buffers.
+    """
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_LAYERS):
+            keys |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+            keys |= {f"{name}.{b}" for b, v in module.named_buffers(recurse=False) if v is not None}
+    return keys
+
+
 @pytest.mark.parametrize("norm", ["instance", "batch", "group"])
 def test_fedbn_site_keeps_its_normalization_layers_across_rounds(
     small_sites: Path, task_identity: None, norm: str
 ) -> None:
+    from flwr.app import ArrayRecord
+
     from client.app import evaluate, train
-    from common.model import norm_keys
 
     ctx = _context(small_sites / "site-01", **{"model.norm": norm})
     model = build_model(parse_run_config({**FAST, "model.norm": norm}).model)
-    keys = norm_keys(model)
+    keys = _normalization_state(model)
+    layer = {"instance": torch.nn.InstanceNorm2d, "batch": torch.nn.BatchNorm2d, "group": torch.nn.GroupNorm}[norm]
+    assert any(isinstance(m, layer) for m in model.modules())  # the network really uses this norm
+    assert any(k.endswith(".weight") for k in keys) and any(k.endswith(".bias") for k in keys)
+    if norm == "batch":
+        assert {k.rsplit(".", 1)[1] for k in keys} >= {"running_mean", "running_var", "num_batches_tracked"}
     r1 = train(
         _message(to_arrays(model), MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1, "fedbn": True}), ctx
     )
     kept = ctx.state.array_records["fedbn-local"].to_torch_state_dict()
-    assert set(kept) == set(keys)
+    assert set(kept) == keys  # every normalization entry, and nothing else, stays at the site
+    steps1 = r1.content["metrics"]["steps"]
     # the server sends norm layers it never averaged (here: deliberately wrong values)
     glob = r1.content["arrays"].to_torch_state_dict()
-    poisoned = {k: (torch.full_like(v, 7.0) if k in keys else v) for k, v in glob.items()}
-    from flwr.app import ArrayRecord
-
+    poisoned = {k: (torch.full_like(v, 7) if k in keys else v) for k, v in glob.items()}
     r2 = train(
         _message(ArrayRecord(poisoned), MessageType.TRAIN, **{"server-round": 2, "local-epochs": 1, "fedbn": True}), ctx
     )
     sent = r2.content["arrays"].to_torch_state_dict()
+    assert set(ctx.state.array_records["fedbn-local"].to_torch_state_dict()) == keys
     for k in keys:
-        assert not torch.allclose(sent[k], torch.full_like(sent[k], 7.0)), k  # trained from the site's own values
+        assert not torch.allclose(sent[k].float(), torch.full_like(sent[k].float(), 7.0)), k  # the site's own values
+    if norm == "batch":
+        # batch statistics go on counting this site's own steps, not from the server's value
+        tracked = [k for k in keys if k.endswith("num_batches_tracked")]
+        assert all(int(sent[k]) == steps1 + r2.content["metrics"]["steps"] for k in tracked)
     # evaluation uses the site's own layers too: same score with or without the poisoned globals
     e_poisoned = evaluate(_message(ArrayRecord(poisoned), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"][
         "loss"
     ]
     e_clean = evaluate(_message(ArrayRecord(glob), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"]["loss"]
     assert e_poisoned == pytest.approx(e_clean)
+
+
+class _ThresholdModel(torch.nn.Module):
+    """A 'segmentation network' whose prediction is the input image thresholded at 0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.5 - x, x - 0.5], dim=1)
+
+
+def test_segmentation_dice_is_twice_the_overlap_over_both_areas_pooled_over_slices() -> None:
+    """Prediction A and truth B on two slices: |A| = 6, |B| = 5, |A and B| = 3, so Dice = 6/11 (IoU would be 3/8)."""
+    from common.task import Batchable, evaluate
+
+    pred = torch.zeros(2, 1, 4, 4)
+    truth = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    pred[0, 0, 0, 0:4] = 1  # slice 1: A = 4 pixels
+    truth[0, 0, 0, 2:4] = 1  # B = 3 pixels, 2 of them in A
+    truth[0, 0, 1, 0] = 1
+    pred[1, 0, 3, 0:2] = 1  # slice 2: A = 2 pixels
+    truth[1, 0, 3, 1:3] = 1  # B = 2 pixels, 1 of them in A
+    scores = evaluate(_ThresholdModel(), Batchable(pred, truth), batch_size=1, task="segmentation")
+    assert scores["dice"] == pytest.approx(2 * 3 / (6 + 5))  # pooled, not the slices' mean (4/7 + 2/4) / 2
+    assert scores["num-examples"] == 2

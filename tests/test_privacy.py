@@ -8,15 +8,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from client.dpsgd import epsilon_spent, noise_for_target, train_private
 from client.ledger import LedgerError, PrivacyLedger
+from client.membership import membership_auc
 from common.config import ConfigError, parse_run_config
 from common.model import build_model
-from common.privacy import (
-    epsilon_spent,
-    membership_auc,
-    noise_for_target,
-    train_private,
-)
 from common.records import to_arrays
 from common.task import Batchable
 from tests.flower_helpers import site_context, site_message
@@ -134,6 +130,28 @@ def test_the_ledger_survives_a_restart_and_a_damaged_ledger_blocks_dp(tmp_path: 
     (tmp_path / "l.json").write_text("{not json")
     with pytest.raises(LedgerError, match="unreadable"):
         PrivacyLedger(tmp_path / "l.json").entries()
+
+
+def test_a_damaged_ledger_stops_dp_training_and_the_server_is_told_why(
+    small_sites: Path, tmp_path: Path, task_identity: None
+) -> None:
+    from client.app import SiteError, train
+
+    (tmp_path / "site-01.json").write_text("{not json")
+    with pytest.raises(SiteError, match=r"LedgerError: privacy ledger .* is unreadable .* restore it from a backup"):
+        train(_train_msg(1), _ctx(small_sites / "site-01", tmp_path, run_id=1))
+    assert (tmp_path / "site-01.json").read_text() == "{not json"  # nothing was trained or overwritten
+
+
+def test_fedsites_own_errors_share_one_base_and_config_errors_stay_value_errors() -> None:
+    from client.errors import DicomError
+    from client.ledger import PrivacyBudgetExceeded
+    from common.errors import FedsiteError
+    from common.records import RecordError
+
+    for error in (ConfigError, RecordError, LedgerError, PrivacyBudgetExceeded, DicomError):
+        assert issubclass(error, FedsiteError), error
+    assert issubclass(ConfigError, ValueError) and issubclass(RecordError, ValueError)
 
 
 def test_dp_with_batchnorm_or_two_noise_settings_fails_at_start() -> None:

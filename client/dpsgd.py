@@ -1,10 +1,11 @@
-"""Sample-level differential privacy (DP-SGD with Opacus), privacy accounting and the audit.
+"""Sample-level differential privacy at the site: DP-SGD with Opacus and its accountant. No Flower.
 
-Plain PyTorch and Opacus; no Flower. The accountant's state is its *history*: a list of
-``(noise_multiplier, sample_rate, steps)`` entries, one per training call. A site keeps that
-history for its whole life (``client/ledger.py`` stores it in Flower's ``Context.state`` and on
-the site's disk); every training call starts a PrivacyEngine whose accountant is restored from
-it, so epsilon accumulates across rounds and runs instead of restarting at zero.
+The accountant's state is its *history*: a list of ``(noise_multiplier, sample_rate, steps)``
+entries, one per training call. A site keeps that history for its whole life
+(:mod:`client.ledger` stores it on the site's disk, and :mod:`client.app` in Flower's
+``Context.state`` during a run); every training call starts a PrivacyEngine whose accountant is
+restored from it through Opacus' public state API (``load_state_dict``), so epsilon accumulates
+across rounds and runs instead of restarting at zero.
 
 Guarantee: (epsilon, delta)-DP for the site's training samples (one slice is one sample: slices
 of one patient are not grouped, so the guarantee is per slice, not per patient).
@@ -17,31 +18,24 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.task import Batchable, TrainResult, loss_function, make_optimizer
 
 __all__ = [
     "HistoryEntry",
-    "PrivacyBudgetExceeded",
+    "PrivateTrainResult",
+    "accountant_state",
     "default_delta",
     "epsilon_spent",
-    "loss_attack_auc",
-    "membership_auc",
     "noise_for_target",
-    "per_sample_losses",
     "train_private",
 ]
 
 HistoryEntry = tuple[float, float, int]
 """(noise multiplier, sample rate, steps) of one DP-SGD training call."""
-
-
-class PrivacyBudgetExceeded(RuntimeError):
-    """Training would push a site's epsilon past its budget; the site refuses the round."""
 
 
 def default_delta(n_train: int) -> float:
@@ -55,6 +49,24 @@ def _accountant(name: str):
     if name == "prv":
         return PRVAccountant()
     return RDPAccountant()
+
+
+def accountant_state(history: Sequence[HistoryEntry], accountant: str = "rdp") -> dict[str, Any]:
+    """The Opacus accountant state (``IAccountant.state_dict()`` form) holding ``history``.
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` per DP-SGD call.
+        accountant: ``"rdp"`` or ``"prv"``: the accountant's mechanism name.
+
+    Returns:
+        ``{"history": [...], "mechanism": accountant}``, for ``accountant.load_state_dict``.
+    """
+    entries = [(float(s), float(q), int(k)) for s, q, k in history]
+    return {"history": entries, "mechanism": _accountant(accountant).mechanism()}
+
+
+def _history_of(acc) -> list[HistoryEntry]:
+    return [(float(s), float(q), int(k)) for s, q, k in acc.state_dict()["history"]]
 
 
 def epsilon_spent(history: Sequence[HistoryEntry], *, delta: float, accountant: str = "rdp") -> float:
@@ -73,7 +85,7 @@ def epsilon_spent(history: Sequence[HistoryEntry], *, delta: float, accountant: 
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
     acc = _accountant(accountant)
-    acc.history = [(float(s), float(q), int(k)) for s, q, k in history]
+    acc.load_state_dict(accountant_state(history, accountant))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta))
@@ -186,7 +198,8 @@ def train_private(
         # Opacus warns that secure_mode (a cryptographic RNG, torchcsprng) is off; see README.
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant=accountant, secure_mode=False)
-        engine.accountant.history = [tuple(h) for h in history]  # the site's accountant, restored
+        # The site's accountant, restored through Opacus' state API.
+        engine.accountant.load_state_dict(accountant_state(history, accountant))
         if grad_sample_mode == "ghost":
             dp_model, dp_opt, dp_loss, dp_loader = engine.make_private(
                 module=model,
@@ -241,7 +254,7 @@ def train_private(
         for p in model.parameters():
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
-    new_history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
+    new_history = _history_of(engine.accountant)
     result = TrainResult(
         num_examples=len(data),
         steps=steps,
@@ -250,54 +263,3 @@ def train_private(
         samples_seen=samples_seen,
     )
     return PrivateTrainResult(result=result, history=new_history, sample_rate=sample_rate, steps=steps)
-
-
-@torch.no_grad()
-def per_sample_losses(
-    model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu"
-) -> np.ndarray:
-    """Cross-entropy per sample (mean over its pixels): what a loss-threshold attacker observes."""
-    model.to(device).eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        x = data.images[start : start + batch_size].to(device)
-        y = data.labels[start : start + batch_size].to(device).long()
-        target = y[:, 0] if y.dim() > 1 else y  # a mask (B, 1, H, W) or class indices (B,)
-        ce = F.cross_entropy(model(x), target, reduction="none")
-        out.append(ce.reshape(len(ce), -1).mean(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score_pos > score_neg) + 0.5 P(tie): the ROC AUC of a score, via ranks (Mann-Whitney U)."""
-    if len(pos) == 0 or len(neg) == 0:
-        return 0.5
-    allv = np.concatenate([pos, neg])
-    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    ranks = (np.bincount(inv, weights=ranks) / counts)[inv]  # average ranks for ties
-    u_pos = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u_pos / (len(pos) * len(neg)))
-
-
-def loss_attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float:
-    """AUC of the loss-threshold attack (Yeom et al.) given per-sample losses: low loss = "member"."""
-    return _auc(-np.asarray(member_losses), -np.asarray(non_member_losses))
-
-
-def membership_auc(
-    model: torch.nn.Module, members: Batchable, non_members: Batchable, *, device: torch.device | str = "cpu"
-) -> float:
-    """AUC of a loss-threshold membership-inference attack that a site runs on its own data.
-
-    The attacker guesses "member" when a sample's loss is below a threshold; the AUC sweeps every
-    threshold, calibrated on held-out (non-member) samples. 0.5: the attacker learns nothing;
-    1.0: training samples are perfectly recognisable. Non-members must come from the same
-    distribution as members (the site holds out slices of its training patients for this), or
-    the attack measures how patients differ instead of what the model memorised.
-    """
-    return loss_attack_auc(
-        per_sample_losses(model, members, device=device), per_sample_losses(model, non_members, device=device)
-    )
