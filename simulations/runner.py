@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.config import RunConfig, flatten
-from simulations.synth import GENERATOR_VERSION
+from simulations.sitefolder import GENERATOR_VERSION
 
 __all__ = ["simulate", "app_dir", "prepare", "SimulationError", "start_ray", "default_sites_root", "synth_options"]
 
@@ -93,10 +93,11 @@ def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None
     written (and checked against the run's generator settings) only under the default root, or
     when some are missing.
     """
-    from simulations.synth import SITE_FILE, site_name, write_sites
+    from client.layout import SITE_FILE, sim_site_name
+    from simulations.synth import write_sites
 
     root = Path(cfg.sim.root).expanduser().resolve() if cfg.sim.root else default_sites_root(cfg)
-    present = all((root / site_name(i) / SITE_FILE).is_file() for i in range(cfg.sim.sites))
+    present = all((root / sim_site_name(i) / SITE_FILE).is_file() for i in range(cfg.sim.sites))
     if cfg.sim.root and present:
         # The researcher's own folder of sites (e.g. written by `fedsite data synth --source ...`):
         # used as it is, whatever settings wrote it.

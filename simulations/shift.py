@@ -14,7 +14,7 @@
 
 It measures each model on every site's validation split (the **cross-site matrix**), the mean
 and worst site per method, and a **shift measure** between sites computed from what a site may
-share: the intensity histogram of the images its model sees (:mod:`common.shift`), set next to
+share: the intensity histogram of the images its model sees (:mod:`simulations.shift_measure`), set next to
 the loss each local model suffers from one site to another. Everything is written to
 ``shift.json`` and a Markdown report with figures (:mod:`simulations.report`).
 
@@ -236,11 +236,11 @@ def home_advantage(matrix: Mapping[str, Mapping[str, Mapping[str, float]]], site
 def _load_sites(cfg: RunConfig) -> list[SiteSplits]:
     from client.dataset import load_site
     from common.task import stack_samples
-    from simulations.synth import site_name
+    from client.layout import sim_site_name
 
     out = []
     for i in range(cfg.sim.sites):
-        folder = Path(cfg.sim.root) / site_name(i)
+        folder = Path(cfg.sim.root) / sim_site_name(i)
         data = load_site(folder, cfg.data, seed=cfg.seed, task=cfg.task)
         out.append(SiteSplits(name=data.name, train=stack_samples(data.train), val=stack_samples(data.val), profile=_profile_name(folder)))
     return out
@@ -271,14 +271,14 @@ def _example_image(folder: Path) -> np.ndarray | None:
 
 def _loso_root(out: Path, sites_root: Path, names: Sequence[str], left_out: int) -> Path:
     """A data root whose ``site-01``, ``site-02``, ... link to every site but ``left_out``."""
-    from simulations.synth import site_name
+    from client.layout import sim_site_name
 
     root = out / f"without-{names[left_out]}"
     root.mkdir(parents=True, exist_ok=True)
     kept = [i for i in range(len(names)) if i != left_out]
     for j, i in enumerate(kept):
-        link = root / site_name(j)
-        target = (sites_root / site_name(i)).resolve()
+        link = root / sim_site_name(j)
+        target = (sites_root / sim_site_name(i)).resolve()
         if link.is_symlink() and link.resolve() == target:
             continue
         if link.is_symlink() or link.exists():
@@ -374,11 +374,11 @@ def _study(
     base: RunConfig, out: Path, *, methods: Sequence[str], unseen: Sequence[str], quick: bool, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     from common.model import build_model
-    from common.shift import distance_matrix, intensity_histogram, spearman
+    from simulations.shift_measure import distance_matrix, intensity_histogram, spearman
     from common.task import class_weights
     from simulations.report import write_report
     from simulations.runner import prepare, simulate
-    from simulations.synth import site_name
+    from client.layout import sim_site_name
 
     n = base.sim.sites
     started = time.perf_counter()
@@ -497,7 +497,7 @@ def _study(
     }
     doc["seconds"] = time.perf_counter() - started
     (out / "shift.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
-    examples = {s.name: img for s in sites if (img := _example_image(sites_root / site_name(names.index(s.name)))) is not None}
+    examples = {s.name: img for s in sites if (img := _example_image(sites_root / sim_site_name(names.index(s.name)))) is not None}
     report = write_report(out, _finite(doc), examples=examples)
     progress(f"wrote {out / 'shift.json'} and {report} in {doc['seconds']:.0f}s")
     return doc
