@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from common.cli import main
+from fedsite.cli import main
 
 PLANTED = {
     "PatientName": "Plantedname^Johanna{n}",

@@ -30,16 +30,9 @@ from simulations.profiles import (
     profile_from_dict,
     profile_to_dict,
 )
-from simulations.synth import (
-    GENERATOR_VERSION,
-    INDEX_FILE,
-    MIN_SKEWED_PATIENTS,
-    lesion_burden,
-    site_name,
-    site_patients,
-    write_site,
-    write_sites,
-)
+from client.layout import sim_site_name as site_name
+from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE, MIN_SKEWED_PATIENTS, lesion_burden, site_patients
+from simulations.synth import write_site, write_sites
 from tests.test_synth import _ring
 
 SEED = 3

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from client.dicom import DicomError, discover_series, hash_id, read_series
-from common.cli import main
+from fedsite.cli import main
 from tests.dicom_fixtures import pydicom_file, pydicom_test_files, pydicom_tree
 
 REPORT_KEYS = ("files_total", "files_accepted", "files_rejected", "series_total", "series_usable", "by_modality", "by_manufacturer", "rejected")
@@ -34,7 +34,7 @@ def test_every_pydicom_and_pydicom_data_file_is_accepted_or_rejected_with_a_reas
     assert len(files) == len(pydicom_test_files()) > 200
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", "site", "check", str(tree), "--json", str(report_path)],
+        [sys.executable, "-m", "fedsite", "site", "check", str(tree), "--json", str(report_path)],
         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
     )
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]

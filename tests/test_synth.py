@@ -1,4 +1,4 @@
-"""Tests of the synthetic scanner-site generator (simulations.synth, simulations.profiles)."""
+"""Tests of the synthetic scanner-site generator (simulations.synth and its modules, simulations.profiles)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless
 
+from client.layout import sim_site_name as site_name
 from simulations import synth
 from simulations.profiles import (
     DEFAULT_PROFILES,
@@ -24,7 +25,8 @@ from simulations.profiles import (
     profile_to_dict,
     stored_limits,
 )
-from simulations.synth import GENERATOR_VERSION, INDEX_FILE, REVERSED_PATIENT, site_name, write_site, write_sites
+from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE
+from simulations.synth import REVERSED_PATIENT, write_site, write_sites
 
 SEED = 7
 PATIENTS = 3
