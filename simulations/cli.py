@@ -113,7 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=defaults.seed)
     synth.add_argument("--patients", type=int, default=defaults.sim.patients, help="patients per site")
     synth.add_argument("--slices", type=int, default=defaults.sim.slices, help="slices per patient")
-    # Literal choices keep this parser free of the generator's imports; test_cli_choices checks them.
+    # Literal choices keep this parser free of the generator's imports; tests/test_fedsite_cli.py checks them.
     synth.add_argument(
         "--transfer-syntax", choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
         help="store every site in this lossless transfer syntax (default: each scanner profile's own)",

@@ -33,7 +33,7 @@ from simulations.profiles import (
 from client.layout import sim_site_name as site_name
 from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE, MIN_SKEWED_PATIENTS, lesion_burden, site_patients
 from simulations.synth import write_site, write_sites
-from tests.test_synth import _ring
+from tests.image_helpers import ring as _ring
 
 SEED = 3
 # Small, noise-free grids: 64 x 3.5 mm = 224 mm holds the body.
