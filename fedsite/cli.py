@@ -65,11 +65,11 @@ class _StdoutHandler(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    def stream(self):
         return sys.stdout
 
     @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
+    def stream(self, _value) -> None:
         pass
 
 

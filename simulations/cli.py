@@ -50,9 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--seed", type=int, help="run seed (data, split, init, shuffling)")
     sim.add_argument("--out", type=Path, help="output folder (default ./fedsite-runs/<time>)")
     sim.add_argument("--data-root", type=Path, help="folder of the simulated sites (written if missing)")
-    sim.add_argument(
-        "--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR, help=_RUN_CONFIG_HELP
-    )
+    sim.add_argument("--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR, help=_RUN_CONFIG_HELP)
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
     study = subparsers.add_parser("study", help="compare several federations on the same sites and seeds")
@@ -78,15 +76,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "unseen scanner",
     )
     shift.add_argument(
-        "--out", type=Path, required=True,
+        "--out",
+        type=Path,
+        required=True,
         help="study folder (shift.json, report.md and its figures, one run per method)",
     )
     shift.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="3 sites, 3 rounds x 2 local epochs, 32x32 images: a few minutes on 2 cores",
     )
     shift.add_argument(
-        "--source", type=Path,
+        "--source",
+        type=Path,
         help="a MedMNIST-layout .npz of labelled images (e.g. chest X-rays) written as CR/DX sites; classification",
     )
     shift.add_argument(
@@ -115,35 +117,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--slices", type=int, default=defaults.sim.slices, help="slices per patient")
     # Literal choices keep this parser free of the generator's imports; tests/test_fedsite_cli.py checks them.
     synth.add_argument(
-        "--transfer-syntax", choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
+        "--transfer-syntax",
+        choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
         help="store every site in this lossless transfer syntax (default: each scanner profile's own)",
     )
     synth.add_argument(
-        "--photometric", choices=["MONOCHROME1", "MONOCHROME2"],
+        "--photometric",
+        choices=["MONOCHROME1", "MONOCHROME2"],
         help="store every site with this photometric interpretation",
     )
     synth.add_argument(
-        "--modality", choices=["MR", "CT", "CR", "DX", "auto"],
+        "--modality",
+        choices=["MR", "CT", "CR", "DX", "auto"],
         help="MR or CT phantoms (default MR); with --source CR, DX or auto (CR and DX mixed, the default)",
     )
     synth.add_argument(
-        "--source", type=Path, metavar="PATH.npz",
+        "--source",
+        type=Path,
+        metavar="PATH.npz",
         help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites from it",
     )
     synth.add_argument(
-        "--task", choices=field_choices("task.name"),
+        "--task",
+        choices=field_choices("task.name"),
         help="segmentation (phantoms) or classification (needs --source); default: classification with --source",
     )
     synth.add_argument(
-        "--label-skew", type=float, default=0.0,
+        "--label-skew",
+        type=float,
+        default=0.0,
         help="0 = every site the global class mix / lesion burden; > 0 = stronger per-site imbalance",
     )
     synth.add_argument(
-        "--quantity-skew", type=float, default=0.0,
+        "--quantity-skew",
+        type=float,
+        default=0.0,
         help="0 = equal site sizes; > 0 = lognormal site sizes around --patients (at least 4)",
     )
     synth.add_argument(
-        "--classes", metavar="A,B",
+        "--classes",
+        metavar="A,B",
         help="class names of the source's labels 0, 1, ... (default from the file name, e.g. normal,pneumonia)",
     )
     synth.set_defaults(synth_parser=synth)
@@ -338,13 +351,19 @@ def _names(text: str) -> list[str]:
 
 def _synth_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The :func:`simulations.synth.write_sites` settings of a ``data synth`` command line."""
-    return dict(
-        sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices,
-        transfer_syntax=args.transfer_syntax, photometric=args.photometric,
-        modality=args.modality or ("auto" if args.source is not None else "MR"), source=args.source,
-        label_skew=args.label_skew, quantity_skew=args.quantity_skew,
-        class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
-    )
+    return {
+        "sites": args.sites,
+        "seed": args.seed,
+        "patients": args.patients,
+        "slices": args.slices,
+        "transfer_syntax": args.transfer_syntax,
+        "photometric": args.photometric,
+        "modality": args.modality or ("auto" if args.source is not None else "MR"),
+        "source": args.source,
+        "label_skew": args.label_skew,
+        "quantity_skew": args.quantity_skew,
+        "class_names": [c.strip() for c in args.classes.split(",")] if args.classes else None,
+    }
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -357,9 +376,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if args.patients < 2:
-        raise ConfigError(
-            f"--patients must be at least 2 (one for training, one for validation), got {args.patients}"
-        )
+        raise ConfigError(f"--patients must be at least 2 (one for training, one for validation), got {args.patients}")
     started = time.perf_counter()
     try:
         paths = write_sites(args.out, progress=print, **_synth_kwargs(args))
@@ -393,24 +410,31 @@ def synth_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--slices", type=int, default=defaults.sim.slices, help="slices per patient (phantoms only)")
     p.add_argument(
-        "--transfer-syntax", choices=sorted(TRANSFER_SYNTAX_NAMES),
+        "--transfer-syntax",
+        choices=sorted(TRANSFER_SYNTAX_NAMES),
         help="write every site with this lossless transfer syntax",
     )
     p.add_argument("--photometric", choices=PHOTOMETRICS, help="write every site with this photometric interpretation")
     p.add_argument(
-        "--modality", choices=SITE_MODALITIES,
+        "--modality",
+        choices=SITE_MODALITIES,
         help="MR or CT phantoms (default MR); CR, DX or auto (mixed, default) with --source",
     )
     p.add_argument(
-        "--source", type=Path, metavar="PATH.npz",
+        "--source",
+        type=Path,
+        metavar="PATH.npz",
         help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites",
     )
     p.add_argument(
-        "--task", choices=field_choices("task.name"),
+        "--task",
+        choices=field_choices("task.name"),
         help="segmentation (phantoms) or classification (needs --source); default from --source",
     )
     p.add_argument(
-        "--label-skew", type=float, default=0.0,
+        "--label-skew",
+        type=float,
+        default=0.0,
         help="0 = same class mix / lesion burden on every site; > 0 = per-site skew",
     )
     p.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal site sizes; > 0 = lognormal site sizes")

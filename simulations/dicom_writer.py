@@ -156,8 +156,15 @@ def series_dataset(
     """The attributes shared by every slice of one MR or CT series."""
     ct = profile.modality == "CT"
     ds = patient_dataset(
-        profile, meta, sop_class=CTImageStorage if ct else MRImageStorage, site_index=site_index,
-        patient_index=patient_index, patient_id=patient_id, seed=seed, study_uid=study_uid, series_uid=series_uid,
+        profile,
+        meta,
+        sop_class=CTImageStorage if ct else MRImageStorage,
+        site_index=site_index,
+        patient_index=patient_index,
+        patient_id=patient_id,
+        seed=seed,
+        study_uid=study_uid,
+        series_uid=series_uid,
     )
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.BodyPartExamined = "ABDOMEN"
@@ -284,4 +291,3 @@ def write_mask(
     img.SetSpacing(spacing)
     img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     sitk.WriteImage(img, str(path), useCompression=True)
-

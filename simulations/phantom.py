@@ -123,14 +123,14 @@ class Phantom:
     organ_signal: float
 
 
-
 def _rotate(theta: float, x: float, y: float) -> tuple[float, float]:
     c, s = math.cos(theta), math.sin(theta)
     return x * c - y * s, x * s + y * c
 
 
-
-def draw_phantom(rng: np.random.Generator, z_rel: np.ndarray, thickness: float, *, lesion_scale: float = 1.0) -> Phantom:
+def draw_phantom(
+    rng: np.random.Generator, z_rel: np.ndarray, thickness: float, *, lesion_scale: float = 1.0
+) -> Phantom:
     """Draw one patient's anatomy; ``z_rel`` are the slice positions relative to the slab centre.
 
     ``lesion_scale`` multiplies the lesion radii (label skew); 1.0 draws exactly what it always did.
@@ -175,7 +175,13 @@ def draw_phantom(rng: np.random.Generator, z_rel: np.ndarray, thickness: float, 
 
 
 def _draw_lesions(
-    rng: np.random.Generator, organ: _Ellipse, organ_signal: float, z_rel: np.ndarray, thickness: float, *, scale: float = 1.0
+    rng: np.random.Generator,
+    organ: _Ellipse,
+    organ_signal: float,
+    z_rel: np.ndarray,
+    thickness: float,
+    *,
+    scale: float = 1.0,
 ) -> tuple[_Lesion, ...]:
     """1-3 ellipsoids inside the organ, spread in z so most slices of the slab show lesion."""
     slab = len(z_rel) * thickness
@@ -273,7 +279,9 @@ def render(
     return signal, mask
 
 
-def render_ct(ph: Phantom, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray, thickness: float) -> tuple[np.ndarray, np.ndarray]:
+def render_ct(
+    ph: Phantom, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray, thickness: float
+) -> tuple[np.ndarray, np.ndarray]:
     """HU ``(Z, Y, X)`` float32 averaged over each slice's thickness, and the mask at the slice centres."""
     hu, mask = render(ph, x, y, z_rel, CT_TISSUES)
     offsets = (np.arange(_CT_SUBSLICES) - (_CT_SUBSLICES - 1) / 2.0) * (thickness / _CT_SUBSLICES)
@@ -308,7 +316,12 @@ def _truncate_kspace(s: np.ndarray, keep: float) -> np.ndarray:
 
 
 def acquire_mr(
-    signal: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray
+    signal: np.ndarray,
+    profile: ScannerProfile,
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    z_rel: np.ndarray,
 ) -> np.ndarray:
     """MR tissue signal -> stored pixel values ``(Z, Y, X)`` (uint16 or int16) for ``profile``."""
     s = np.power(signal, np.float32(profile.contrast_gamma), dtype=np.float32)
@@ -373,4 +386,3 @@ def acquire_ct(hu: np.ndarray, profile: ScannerProfile, rng: np.random.Generator
     filtered = np.fft.irfft2(np.fft.rfft2(before, axes=(-2, -1)) * h, s=(n, n), axes=(-2, -1))
     value = profile.hu_offset + profile.hu_scale * _AIR_HU + filtered
     return _store(value, profile)
-

@@ -27,8 +27,8 @@ from simulations.profiles import PHOTOMETRICS, TRANSFER_SYNTAX_NAMES, TRANSFER_S
 __all__ = [
     "GENERATOR_VERSION",
     "INDEX_FILE",
-    "MIN_SKEWED_PATIENTS",
     "MAX_SKEW",
+    "MIN_SKEWED_PATIENTS",
     "STREAM_LABEL",
     "check_existing",
     "check_int",
@@ -100,7 +100,9 @@ def lesion_burden(index: int, *, seed: int, label_skew: float = 0.0) -> float:
     return math.exp(label_skew * z)
 
 
-def storage_overrides(out: Path, *, transfer_syntax: str | None = None, photometric: str | None = None) -> dict[str, str]:
+def storage_overrides(
+    out: Path, *, transfer_syntax: str | None = None, photometric: str | None = None
+) -> dict[str, str]:
     """The storage overrides for the sites under ``out``: the arguments, else what its index recorded.
 
     Args:
@@ -119,7 +121,8 @@ def storage_overrides(out: Path, *, transfer_syntax: str | None = None, photomet
         value = TRANSFER_SYNTAX_NAMES.get(str(transfer_syntax).lower(), transfer_syntax)
         if value not in TRANSFER_SYNTAXES:
             raise ValueError(
-                f"transfer_syntax={transfer_syntax!r} is invalid: use one of {', '.join(TRANSFER_SYNTAX_NAMES)} (all lossless)"
+                f"transfer_syntax={transfer_syntax!r} is invalid: use one of "
+                f"{', '.join(TRANSFER_SYNTAX_NAMES)} (all lossless)"
             )
         given["transfer_syntax"] = value
     if photometric is not None:
@@ -144,8 +147,11 @@ def with_storage(profile: ScannerProfile, storage: dict[str, str]) -> ScannerPro
 
 def check_int(key: str, value: Any, *, low: int, high: int | None = None) -> None:
     """Raise ValueError naming ``key`` unless ``value`` is an integer in ``low .. high``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-        high is not None and value > high
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < low
+        or (high is not None and value > high)
     ):
         allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
         raise ValueError(f"{key}={value!r} is invalid: use {allowed}")
@@ -204,13 +210,14 @@ def check_existing(folder: Path, doc: dict[str, Any]) -> None:
         found = None
     if not isinstance(found, dict):
         raise FileExistsError(
-            f"{folder} exists but has no readable {SITE_FILE}, so it is not a finished site of this "
-            f"generator: {fix}"
+            f"{folder} exists but has no readable {SITE_FILE}, so it is not a finished site of this generator: {fix}"
         )
     diffs: list[str] = []
     if found.get("generator_version") != doc["generator_version"]:
         # Everything else may differ too; the version says it all.
-        diffs.append(f"generator_version {found.get('generator_version')!r} on disk, {doc['generator_version']!r} requested")
+        diffs.append(
+            f"generator_version {found.get('generator_version')!r} on disk, {doc['generator_version']!r} requested"
+        )
     else:
         first = [k for k in ("seed", "task", "modality", "source", "patients", "slices") if k in doc or k in found]
         for key in first + sorted((set(doc) | set(found)) - set(first) - {"name", "profile", "generator_version"}):
@@ -251,5 +258,3 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 def json_text(doc: dict[str, Any]) -> str:
     """The canonical JSON text of a site.json or index (sorted keys; also the site's UID key)."""
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
-
-

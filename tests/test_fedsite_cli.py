@@ -21,7 +21,10 @@ def test_every_command_of_the_fedsite_command_is_run_by_the_side_that_registered
     parser, owner = build_parser()
     assert list(_subcommands(parser)) == ["simulate", "study", "data", "site"]
     assert {c: m.__name__ for c, m in owner.items()} == {
-        "simulate": "simulations.cli", "study": "simulations.cli", "data": "simulations.cli", "site": "client.cli",
+        "simulate": "simulations.cli",
+        "study": "simulations.cli",
+        "data": "simulations.cli",
+        "site": "client.cli",
     }
 
 
@@ -29,8 +32,8 @@ def test_a_side_is_added_by_naming_its_module(monkeypatch: pytest.MonkeyPatch) -
     """A new side (here a stand-in for the server's) needs only its name in the list; its run gets its arguments."""
     side = types.ModuleType("fake_server_cli")
     seen: list[argparse.Namespace] = []
-    side.add_parser = lambda sub: sub.add_parser("server").add_argument("--port", type=int)  # type: ignore[attr-defined]
-    side.run = lambda args: seen.append(args) or 7  # type: ignore[attr-defined]
+    side.add_parser = lambda sub: sub.add_parser("server").add_argument("--port", type=int)  # type: ignore
+    side.run = lambda args: seen.append(args) or 7  # type: ignore
     monkeypatch.setitem(sys.modules, "fake_server_cli", side)
     parser, owner = build_parser(["simulations.cli", "fake_server_cli"])
     args = parser.parse_args(["server", "--port", "9092"])
