@@ -302,12 +302,11 @@ def _method_entry(per_site: dict[str, dict[str, float]], *, sample_steps: int, s
 
 
 def _federated_config(cfg: RunConfig, method: str, out: Path, *, sites_root: Path | None = None, sites: int | None = None) -> RunConfig:
-    data = cfg.data if sites_root is None else replace(cfg.data, root=str(sites_root))
+    root = cfg.sim.root if sites_root is None else str(sites_root)
     return replace(
         cfg,
-        data=data,
         strategy=replace(cfg.strategy, name=method, min_sites=min(cfg.strategy.min_sites, sites or cfg.sim.sites)),
-        sim=replace(cfg.sim, sites=sites or cfg.sim.sites),
+        sim=replace(cfg.sim, sites=sites or cfg.sim.sites, root=root),
         output=replace(cfg.output, dir=str(out)),
     )
 
