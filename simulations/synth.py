@@ -203,8 +203,17 @@ def write_site(
         check_int("sites", sites, low=1, high=9_999)
         src = xray.load_source(source, class_names=class_names)
         path, _ = xray.write_xray_site(
-            root, index, src=src, seed=seed, patients=patients, sites=sites, profile=profile, storage=storage,
-            modality=modality, label_skew=label_skew, quantity_skew=quantity_skew,
+            root,
+            index,
+            src=src,
+            seed=seed,
+            patients=patients,
+            sites=sites,
+            profile=profile,
+            storage=storage,
+            modality=modality,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
         )
         return path
     _check_phantom_modality(modality)
@@ -212,8 +221,15 @@ def write_site(
         raise ValueError("class_names=... names the labels of an image source: pass source=... or drop class_names")
     profile = profile if profile is not None else profile_for_site(index, modality)
     path, _ = _write_site(
-        root, index, seed=seed, patients=patients, slices=slices, profile=with_storage(_checked_profile(profile, modality), storage),
-        modality=modality, label_skew=label_skew, quantity_skew=quantity_skew,
+        root,
+        index,
+        seed=seed,
+        patients=patients,
+        slices=slices,
+        profile=with_storage(_checked_profile(profile, modality), storage),
+        modality=modality,
+        label_skew=label_skew,
+        quantity_skew=quantity_skew,
     )
     return path
 
@@ -269,8 +285,17 @@ def write_sites(
     storage = storage_overrides(out, transfer_syntax=transfer_syntax, photometric=photometric)
     if source is not None:
         return xray.write_xray_sites(
-            out, sites=sites, seed=seed, patients=patients, progress=progress, storage=storage, modality=modality,
-            source=source, label_skew=label_skew, quantity_skew=quantity_skew, class_names=class_names,
+            out,
+            sites=sites,
+            seed=seed,
+            patients=patients,
+            progress=progress,
+            storage=storage,
+            modality=modality,
+            source=source,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
+            class_names=class_names,
         )
     _check_phantom_modality(modality)
     if class_names is not None:
@@ -282,8 +307,15 @@ def write_sites(
     for index in range(sites):
         profile = with_storage(profile_for_site(index, modality), storage)
         path, created = _write_site(
-            out, index, seed=seed, patients=patients, slices=slices, profile=profile, modality=modality,
-            label_skew=label_skew, quantity_skew=quantity_skew,
+            out,
+            index,
+            seed=seed,
+            patients=patients,
+            slices=slices,
+            profile=profile,
+            modality=modality,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
         )
         paths.append(path)
         if progress is not None:
@@ -342,8 +374,16 @@ def _checked_profile(profile: Any, modality: str) -> ScannerProfile:
 
 
 def _phantom_doc(
-    name: str, index: int, *, seed: int, patients: int, slices: int, profile: ScannerProfile, modality: str,
-    label_skew: float, quantity_skew: float,
+    name: str,
+    index: int,
+    *,
+    seed: int,
+    patients: int,
+    slices: int,
+    profile: ScannerProfile,
+    modality: str,
+    label_skew: float,
+    quantity_skew: float,
 ) -> dict[str, Any]:
     n = site_patients(index, seed=seed, patients=patients, quantity_skew=quantity_skew)
     burden = lesion_burden(index, seed=seed, label_skew=label_skew)
@@ -371,8 +411,16 @@ def _phantom_doc(
 
 
 def _write_site(
-    root: Path, index: int, *, seed: int, patients: int, slices: int, profile: ScannerProfile | None,
-    modality: str = "MR", label_skew: float = 0.0, quantity_skew: float = 0.0,
+    root: Path,
+    index: int,
+    *,
+    seed: int,
+    patients: int,
+    slices: int,
+    profile: ScannerProfile | None,
+    modality: str = "MR",
+    label_skew: float = 0.0,
+    quantity_skew: float = 0.0,
 ) -> tuple[Path, bool]:
     """:func:`write_site` for a phantom site, also telling whether the folder was created (True) or reused."""
     check_int("index", index, low=0)
@@ -382,8 +430,15 @@ def _write_site(
     _check_phantom_modality(modality)
     profile = _checked_profile(profile if profile is not None else profile_for_site(index, modality), modality)
     doc = _phantom_doc(
-        name, index, seed=seed, patients=patients, slices=slices, profile=profile, modality=modality,
-        label_skew=label_skew, quantity_skew=quantity_skew,
+        name,
+        index,
+        seed=seed,
+        patients=patients,
+        slices=slices,
+        profile=profile,
+        modality=modality,
+        label_skew=label_skew,
+        quantity_skew=quantity_skew,
     )
     return write_folder(root, name, doc, lambda tmp: _build_site(tmp, index, doc, profile))
 
@@ -429,9 +484,7 @@ def _build_site(folder: Path, index: int, doc: dict[str, Any], profile: ScannerP
         series_uid = uid(site_key, p, "series")
         series_dir = folder / "dicom" / pid / f"SE{meta.series_number:04d}"
         series_dir.mkdir(parents=True)
-        instances = (
-            list(range(slices, 0, -1)) if p == REVERSED_PATIENT else list(range(1, slices + 1))
-        )
+        instances = list(range(slices, 0, -1)) if p == REVERSED_PATIENT else list(range(1, slices + 1))
         common = series_dataset(
             profile,
             meta,
@@ -453,9 +506,10 @@ def _build_site(folder: Path, index: int, doc: dict[str, Any], profile: ScannerP
                 position=(x0, x0, float(z[k])),
                 pixels=stored[k],
             )
-        write_mask(folder / LABELS_DIR / f"{series_uid}.nii.gz", mask, origin=(x0, x0, float(z[0])), spacing=(dx, dx, thk))
+        write_mask(
+            folder / LABELS_DIR / f"{series_uid}.nii.gz", mask, origin=(x0, x0, float(z[0])), spacing=(dx, dx, thk)
+        )
     (folder / SITE_FILE).write_text(json_text(doc), encoding="utf-8")
-
 
 
 if __name__ == "__main__":
