@@ -35,18 +35,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from client.dataset import load_site  # noqa: E402
+from client.layout import sim_site_name  # noqa: E402
 from common.config import RunConfig, flatten, parse_run_config  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.task import evaluate, stack_samples, train  # noqa: E402
 from simulations.runner import prepare, simulate  # noqa: E402
-from simulations.synth import site_name  # noqa: E402
 
 
 def centralized(cfg: RunConfig) -> dict:
     """Pooled training with the federation's budget; returns timings and sample-steps."""
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    sites = [load_site(Path(cfg.sim.root) / site_name(i), cfg.data, seed=cfg.seed) for i in range(cfg.sim.sites)]
+    sites = [load_site(Path(cfg.sim.root) / sim_site_name(i), cfg.data, seed=cfg.seed) for i in range(cfg.sim.sites)]
     pooled = stack_samples([s for site in sites for s in site.train])
     vals = [stack_samples(site.val) for site in sites]
     t_load = time.perf_counter() - t0
@@ -142,7 +142,7 @@ def main() -> None:
         # DICOM once in its life; both runs then read the same cached samples.
         t0 = time.perf_counter()
         for i in range(cfg.sim.sites):
-            load_site(Path(cfg.sim.root) / site_name(i), cfg.data, seed=cfg.seed)
+            load_site(Path(cfg.sim.root) / sim_site_name(i), cfg.data, seed=cfg.seed)
         first_decode_s = time.perf_counter() - t0
         fed = federated(cfg, Path(tmp) / "run")
         cen = centralized(cfg)

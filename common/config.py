@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -33,7 +33,9 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "default_flat_config",
+    "field_choices",
     "flatten",
+    "parse_overrides",
     "parse_run_config",
 ]
 
@@ -432,3 +434,53 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
 def default_flat_config() -> dict[str, Any]:
     """The defaults as a flat dict; equal to ``[tool.flwr.app.config]`` in pyproject.toml."""
     return flatten(RunConfig())
+
+
+def field_choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a run-config key that takes one of a fixed set, e.g. ``strategy.name``.
+
+    Args:
+        key: A flat dotted key of ``[tool.flwr.app.config]``.
+
+    Returns:
+        The allowed values, in their declared order (what a command's ``choices=`` should use).
+
+    Raises:
+        KeyError: If ``key`` is unknown or does not take one of a fixed set.
+    """
+    f, _ = _LEAVES[key]
+    if "choices" not in f.metadata:
+        raise KeyError(f"config key {key!r} is not a choice among fixed values")
+    return tuple(f.metadata["choices"])
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--run-config`` overrides into a flat dict, values typed as TOML scalars.
+
+    Each item holds one or more whitespace-separated ``key=value`` pairs, as Flower's ``--run-config``:
+    ``["train.lr=0.01", "strategy.name='fedprox' seed=3"]`` -> ``{"train.lr": 0.01, "strategy.name":
+    "fedprox", "seed": 3}``. A value that is not valid TOML is kept as a bare string. Keys are not
+    checked here (:func:`parse_run_config` does that).
+
+    Args:
+        items: The option's values, one string per ``--run-config``.
+
+    Returns:
+        The overrides; a later pair for the same key wins.
+
+    Raises:
+        ConfigError: If a part has no ``=``.
+    """
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        for part in item.split():
+            if "=" not in part:
+                raise ConfigError(f"--run-config expects key=value pairs, got {part!r}")
+            key, value = part.split("=", 1)
+            try:
+                out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key.strip()] = value  # a bare string
+    return out

@@ -64,6 +64,14 @@ TRANSFER_SYNTAXES = (
     "JPEG2000Lossless",
     "DeflatedExplicitVRLittleEndian",
 )
+#: Short names of the transfer syntaxes for options (``--transfer-syntax jpeg-ls``).
+TRANSFER_SYNTAX_NAMES = {
+    "explicit": "ExplicitVRLittleEndian",
+    "rle": "RLELossless",
+    "jpeg-ls": "JPEGLSLossless",
+    "jpeg2000": "JPEG2000Lossless",
+    "deflate": "DeflatedExplicitVRLittleEndian",
+}
 MODALITIES = ("MR", "CT", "CR", "DX")
 #: Modalities of the projection (X-ray) profiles.
 XRAY_MODALITIES = ("CR", "DX")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig, flatten
-from simulations.synth import GENERATOR_VERSION
+from simulations.sitefolder import GENERATOR_VERSION
 
 __all__ = ["SimulationError", "app_dir", "default_sites_root", "prepare", "simulate", "start_ray", "synth_options"]
 
@@ -96,10 +96,11 @@ def prepare(
     written (and checked against the run's generator settings) only under the default root, or
     when some are missing.
     """
-    from simulations.synth import SITE_FILE, site_name, write_sites
+    from client.layout import SITE_FILE, sim_site_name
+    from simulations.synth import write_sites
 
     root = Path(cfg.sim.root).expanduser().resolve() if cfg.sim.root else default_sites_root(cfg)
-    present = all((root / site_name(i) / SITE_FILE).is_file() for i in range(cfg.sim.sites))
+    present = all((root / sim_site_name(i) / SITE_FILE).is_file() for i in range(cfg.sim.sites))
     if cfg.sim.root and present:
         # The researcher's own folder of sites (e.g. written by `fedsite data synth --source ...`):
         # used as it is, whatever settings wrote it.

@@ -14,7 +14,7 @@
 
 It measures each model on every site's validation split (the **cross-site matrix**), the mean
 and worst site per method, and a **shift measure** between sites computed from what a site may
-share: the intensity histogram of the images its model sees (:mod:`common.shift`), set next to
+share: the intensity histogram of the images its model sees (:mod:`simulations.shift_measure`), set next to
 the loss each local model suffers from one site to another. Everything is written to
 ``shift.json`` and a Markdown report with figures (:mod:`simulations.report`).
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig, flatten
+from common.config import STRATEGY_NAMES, RunConfig, flatten
 from common.metrics import summarize_sites
 
 __all__ = [
@@ -63,7 +63,7 @@ __all__ = [
 log = logging.getLogger("fedsite.sim")
 
 #: Federated methods (a ``strategy.name`` each).
-FEDERATED = ("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi")
+FEDERATED = STRATEGY_NAMES
 QUICK_METHODS = ("local-only", "pooled", "fedavg", "fedprox", "fedbn")
 FULL_METHODS = ("local-only", "pooled", *FEDERATED)
 
@@ -262,12 +262,12 @@ def home_advantage(
 
 def _load_sites(cfg: RunConfig) -> list[SiteSplits]:
     from client.dataset import load_site
+    from client.layout import sim_site_name
     from common.task import stack_samples
-    from simulations.synth import site_name
 
     out = []
     for i in range(cfg.sim.sites):
-        folder = Path(cfg.sim.root) / site_name(i)
+        folder = Path(cfg.sim.root) / sim_site_name(i)
         data = load_site(folder, cfg.data, seed=cfg.seed, task=cfg.task)
         out.append(
             SiteSplits(
@@ -306,14 +306,14 @@ def _example_image(folder: Path) -> np.ndarray | None:
 
 def _loso_root(out: Path, sites_root: Path, names: Sequence[str], left_out: int) -> Path:
     """A data root whose ``site-01``, ``site-02``, ... link to every site but ``left_out``."""
-    from simulations.synth import site_name
+    from client.layout import sim_site_name
 
     root = out / f"without-{names[left_out]}"
     root.mkdir(parents=True, exist_ok=True)
     kept = [i for i in range(len(names)) if i != left_out]
     for j, i in enumerate(kept):
-        link = root / site_name(j)
-        target = (sites_root / site_name(i)).resolve()
+        link = root / sim_site_name(j)
+        target = (sites_root / sim_site_name(i)).resolve()
         if link.is_symlink() and link.resolve() == target:
             continue
         if link.is_symlink() or link.exists():
@@ -426,12 +426,12 @@ def _study(
     quick: bool,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
+    from client.layout import sim_site_name
     from common.model import build_model
-    from common.shift import distance_matrix, intensity_histogram, spearman
     from common.task import class_weights
     from simulations.report import write_report
     from simulations.runner import prepare, simulate
-    from simulations.synth import site_name
+    from simulations.shift_measure import distance_matrix, intensity_histogram, spearman
 
     n = base.sim.sites
     started = time.perf_counter()
@@ -578,7 +578,9 @@ def _study(
     doc["seconds"] = time.perf_counter() - started
     (out / "shift.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
     examples = {
-        s.name: img for s in sites if (img := _example_image(sites_root / site_name(names.index(s.name)))) is not None
+        s.name: img
+        for s in sites
+        if (img := _example_image(sites_root / sim_site_name(names.index(s.name)))) is not None
     }
     report = write_report(out, _finite(doc), examples=examples)
     progress(f"wrote {out / 'shift.json'} and {report} in {doc['seconds']:.0f}s")

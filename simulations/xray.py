@@ -27,7 +27,7 @@ Partition (deterministic from the seed): each class's images are shuffled once
 (``default_rng([seed, POOL, class])``); site 0 takes its images from the front of these class
 queues, then site 1 from what is left, and so on, so a site's images depend on the seed and the
 sites before it, never on how many sites follow. Site ``i`` takes
-:func:`~simulations.synth.site_patients` images (``patients``, or lognormal under quantity skew)
+:func:`~simulations.sitefolder.site_patients` images (``patients``, or lognormal under quantity skew)
 with class shares ``p_i``: the pooled class mix ``g`` with ``label_skew = 0``, else a Dirichlet
 draw with concentration ``K * g / label_skew`` (``K`` classes: mean ``g``, total concentration
 ``K / label_skew``, so larger skew = more lopsided sites). Counts are ``p_i * n_i`` rounded by
@@ -69,7 +69,8 @@ from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
 )
 
-from simulations import synth
+from client.layout import LABELS_CSV, SITE_FILE, sim_site_name
+from simulations.dicom_writer import draw_meta, ds_value, patient_dataset, uid, write_slice
 from simulations.profiles import (
     EDGE_KERNEL_MM,
     XRAY_MODALITIES,
@@ -77,8 +78,22 @@ from simulations.profiles import (
     profile_for_site,
     profile_to_dict,
 )
+from simulations.sitefolder import (
+    GENERATOR_VERSION,
+    INDEX_FILE,
+    STREAM_LABEL,
+    check_int,
+    check_skew,
+    json_text,
+    patient_id,
+    site_patients,
+    with_storage,
+    write_folder,
+    write_json_atomic,
+)
 
 __all__ = [
+    "SOURCE_MODALITIES",
     "SPLITS",
     "ImageSource",
     "allocate",
@@ -97,8 +112,8 @@ KNOWN_CLASS_NAMES: dict[str, tuple[str, ...]] = {"pneumoniamnist": ("normal", "p
 QUANTA_PER_MM2 = 100.0
 #: Line integral of attenuation for object value 1 (transmission ``exp(-3)`` = 5%).
 ATTENUATION = 3.0
-#: Name of the classification manifest in a site folder.
-LABELS_FILE = "labels.csv"
+#: What ``modality`` may be with an image source (``"MR"``, the phantoms' default, means ``"auto"``).
+SOURCE_MODALITIES = ("CR", "DX", "auto")
 
 # Random stream of the class queues: [seed, _STREAM_POOL, class] (site indices are < 10_000).
 _STREAM_POOL = 1_000_010
@@ -255,7 +270,7 @@ def allocate(
         ValueError: If the sites need more images than the source has.
     """
     n_total = int(labels.shape[0])
-    sizes = [synth.site_patients(i, seed=seed, patients=patients, quantity_skew=quantity_skew) for i in range(sites)]
+    sizes = [site_patients(i, seed=seed, patients=patients, quantity_skew=quantity_skew) for i in range(sites)]
     if sum(sizes) > n_total:
         skew = f" with quantity_skew={quantity_skew:g}" if quantity_skew else ""
         raise ValueError(
@@ -276,7 +291,7 @@ def allocate(
             shares = mix
         else:
             alpha = np.maximum(len(classes) * mix / label_skew, 1e-3)
-            shares = np.random.default_rng([seed, i, synth._STREAM_LABEL]).dirichlet(alpha)
+            shares = np.random.default_rng([seed, i, STREAM_LABEL]).dirichlet(alpha)
         take = np.minimum(_largest_remainder(n, shares), left)
         short = n - int(take.sum())
         for k in np.argsort(-(left - take), kind="stable"):
@@ -380,10 +395,10 @@ def expose(image: np.ndarray, profile: ScannerProfile, rng: np.random.Generator)
 def _source_modality(modality: str) -> str:
     if modality == "MR":  # the default of write_sites: with a source, mixed CR and DX
         return "auto"
-    if modality not in synth.SOURCE_MODALITIES:
+    if modality not in SOURCE_MODALITIES:
         raise ValueError(
             f"modality={modality!r} is invalid with source=...: an image source gives X-ray sites; use "
-            f"{', '.join(map(repr, synth.SOURCE_MODALITIES))} ('auto' mixes CR and DX profiles)"
+            f"{', '.join(map(repr, SOURCE_MODALITIES))} ('auto' mixes CR and DX profiles)"
         )
     return modality
 
@@ -429,7 +444,7 @@ def write_xray_site(
     """
     modality = _source_modality(modality)
     _check_common(seed, patients, label_skew, quantity_skew)
-    synth._check_int("index", index, low=0, high=sites - 1)
+    check_int("index", index, low=0, high=sites - 1)
     picks = allocate(
         src.labels,
         seed=seed,
@@ -440,7 +455,7 @@ def write_xray_site(
         upto=index + 1,
     )[index]
     chosen = profile if profile is not None else profile_for_site(index, modality)
-    chosen = synth._with_storage(_checked_xray_profile(chosen, modality), storage)
+    chosen = with_storage(_checked_xray_profile(chosen, modality), storage)
     return _write(
         root,
         index,
@@ -479,7 +494,7 @@ def write_xray_sites(
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index in range(sites):
-        profile = synth._with_storage(profile_for_site(index, modality), storage)
+        profile = with_storage(profile_for_site(index, modality), storage)
         path, created = _write(
             out,
             index,
@@ -501,7 +516,7 @@ def write_xray_sites(
                 f"({index + 1}/{sites}) in {path}"
             )
     index_doc: dict[str, Any] = {
-        "generator_version": synth.GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "task": "classification",
         "modality": modality,
@@ -515,14 +530,14 @@ def write_xray_sites(
     }
     if storage:
         index_doc["storage"] = storage
-    synth._write_json_atomic(out / synth.INDEX_FILE, index_doc)
+    write_json_atomic(out / INDEX_FILE, index_doc)
     return paths
 
 
 def _check_common(seed: int, patients: int, label_skew: float, quantity_skew: float) -> None:
-    synth._check_int("seed", seed, low=0, high=2**63 - 1)
-    synth._check_int("patients", patients, low=1, high=99_999)
-    synth._check_skew(label_skew, quantity_skew)
+    check_int("seed", seed, low=0, high=2**63 - 1)
+    check_int("patients", patients, low=1, high=99_999)
+    check_skew(label_skew, quantity_skew)
 
 
 def _write(
@@ -537,12 +552,12 @@ def _write(
     label_skew: float,
     quantity_skew: float,
 ) -> tuple[Path, bool]:
-    name = synth.site_name(index)
+    name = sim_site_name(index)
     labels = src.labels[picks]
     counts = np.bincount(labels, minlength=len(src.class_names))
     doc = {
         "name": name,
-        "generator_version": synth.GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "task": "classification",
         "modality": profile.modality,
@@ -556,7 +571,7 @@ def _write(
         "quantity_skew": float(quantity_skew),
         "profile": profile_to_dict(profile),
     }
-    return synth._write_folder(
+    return write_folder(
         Path(root),
         name,
         doc,
@@ -574,43 +589,43 @@ def _build_xray_site(
     class_names: Sequence[str],
 ) -> None:
     seed, n = doc["seed"], len(images)
-    site_key = hashlib.sha256(synth._json_text(doc).encode()).hexdigest()
+    site_key = hashlib.sha256(json_text(doc).encode()).hexdigest()
     source = str(doc["source"])
     chest = source.lower().startswith(("pneumoniamnist", "chestmnist"))
     ages = (1, 6) if source.lower().startswith("pneumoniamnist") else (20, 80)
     (folder / "dicom").mkdir()
     rows = ["PatientID,label"]
     for j in range(n):
-        patient_id = synth._patient_id(index, j, n, min_width=4)
+        pid = patient_id(index, j, n, min_width=4)
         rng = np.random.default_rng([seed, index, j])
-        meta = synth._draw_meta(rng, seed, age_years=ages)
+        meta = draw_meta(rng, seed, age_years=ages)
         stored = expose(images[j].astype(np.float64) / 255.0, profile, rng)
         ds = _xray_dataset(
             profile,
             meta,
             site_index=index,
             patient_index=j,
-            patient_id=patient_id,
+            patient_id=pid,
             seed=seed,
             chest=chest,
             source=source,
-            study_uid=synth._uid(site_key, j, "study"),
-            series_uid=synth._uid(site_key, j, "series"),
+            study_uid=uid(site_key, j, "study"),
+            series_uid=uid(site_key, j, "series"),
         )
-        series_dir = folder / "dicom" / patient_id / "SE0001"
+        series_dir = folder / "dicom" / pid / "SE0001"
         series_dir.mkdir(parents=True)
-        synth._write_slice(
+        write_slice(
             series_dir / "IM0001.dcm",
             ds,
             profile,
-            sop_uid=synth._uid(site_key, j, "sop"),
+            sop_uid=uid(site_key, j, "sop"),
             instance=1,
             position=None,
             pixels=stored,
         )
-        rows.append(f"{patient_id},{class_names[int(labels[j])]}")
-    (folder / LABELS_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
-    (folder / synth.SITE_FILE).write_text(synth._json_text(doc), encoding="utf-8")
+        rows.append(f"{pid},{class_names[int(labels[j])]}")
+    (folder / LABELS_CSV).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / SITE_FILE).write_text(json_text(doc), encoding="utf-8")
 
 
 def _xray_dataset(
@@ -628,7 +643,7 @@ def _xray_dataset(
 ) -> Dataset:
     """The attributes of one CR or DX (For Presentation) image."""
     cr = profile.modality == "CR"
-    ds = synth._patient_dataset(
+    ds = patient_dataset(
         profile,
         meta,
         sop_class=_SOP_CLASSES[profile.modality],
@@ -651,11 +666,11 @@ def _xray_dataset(
         f"Simulated {profile.modality} acquisition of an image of a public labelled set ({source})"[:1024]
     )
     if profile.kvp is not None:
-        ds.KVP = synth._ds(profile.kvp)
+        ds.KVP = ds_value(profile.kvp)
     ds.DistanceSourceToDetector = "1000"
     ds.Exposure = max(1, round(2.0 * profile.exposure))  # mAs
     ds.ExposureInuAs = round(2000.0 * profile.exposure)
-    spacing = [synth._ds(profile.pixel_spacing_mm)] * 2
+    spacing = [ds_value(profile.pixel_spacing_mm)] * 2
     if cr:
         ds.RelativeXRayExposure = round(1000.0 * profile.exposure)
         ds.PixelSpacing = spacing
@@ -664,9 +679,9 @@ def _xray_dataset(
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.DetectorType = "SCINTILLATOR"
         ds.ImagerPixelSpacing = spacing
-        ds.ExposureIndex = synth._ds(exposure_index)
+        ds.ExposureIndex = ds_value(exposure_index)
         ds.TargetExposureIndex = "400"
-        ds.DeviationIndex = synth._ds(round(10.0 * math.log10(exposure_index / 400.0), 2))
+        ds.DeviationIndex = ds_value(round(10.0 * math.log10(exposure_index / 400.0), 2))
         ds.PixelIntensityRelationship = "LOG"
         # -1: higher values = less X-ray intensity (MONOCHROME2 presentation: bright = attenuating).
         ds.PixelIntensityRelationshipSign = -1 if profile.photometric == "MONOCHROME2" else 1
@@ -674,8 +689,8 @@ def _xray_dataset(
     ds.LossyImageCompression = "00"
     top = 2**profile.bits_stored - 1
     # LINEAR window whose output range is exactly 0..top (PS3.3 C.11.2.1.2.1): the client reads stored / top.
-    ds.WindowCenter = synth._ds(top / 2.0 + 0.5)
-    ds.WindowWidth = synth._ds(top + 1.0)
+    ds.WindowCenter = ds_value(top / 2.0 + 0.5)
+    ds.WindowWidth = ds_value(top + 1.0)
     ds.VOILUTFunction = "LINEAR"
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"

@@ -161,7 +161,7 @@ def test_a_classification_federation_runs_end_to_end_in_flower(
     """X-ray DICOM sites -> Flower simulation -> per-site AUC, sensitivity, specificity and ECE in results.json."""
     import json
 
-    from common.cli import main
+    from fedsite.cli import main
 
     out = tmp_path / "run"
     overrides = " ".join(

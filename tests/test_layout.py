@@ -1,8 +1,12 @@
-"""The app's packages resolve to this repository and the app declares itself as Flower expects."""
+"""The app's packages resolve to this repository, keep to their floors, and declare themselves as Flower expects."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("package", ["server", "client", "common", "simulations", "certs"])
+@pytest.mark.parametrize("package", ["server", "client", "common", "simulations", "certs", "fedsite"])
 def test_top_level_package_resolves_to_this_repository(package: str) -> None:
     """Nothing else on sys.path shadows the app's generic package names."""
     mod = importlib.import_module(package)
@@ -31,43 +35,74 @@ def test_pyproject_names_the_flower_components() -> None:
     assert isinstance(client_app, ClientApp) and isinstance(server_app, ServerApp)
 
 
-def _imports(package: str) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code (function-level imports too)."""
     names: set[str] = set()
-    for path in (REPO / package).rglob("*.py"):
-        for line in path.read_text().splitlines():
-            s = line.strip()
-            if s.startswith("import ") or s.startswith("from "):
-                names.add(s.split()[1].split(".")[0])
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
     return names
 
 
-def test_client_and_server_never_import_each_other() -> None:
-    assert "server" not in _imports("client")
-    assert "client" not in _imports("server")
+def _imports_package(path: Path, package: str) -> bool:
+    return any(name == package or name.startswith(package + ".") for name in _imported_modules(path))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "common/task.py",
-        "common/model.py",
-        "common/config.py",
-        "client/dataset.py",
-        "client/dicom.py",
-        "simulations/synth.py",
-        "simulations/profiles.py",
-    ],
-)
+def _modules(*packages: str) -> list[Path]:
+    return sorted(p for pkg in packages for p in (REPO / pkg).rglob("*.py"))
+
+
+def _lint_imports() -> subprocess.CompletedProcess[str]:
+    """Run import-linter on this repository's pyproject.toml contracts (on this checkout's code)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run(
+        [sys.executable, "-c", command, "--no-cache", "pyproject.toml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_floors_hold_common_at_the_bottom_client_and_server_on_common_alone() -> None:
+    """The import-linter contracts in pyproject.toml (the floors) are all kept."""
+    result = _lint_imports()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_the_floor_contracts_cover_every_top_level_package() -> None:
+    """A new top-level package cannot slip past the floors unchecked."""
+    linter = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(linter["root_packages"]) == sorted(packages)
+    checked = {m for c in linter["contracts"] if c["type"] == "forbidden" for m in c["source_modules"]}
+    assert checked == {"common", "client", "server", "certs"}
+
+
+#: Modules that talk to Flower: the handlers, the records conversion and the simulation runner.
+FLOWER_FACING = {"common/records.py", "client/app.py", "simulations/runner.py"}
+
+
+PLAIN_MODULES = [
+    name for p in _modules("common", "client", "simulations") if (name := str(p.relative_to(REPO))) not in FLOWER_FACING
+]
+
+
+@pytest.mark.parametrize("module", PLAIN_MODULES)
 def test_training_data_and_model_code_do_not_import_flower(module: str) -> None:
-    text = (REPO / module).read_text()
-    assert "import flwr" not in text and "from flwr" not in text
+    assert not _imports_package(REPO / module, "flwr")
 
 
 def test_only_the_tracking_module_imports_mlflow() -> None:
     offenders = [
         str(p.relative_to(REPO))
-        for pkg in ("server", "client", "common", "simulations")
-        for p in (REPO / pkg).rglob("*.py")
-        if ("import mlflow" in p.read_text() or "from mlflow" in p.read_text()) and p.name != "tracking.py"
+        for p in _modules("server", "client", "common", "simulations", "certs", "fedsite")
+        if _imports_package(p, "mlflow") and p.relative_to(REPO) != Path("server/tracking.py")
     ]
     assert offenders == []

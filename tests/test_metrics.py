@@ -1,4 +1,4 @@
-"""Classification metrics (common/metrics.py) and the shift measure (common/shift.py), on hand-computed cases."""
+"""Classification metrics (common/metrics.py) and the shift measure (simulations/shift_measure.py), on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from common.metrics import (
     expected_calibration_error,
     roc_auc,
 )
-from common.shift import distance_matrix, intensity_histogram, js_distance, spearman
+from simulations.shift_measure import distance_matrix, intensity_histogram, js_distance, spearman
 
 
 def _binary(p1: list[float]) -> np.ndarray:

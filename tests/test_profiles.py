@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from pydicom.uid import CTImageStorage
 
 from client.discovery import discover_series, read_series
+from client.layout import sim_site_name as site_name
 from simulations.profiles import (
     CT_PROFILES,
     MR_PROFILES,
@@ -30,17 +31,9 @@ from simulations.profiles import (
     profile_from_dict,
     profile_to_dict,
 )
-from simulations.synth import (
-    GENERATOR_VERSION,
-    INDEX_FILE,
-    MIN_SKEWED_PATIENTS,
-    lesion_burden,
-    site_name,
-    site_patients,
-    write_site,
-    write_sites,
-)
-from tests.test_synth import _ring
+from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE, MIN_SKEWED_PATIENTS, lesion_burden, site_patients
+from simulations.synth import write_site, write_sites
+from tests.image_helpers import ring as _ring
 
 SEED = 3
 # Small, noise-free grids: 64 x 3.5 mm = 224 mm holds the body.

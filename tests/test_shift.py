@@ -190,7 +190,7 @@ def test_fedsite_study_shift_writes_shift_json_and_a_report_with_its_pictures(
     """The command end to end on tiny sites: local-only, pooled, FedAvg (Flower) and FedAvg left-one-site-out."""
     import json
 
-    from common.cli import main
+    from fedsite.cli import main
 
     out = tmp_path / "study"
     code = main(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from fedsite.cli import main
 
 
 @pytest.mark.slow

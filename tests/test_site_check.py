@@ -17,7 +17,7 @@ import pytest
 from client.discovery import discover_series, read_series
 from client.errors import DicomError
 from client.phi import hash_id
-from common.cli import main
+from fedsite.cli import main
 from tests.dicom_fixtures import pydicom_file, pydicom_test_files, pydicom_tree
 
 REPORT_KEYS = (
@@ -45,7 +45,7 @@ def test_every_pydicom_and_pydicom_data_file_is_accepted_or_rejected_with_a_reas
     assert len(files) == len(pydicom_test_files()) > 200
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", "site", "check", str(tree), "--json", str(report_path)],
+        [sys.executable, "-m", "fedsite", "site", "check", str(tree), "--json", str(report_path)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -398,7 +398,8 @@ def test_a_compressed_sites_folder_is_reused_by_later_calls_without_the_option(t
     """What `fedsite simulate --data-root` does on a folder written with --transfer-syntax: reuse, no error."""
     import json
 
-    from simulations.synth import INDEX_FILE, write_site, write_sites
+    from simulations.sitefolder import INDEX_FILE
+    from simulations.synth import write_site, write_sites
 
     first = write_sites(tmp_path, sites=2, seed=3, patients=2, slices=2, transfer_syntax="jpeg-ls")
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.dcm")}

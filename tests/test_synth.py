@@ -1,4 +1,4 @@
-"""Tests of the synthetic scanner-site generator (simulations.synth, simulations.profiles)."""
+"""Tests of the synthetic scanner-site generator (simulations.synth and its modules, simulations.profiles)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless
 
+from client.layout import sim_site_name as site_name
 from simulations import synth
 from simulations.profiles import (
     DEFAULT_PROFILES,
@@ -24,7 +25,9 @@ from simulations.profiles import (
     profile_to_dict,
     stored_limits,
 )
-from simulations.synth import GENERATOR_VERSION, INDEX_FILE, REVERSED_PATIENT, site_name, write_site, write_sites
+from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE
+from simulations.synth import REVERSED_PATIENT, write_site, write_sites
+from tests.image_helpers import ring as _ring
 
 SEED = 7
 PATIENTS = 3
@@ -121,19 +124,6 @@ def _volume_and_mask(site: Path, series_dir: Path) -> tuple[np.ndarray, np.ndarr
     volume = np.stack([_decode(ds) for ds in dss])
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(site / "labels" / f"{dss[0].SeriesInstanceUID}.nii.gz")))
     return volume, mask.astype(bool), dss
-
-
-def _ring(mask: np.ndarray, width_px: int) -> np.ndarray:
-    """In-plane ring of ``width_px`` pixels around the mask (per slice)."""
-    grown = mask.copy()
-    for _ in range(width_px):
-        g = grown.copy()
-        g[:, 1:, :] |= grown[:, :-1, :]
-        g[:, :-1, :] |= grown[:, 1:, :]
-        g[:, :, 1:] |= grown[:, :, :-1]
-        g[:, :, :-1] |= grown[:, :, 1:]
-        grown = g
-    return grown & ~mask
 
 
 def _lesion_and_surround(site: Path, series_dir: Path, *, decode: bool = True) -> tuple[float, float]:

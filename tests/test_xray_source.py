@@ -22,22 +22,19 @@ from pydicom.uid import (
 
 from client.discovery import discover_series, read_series
 from client.labels import class_labels
+from client.layout import sim_site_name as site_name
 from client.phi import hash_id
-from common.cli import main as fedsite
-from simulations import synth, xray
+from fedsite.cli import main as fedsite
+from simulations import sitefolder, xray
+from simulations.cli import synth_main
 from simulations.profiles import (
     XRAY_FOV_MM,
     XRAY_PROFILES,
     ScannerProfile,
     profile_for_site,
 )
-from simulations.synth import (
-    GENERATOR_VERSION,
-    INDEX_FILE,
-    site_name,
-    write_site,
-    write_sites,
-)
+from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE
+from simulations.synth import write_site, write_sites
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_merged.npz"
 needs_pneumonia = pytest.mark.skipif(
@@ -184,7 +181,7 @@ def test_quantity_skew_varies_site_sizes_and_writes_them(tmp_path: Path) -> None
     for index, site in enumerate(paths):
         doc = json.loads((site / "site.json").read_text())
         n = len(list((site / "dicom").rglob("*.dcm")))
-        assert doc["images"] == n == synth.site_patients(index, seed=2, patients=8, quantity_skew=1.0)
+        assert doc["images"] == n == sitefolder.site_patients(index, seed=2, patients=8, quantity_skew=1.0)
         assert (doc["label_skew"], doc["quantity_skew"]) == (1.0, 1.0)
         assert len((site / "labels.csv").read_text().splitlines()) == n + 1
     index = json.loads((tmp_path / INDEX_FILE).read_text())
@@ -470,6 +467,6 @@ def test_command_line_writes_xray_sites_and_rejects_mismatched_options(
             fedsite(["data", "synth", "--out", str(tmp_path / "bad"), *argv])
         assert info.value.code == 2 and message in capsys.readouterr().err
     assert (
-        synth.main(["--out", str(tmp_path / "mod"), "--sites", "1", "--patients", "4", "--source", str(toy_npz)]) == 0
+        synth_main(["--out", str(tmp_path / "mod"), "--sites", "1", "--patients", "4", "--source", str(toy_npz)]) == 0
     )
     assert (tmp_path / "mod" / "site-01" / "labels.csv").is_file()

@@ -1,0 +1,454 @@
+"""The simulation side of the ``fedsite`` command: ``simulate``, ``study privacy|shift``, ``data synth``.
+
+* ``fedsite simulate``       run a whole federation of simulated scanner sites on this machine
+* ``fedsite study privacy``  the same sites and seeds at several privacy budgets
+* ``fedsite study shift``    domain shift across scanner sites: local-only, pooled and federated methods
+* ``fedsite data synth``     write simulated scanner sites (DICOM + masks, or X-ray sites from an image set)
+
+The ``fedsite`` front (:mod:`fedsite.cli`) registers these with :func:`add_parser` and runs them with
+:func:`run`. Building the parser imports nothing heavy: the generator, the runner and the studies are
+imported when a command runs. Errors a user can fix are printed as ``fedsite: error: ...`` (exit 2);
+a federation that fails exits 1.
+
+``python -m simulations.synth`` (:func:`synth_main`) is the generator's own command: the same
+settings as ``fedsite data synth``, for a machine without the rest of fedsite's commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, RunConfig, field_choices, flatten, parse_overrides, parse_run_config
+
+__all__ = ["COMMANDS", "add_parser", "run", "synth_arguments_error", "synth_main"]
+
+#: The top-level commands this side registers.
+COMMANDS = ("simulate", "study", "data")
+
+_RUN_CONFIG_HELP = "any key of [tool.flwr.app.config]"
+_RUN_CONFIG_METAVAR = "'KEY=VALUE ...'"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``simulate``, ``study privacy``, ``study shift`` and ``data synth`` on ``fedsite``'s subparsers.
+
+    Args:
+        subparsers: The ``fedsite`` parser's subparsers action.
+    """
+    strategies = field_choices("strategy.name")
+    sim = subparsers.add_parser(
+        "simulate", help="run a federation of simulated scanner sites on this machine (Flower + Ray)"
+    )
+    sim.add_argument("--sites", type=int, help="number of sites (default 3)")
+    sim.add_argument("--rounds", type=int, help="federated rounds (default 3)")
+    sim.add_argument("--local-epochs", type=int, help="local epochs per round (default 3)")
+    sim.add_argument("--strategy", choices=strategies, help="aggregation strategy (default fedavg)")
+    sim.add_argument("--seed", type=int, help="run seed (data, split, init, shuffling)")
+    sim.add_argument("--out", type=Path, help="output folder (default ./fedsite-runs/<time>)")
+    sim.add_argument("--data-root", type=Path, help="folder of the simulated sites (written if missing)")
+    sim.add_argument("--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR, help=_RUN_CONFIG_HELP)
+    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
+
+    study = subparsers.add_parser("study", help="compare several federations on the same sites and seeds")
+    studies = study.add_subparsers(dest="study_command", required=True)
+    priv = studies.add_parser(
+        "privacy", help="no DP, clip-only, epsilon 8/3/1: utility, epsilon spent, membership attack AUC"
+    )
+    priv.add_argument(
+        "--out", type=Path, required=True, help="study folder (privacy.json, privacy.png, one run per setting)"
+    )
+    priv.add_argument(
+        "--quick", action="store_true", help="3 sites, 3 rounds x 3 local epochs: about 4 minutes on 2 cores"
+    )
+    priv.add_argument("--sites", type=int)
+    priv.add_argument("--rounds", type=int)
+    priv.add_argument("--seed", type=int)
+    priv.add_argument("--data-root", type=Path)
+    priv.add_argument("--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR)
+
+    shift = studies.add_parser(
+        "shift",
+        help="domain shift across scanner sites: local-only, pooled and federated methods, cross-site matrix, "
+        "unseen scanner",
+    )
+    shift.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="study folder (shift.json, report.md and its figures, one run per method)",
+    )
+    shift.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 sites, 3 rounds x 2 local epochs, 32x32 images: a few minutes on 2 cores",
+    )
+    shift.add_argument(
+        "--source",
+        type=Path,
+        help="a MedMNIST-layout .npz of labelled images (e.g. chest X-rays) written as CR/DX sites; classification",
+    )
+    shift.add_argument(
+        "--methods",
+        help=f"comma-separated, from {','.join(('local-only', 'pooled', *strategies))} "
+        "(default: quick set, or all without --quick)",
+    )
+    shift.add_argument(
+        "--unseen",
+        help="federated methods to run leave-one-site-out (default fedavg with --quick, else fedavg,fedbn; "
+        "'none' to skip)",
+    )
+    shift.add_argument("--sites", type=int)
+    shift.add_argument("--rounds", type=int)
+    shift.add_argument("--seed", type=int)
+    shift.add_argument("--data-root", type=Path)
+    shift.add_argument("--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR)
+
+    data = subparsers.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write simulated scanner sites: DICOM series and lesion masks")
+    defaults = RunConfig()
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=defaults.seed)
+    synth.add_argument("--patients", type=int, default=defaults.sim.patients, help="patients per site")
+    synth.add_argument("--slices", type=int, default=defaults.sim.slices, help="slices per patient")
+    # Literal choices keep this parser free of the generator's imports; tests/test_fedsite_cli.py checks them.
+    synth.add_argument(
+        "--transfer-syntax",
+        choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
+        help="store every site in this lossless transfer syntax (default: each scanner profile's own)",
+    )
+    synth.add_argument(
+        "--photometric",
+        choices=["MONOCHROME1", "MONOCHROME2"],
+        help="store every site with this photometric interpretation",
+    )
+    synth.add_argument(
+        "--modality",
+        choices=["MR", "CT", "CR", "DX", "auto"],
+        help="MR or CT phantoms (default MR); with --source CR, DX or auto (CR and DX mixed, the default)",
+    )
+    synth.add_argument(
+        "--source",
+        type=Path,
+        metavar="PATH.npz",
+        help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites from it",
+    )
+    synth.add_argument(
+        "--task",
+        choices=field_choices("task.name"),
+        help="segmentation (phantoms) or classification (needs --source); default: classification with --source",
+    )
+    synth.add_argument(
+        "--label-skew",
+        type=float,
+        default=0.0,
+        help="0 = every site the global class mix / lesion burden; > 0 = stronger per-site imbalance",
+    )
+    synth.add_argument(
+        "--quantity-skew",
+        type=float,
+        default=0.0,
+        help="0 = equal site sizes; > 0 = lognormal site sizes around --patients (at least 4)",
+    )
+    synth.add_argument(
+        "--classes",
+        metavar="A,B",
+        help="class names of the source's labels 0, 1, ... (default from the file name, e.g. normal,pneumonia)",
+    )
+    synth.set_defaults(synth_parser=synth)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a command registered by :func:`add_parser`; returns the exit code.
+
+    Args:
+        args: The parsed ``fedsite`` arguments (``args.command`` is one of :data:`COMMANDS`).
+
+    Returns:
+        0 on success; 1 when a federation fails or no site returned results; 2 for an error the user
+        can fix (printed as ``fedsite: error: ...``).
+    """
+    try:
+        if args.command == "simulate":
+            return _cmd_simulate(args)
+        if args.command == "data" and args.data_command == "synth":
+            return _cmd_synth(args)
+        if args.command == "study" and args.study_command == "privacy":
+            return _cmd_study_privacy(args)
+        if args.command == "study" and args.study_command == "shift":
+            return _cmd_study_shift(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+        print(f"fedsite: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from simulations.runner import SimulationError
+
+        if isinstance(exc, SimulationError):
+            print(f"fedsite: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return 2
+
+
+def synth_arguments_error(*, task: str | None, source: object, modality: str | None, classes: str | None) -> str | None:
+    """Check the command-line combination of task, source, modality and class names.
+
+    Args:
+        task: ``--task`` (``None`` = implied by ``source``).
+        source: ``--source`` (``None`` = phantom sites).
+        modality: ``--modality`` (``None`` = the default for the task).
+        classes: ``--classes``.
+
+    Returns:
+        The error message for the parser, or None if the combination is valid.
+    """
+    if task == "classification" and source is None:
+        return (
+            "--task classification needs --source PATH.npz (a MedMNIST-layout image set, e.g. "
+            "../shared/data/pneumoniamnist/pneumoniamnist_merged.npz); phantom sites are for segmentation"
+        )
+    if task == "segmentation" and source is not None:
+        return "--source gives class-labelled images (classification): drop --task segmentation or --source"
+    if source is None and modality not in (None, "MR", "CT"):
+        return (
+            f"--modality {modality} needs --source PATH.npz (X-ray sites are made from a labelled image set); "
+            "phantom sites are MR or CT"
+        )
+    if source is not None and modality == "CT":
+        return "--modality CT is for phantom sites; with --source use CR, DX or auto"
+    if classes is not None and source is None:
+        return "--classes names the labels of --source; give --source PATH.npz or drop --classes"
+    return None
+
+
+def _simulate_config(args: argparse.Namespace, defaults: dict[str, object] | None = None) -> RunConfig:
+    flat = flatten(RunConfig())
+    flat.update(defaults or {})
+    flat.update(parse_overrides(args.run_config))
+    named = {
+        "sim.sites": args.sites,
+        "num-server-rounds": args.rounds,
+        "train.local-epochs": getattr(args, "local_epochs", None),
+        "strategy.name": getattr(args, "strategy", None),
+        "seed": args.seed,
+        "sim.root": str(args.data_root) if args.data_root else None,
+    }
+    flat.update({k: v for k, v in named.items() if v is not None})
+    cfg = parse_run_config(flat)
+    if cfg.sim.sites < cfg.strategy.min_sites:
+        raise ConfigError(
+            f"--sites {cfg.sim.sites} is fewer than strategy.min-sites = {cfg.strategy.min_sites}; "
+            f"use --sites {cfg.strategy.min_sites} or more, or lower strategy.min-sites"
+        )
+    return cfg
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import simulate
+
+    cfg = _simulate_config(args)
+    out = args.out or Path("fedsite-runs", time.strftime("%Y%m%d-%H%M%S"))
+    print(
+        f"fedsite simulate: {cfg.sim.sites} sites, {cfg.num_server_rounds} rounds x {cfg.train.local_epochs} "
+        f"local epochs, strategy {cfg.strategy.name}, seed {cfg.seed}",
+        flush=True,
+    )
+    results = simulate(cfg, out, progress=lambda m: print(m, flush=True), quiet=not args.verbose)
+    final = results["final"]
+    if not final["per_site"]:
+        print("no site returned evaluation results; see the rejections in results.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_study_privacy(args: argparse.Namespace) -> int:
+    from simulations.studies import privacy_study
+
+    quick: dict[str, object] = (
+        {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
+    )
+    cfg = _simulate_config(args, quick)
+    print(
+        f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}",
+        flush=True,
+    )
+    report = privacy_study(cfg, args.out, progress=lambda m: print(m, flush=True))
+    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC")]
+    for s in report["settings"]:
+        eps = list(s["epsilon_spent"].values())
+        eps_txt = "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}")
+        rows.append(
+            (
+                s["name"],
+                f"{s['utility']['mean'].get('dice', float('nan')):.3f}",
+                f"{s['utility']['worst'].get('dice', float('nan')):.3f}",
+                eps_txt,
+                f"{s['attack_auc'].get('mean', float('nan')):.3f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if "utility_cost_eps8" in report:
+        c = report["utility_cost_eps8"]
+        print(
+            f"utility cost at epsilon 8: mean Dice {c['dice_no_dp']:.3f} without DP -> {c['dice_eps8']:.3f} "
+            f"({c['dice_drop']:+.3f} drop)"
+        )
+    print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
+    return 0
+
+
+def _cmd_study_shift(args: argparse.Namespace) -> int:
+    from simulations.report import format_table
+    from simulations.shift import FULL_METHODS, QUICK_METHODS, check_plan, quick_defaults, shift_study
+
+    defaults: dict[str, object] = {}
+    if args.source is not None:
+        if not args.source.is_file():
+            raise ConfigError(
+                f"--source {args.source} is not a file; give a MedMNIST-layout .npz, e.g. "
+                "../shared/data/pneumoniamnist/pneumoniamnist_merged.npz"
+            )
+        defaults.update(
+            {"task.name": "classification", "sim.source": str(args.source.resolve()), "sim.modality": "auto"}
+        )
+    task = str(defaults.get("task.name", parse_overrides(args.run_config).get("task.name", "segmentation")))
+    if args.quick:
+        defaults.update(quick_defaults(task))
+    cfg = _simulate_config(args, defaults)
+    methods = _names(args.methods) if args.methods else list(QUICK_METHODS if args.quick else FULL_METHODS)
+    unseen = _names(args.unseen) if args.unseen else (["fedavg"] if args.quick else ["fedavg", "fedbn"])
+    if unseen == ["none"]:
+        unseen = []
+    try:
+        check_plan(methods, unseen, cfg.sim.sites)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(
+        f"fedsite study shift: {cfg.task.name} on {cfg.sim.sites} sites, {cfg.num_server_rounds} rounds x "
+        f"{cfg.train.local_epochs} local epochs, methods {', '.join(methods)}; unseen scanner for "
+        f"{', '.join(unseen) or 'none'}; seed {cfg.seed}",
+        flush=True,
+    )
+    try:
+        doc = shift_study(
+            cfg, args.out, methods=methods, unseen=unseen, quick=args.quick, progress=lambda m: print(m, flush=True)
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(format_table(doc))
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _synth_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`simulations.synth.write_sites` settings of a ``data synth`` command line."""
+    return {
+        "sites": args.sites,
+        "seed": args.seed,
+        "patients": args.patients,
+        "slices": args.slices,
+        "transfer_syntax": args.transfer_syntax,
+        "photometric": args.photometric,
+        "modality": args.modality or ("auto" if args.source is not None else "MR"),
+        "source": args.source,
+        "label_skew": args.label_skew,
+        "quantity_skew": args.quantity_skew,
+        "class_names": [c.strip() for c in args.classes.split(",")] if args.classes else None,
+    }
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from simulations.synth import write_sites
+
+    problem = synth_arguments_error(task=args.task, source=args.source, modality=args.modality, classes=args.classes)
+    if problem:
+        args.synth_parser.error(problem)  # exits 2 with the subcommand's usage, like any argparse error
+    for name, value in (("--sites", args.sites), ("--patients", args.patients), ("--slices", args.slices)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if args.patients < 2:
+        raise ConfigError(f"--patients must be at least 2 (one for training, one for validation), got {args.patients}")
+    started = time.perf_counter()
+    try:
+        paths = write_sites(args.out, progress=print, **_synth_kwargs(args))
+    except ValueError as exc:  # a bad value or an unusable --source: reported like a config error
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {len(paths)} sites under {args.out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def synth_main(argv: list[str] | None = None) -> int:
+    """``python -m simulations.synth``: write simulated sites (phantoms, or X-ray sites from an image set).
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 for a bad value (printed as ``error: ...``); argparse errors exit 2.
+    """
+    from simulations.profiles import PHOTOMETRICS, SITE_MODALITIES, TRANSFER_SYNTAX_NAMES
+    from simulations.synth import write_sites
+
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.synth", description="Write simulated scanner sites (DICOM + masks or labels)."
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the site folders")
+    p.add_argument("--sites", type=int, default=3)
+    defaults = RunConfig()
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--patients", type=int, default=defaults.sim.patients, help="patients (images for --source) per site"
+    )
+    p.add_argument("--slices", type=int, default=defaults.sim.slices, help="slices per patient (phantoms only)")
+    p.add_argument(
+        "--transfer-syntax",
+        choices=sorted(TRANSFER_SYNTAX_NAMES),
+        help="write every site with this lossless transfer syntax",
+    )
+    p.add_argument("--photometric", choices=PHOTOMETRICS, help="write every site with this photometric interpretation")
+    p.add_argument(
+        "--modality",
+        choices=SITE_MODALITIES,
+        help="MR or CT phantoms (default MR); CR, DX or auto (mixed, default) with --source",
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        metavar="PATH.npz",
+        help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites",
+    )
+    p.add_argument(
+        "--task",
+        choices=field_choices("task.name"),
+        help="segmentation (phantoms) or classification (needs --source); default from --source",
+    )
+    p.add_argument(
+        "--label-skew",
+        type=float,
+        default=0.0,
+        help="0 = same class mix / lesion burden on every site; > 0 = per-site skew",
+    )
+    p.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal site sizes; > 0 = lognormal site sizes")
+    p.add_argument(
+        "--classes", help="comma-separated class names of the source's labels 0, 1, ... (default from the file name)"
+    )
+    args = p.parse_args(argv)
+    problem = synth_arguments_error(task=args.task, source=args.source, modality=args.modality, classes=args.classes)
+    if problem:
+        p.error(problem)
+    try:
+        paths = write_sites(args.out, progress=print, **_synth_kwargs(args))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"wrote {len(paths)} sites under {args.out}")
+    return 0
