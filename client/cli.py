@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from common.config import RunConfig
+from common.errors import FedsiteError
 
 __all__ = ["add_parser", "run"]
 
@@ -42,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--val-fraction", type=float, default=defaults.data.val_fraction,
         help=f"validation share of patients (default {defaults.data.val_fraction}, the run's data.val-fraction)",
     )
+    from client.predict_cli import add_pull_parser
+
+    add_pull_parser(sub)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -75,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.site_command == "check":
             return _check(args)
+        if args.site_command == "pull":
+            from client.predict_cli import run_pull
+
+            return run_pull(args)
+    except FedsiteError as exc:
+        print(f"fedsite site {args.site_command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fedsite site: interrupted", file=sys.stderr)
         return 130

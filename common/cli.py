@@ -7,6 +7,7 @@ code (and vice versa):
 * ``fedsite data synth`` write simulated scanner sites (DICOM + masks)
 * ``fedsite site check``  audit a site folder before it joins (client/cli.py)
 * ``fedsite study privacy`` the same sites and seeds at several privacy budgets
+* ``fedsite predict``    apply a trained model to DICOM series or a PACS study (client/predict_cli.py)
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_site_parser(sub)
+    from client.predict_cli import add_parser as add_predict_parser
+
+    add_predict_parser(sub)
     return p
 
 
@@ -284,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from client.cli import run as run_site
 
             return run_site(args)
+        if args.command == "predict":
+            from client.predict_cli import run as run_predict
+
+            return run_predict(args)
         if args.command == "data" and args.data_command == "synth":
             return _cmd_synth(args)
         if args.command == "study" and args.study_command == "privacy":
