@@ -31,6 +31,10 @@ __all__ = ["source_datasets", "make_seg", "make_sr", "SEG_SERIES_NUMBER", "SR_SE
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 _MANUFACTURER = "fedsite"
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "AccessionNumber", "StudyID",
+)
 
 
 def _version() -> str:
@@ -47,7 +51,12 @@ def source_datasets(series) -> list[Dataset]:  # noqa: ANN001 - client.dicom.Ser
     from client.dicom import quiet_dicom
 
     with quiet_dicom():
-        return [pydicom.dcmread(str(p), stop_before_pixels=True) for p in series.files]
+        out = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in series.files]
+    for ds in out:  # Type 2 patient/study attributes the outputs copy: empty when the source lacks them
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return out
 
 
 def _algorithm(run_id: str):  # noqa: ANN202
@@ -57,6 +66,12 @@ def _algorithm(run_id: str):  # noqa: ANN202
     return hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, version=str(run_id)[:64], family=codes.cid7162.ArtificialIntelligence
     )
+
+
+def _sr_algorithm(run_id: str):  # noqa: ANN202
+    import highdicom as hd
+
+    return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=str(run_id)[:64])
 
 
 def make_seg(series, mask: np.ndarray, *, run_id: str, sources: list[Dataset] | None = None, manual: bool = False) -> Dataset:  # noqa: ANN001
@@ -140,26 +155,22 @@ def make_sr(series, probabilities: dict[str, float], *, positive: str, run_id: s
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     finding_code = hd.sr.CodedConcept(value=f"FS-{finding}"[:16], scheme_designator="99FEDSITE", meaning=finding[:64])
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=finding_code),
-    ]
     unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     measurements = [
         hd.sr.Measurement(
             name=hd.sr.CodedConcept(value=f"FS-P-{name}"[:16], scheme_designator="99FEDSITE", meaning=f"Probability of {name}"[:64]),
             value=round(float(p), 6),
             unit=unit,
-            algorithm_id=_algorithm(run_id),
+            algorithm_id=_sr_algorithm(run_id),
         )
         for name, p in probabilities.items()
     ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{ALGORITHM_NAME} classification"),
         measurements=measurements,
-        qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
-        algorithm_id=_algorithm(run_id),
-        finding_type=codes.DCM.Finding,
+        algorithm_id=_sr_algorithm(run_id),
+        finding_type=finding_code,  # TID 1501 "Finding": the most probable class
     )
     report = hd.sr.MeasurementReport(
         observation_context=context,
