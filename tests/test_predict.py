@@ -234,6 +234,6 @@ def test_every_object_fedsite_writes_passes_dciodvfy_without_errors(tmp_path: Pa
     manual = write(make_seg(series, np.ones((len(series.slices), series.rows, series.columns), np.uint8), run_id="", manual=True),
                    tmp_path / "manual.seg.dcm")
     written = [*seg_out, *sr_out, manual]
-    assert len(written) == 3 + 1 + 1
+    assert len(written) == 4 + 1 + 1  # site-03: 4 patients
     for path in written:
         assert _dciodvfy_errors(path) == [], path.name
