@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from client.dicom import hash_id
 from common.errors import FedsiteError
 
-__all__ = ["PacsError", "Pacs", "parse_query", "pull_site"]
+__all__ = ["PacsError", "Pacs", "parse_query", "pull_site", "is_reference_seg"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -139,14 +139,21 @@ def parse_query(text: str) -> dict[str, str]:
 _NOT_IMAGES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC", "REG"}
 
 
+def is_reference_seg(ds: Dataset) -> bool:
+    """A SEG drawn by a person (every segment MANUAL or SEMIAUTOMATIC), not a model's output (AUTOMATIC)."""
+    segments = list(getattr(ds, "SegmentSequence", []))
+    return bool(segments) and all(str(getattr(s, "SegmentAlgorithmType", "")) in ("MANUAL", "SEMIAUTOMATIC") for s in segments)
+
+
 def pull_site(pacs: Pacs, filters: dict[str, str], out: Path, *, limit: int | None = None,
               say: Callable[[str], None] = lambda _m: None) -> dict[str, int]:
     """Fill a site folder from the PACS: matching image series and their studies' reference SEGs.
 
     Images go to ``out/dicom/<study-hash>/<series-hash>/<instance-hash>.dcm``. Each SEG object
-    of the same studies that references a pulled series and was not written by fedsite (its
-    Manufacturer is not ``fedsite``: a model output is not a reference) goes to
-    ``out/labels/<instance-hash>.dcm``, where :mod:`client.masks` reads it as the series' mask.
+    of the same studies that references a pulled series and was drawn by a person (every segment
+    MANUAL or SEMIAUTOMATIC; a model's AUTOMATIC output, fedsite's own included, is not a
+    reference) goes to ``out/labels/<instance-hash>.dcm``, where :mod:`client.masks` reads it as
+    the series' mask.
 
     Args:
         pacs: The PACS.
@@ -178,7 +185,7 @@ def pull_site(pacs: Pacs, filters: dict[str, str], out: Path, *, limit: int | No
     for study, series_uids in pulled.items():
         for seg in pacs.search_series({"Modality": "SEG"}, study_uid=study):
             for ds in pacs.retrieve_series(study, seg["series"]):
-                if str(getattr(ds, "Manufacturer", "")).lower() == "fedsite":
+                if not is_reference_seg(ds):
                     continue
                 refs = {str(r.SeriesInstanceUID) for r in getattr(ds, "ReferencedSeriesSequence", [])}
                 if refs & series_uids:
