@@ -51,6 +51,8 @@ class Pacs:
             raise PacsError(f"PACS URL {url!r} is not an http(s) URL; give the DICOMweb root, e.g. http://pacs:8042/dicom-web")
         self.url = url.rstrip("/")
         self._client = DICOMwebClient(url=self.url, session=_Session())
+        # A busy PACS (HTTP 429/503/504) gets two more tries after 1 s and 2 s; an unreachable one fails fast.
+        self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         import requests
