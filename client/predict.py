@@ -189,28 +189,42 @@ def _cut_axis(series) -> int:  # noqa: ANN001
     return int(np.argmax(np.abs(axes.T @ normal)))
 
 
+def _prepare_slice(item: dict, cfg: RunConfig):  # noqa: ANN202
+    """A canonical slice resampled to the model's spacing and scaled as in training: ``(1, h, w)`` MetaTensor."""
+    from monai.transforms import ScaleIntensityRangePercentiles, Spacing
+
+    resampled = Spacing(pixdim=(cfg.data.spacing_mm, cfg.data.spacing_mm), mode="bilinear")(item["image"])
+    return ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(resampled)
+
+
 @torch.no_grad()
-def _segment_slice(model: torch.nn.Module, item: dict, cfg: RunConfig, *, sw_batch_size: int = 4) -> np.ndarray:
-    """Lesion probability ``(H, W)`` on the slice's own pixels."""
+def _segment_slices(model: torch.nn.Module, items: list[dict], cfg: RunConfig, *, batch: int = 16) -> list[np.ndarray]:
+    """Lesion probability ``(H, W)`` of each canonical slice, on the slice's own pixels.
+
+    Sliding-window inference runs on ``batch`` slices at a time (all slices of a series share a
+    shape); each probability map goes back onto its slice's pixels with the exact affines.
+    """
     from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
-    from monai.transforms import ScaleIntensityRangePercentiles, Spacing, SpatialResample
+    from monai.transforms import SpatialResample
 
-    image = item["image"]
-    src_affine = image.affine.clone()
-    src_shape = tuple(image.shape[1:])
-    resampled = Spacing(pixdim=(cfg.data.spacing_mm, cfg.data.spacing_mm), mode="bilinear")(image)
-    scaled = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(resampled)
-    x = torch.as_tensor(scaled.as_tensor() if hasattr(scaled, "as_tensor") else scaled, dtype=torch.float32)[None]
     size = cfg.data.image_size
-    logits = sliding_window_inference(
-        x, roi_size=(size, size), sw_batch_size=sw_batch_size, predictor=model, overlap=0.25, mode="gaussian",
-        padding_mode="constant", cval=0.0,
-    )
-    prob = torch.softmax(logits.float(), dim=1)[0, 1:2]  # (1, h, w) lesion probability
-    prob = MetaTensor(prob, affine=resampled.affine)
-    back = SpatialResample(mode="bilinear", padding_mode="zeros")(prob, dst_affine=src_affine, spatial_size=src_shape)
-    return np.asarray(back.as_tensor()[0].numpy(), dtype=np.float32)
+    resample = SpatialResample(mode="bilinear", padding_mode="zeros")
+    out: list[np.ndarray] = []
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        prepared = [_prepare_slice(item, cfg) for item in chunk]
+        x = torch.stack([torch.as_tensor(p.as_tensor(), dtype=torch.float32) for p in prepared])
+        logits = sliding_window_inference(
+            x, roi_size=(size, size), sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian",
+            padding_mode="constant", cval=0.0,
+        )
+        probs = torch.softmax(logits.float(), dim=1)[:, 1:2]  # (n, 1, h, w) lesion probability
+        for item, prep, prob in zip(chunk, prepared, probs, strict=True):
+            src = item["image"]
+            back = resample(MetaTensor(prob, affine=prep.affine), dst_affine=src.affine, spatial_size=tuple(src.shape[1:]))
+            out.append(np.asarray(back.as_tensor()[0].numpy(), dtype=np.float32))
+    return out
 
 
 def segment_series(loaded: LoadedModel, series, volume: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
@@ -236,7 +250,7 @@ def segment_series(loaded: LoadedModel, series, volume: np.ndarray | None = None
         raise PredictError(f"series {series.series_hash}: {problem}")
     volume = read_series(series) if volume is None else volume
     items = canonical_slices(volume, np.zeros(volume.shape, np.uint8), series)
-    probs = [_segment_slice(loaded.model, item, loaded.cfg) for item in items]
+    probs = _segment_slices(loaded.model, items, loaded.cfg)
     axis = _cut_axis(series)
     canonical = np.moveaxis(np.stack(probs), 0, axis)  # (R, A, S)
     mask = (_to_source_grid(canonical, series) >= 0.5).astype(np.uint8)
