@@ -1,6 +1,9 @@
-"""The hospital's PACS over DICOMweb (QIDO-RS search, WADO-RS retrieve, STOW-RS store).
+"""The hospital's PACS over DICOMweb (QIDO-RS search, WADO-RS retrieve, STOW-RS store) or DIMSE.
 
-Uses ``dicomweb-client`` (the client MONAI Label and MONAI Deploy use). The PACS is the site's
+DICOMweb uses ``dicomweb-client`` (the client MONAI Label and MONAI Deploy use), for a URL
+``http(s)://host:port/dicom-web``. For an archive without DICOMweb, ``dimse://AET@host:port``
+uses ``pynetdicom``: C-FIND (study root) to search, C-GET to retrieve, C-STORE to store; fedsite
+calls as AE title ``FEDSITE`` (the PACS must know it, or accept any caller). The PACS is the site's
 own: images and outputs never leave the hospital. Every request has a timeout; every failure is
 a :class:`PacsError` whose one-line message names the PACS URL and the fix, never a patient
 value (studies and series are named by salted hashes).
@@ -19,7 +22,7 @@ from pydicom.dataset import Dataset
 from client.dicom import hash_id
 from common.errors import FedsiteError
 
-__all__ = ["PacsError", "Pacs", "parse_query", "pull_site", "is_reference_seg"]
+__all__ = ["PacsError", "Pacs", "DimsePacs", "connect", "parse_query", "pull_site", "is_reference_seg"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -194,3 +197,143 @@ def pull_site(pacs: Pacs, filters: dict[str, str], out: Path, *, limit: int | No
                     _write(ds, out / LABELS_DIR / f"{hash_id(str(ds.SOPInstanceUID))}.dcm")
                     counts["masks"] += 1
     return counts
+
+
+#: The AE title fedsite calls a DIMSE PACS with.
+CALLING_AET = "FEDSITE"
+
+
+class DimsePacs:
+    """A PACS over DIMSE at ``dimse://AET@host:port`` (the same methods as :class:`Pacs`)."""
+
+    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "dimse" or not parts.hostname or not parts.port or not parts.username:
+            raise PacsError(f"PACS address {url!r} is not dimse://AET@host:port, e.g. dimse://ORTHANC@pacs.local:4242")
+        self.url, self.aet, self.host, self.port, self.timeout = url, parts.username, parts.hostname, parts.port, timeout
+
+    def _associate(self, what: str, contexts: list, *, roles: list | None = None, handlers: list | None = None):  # noqa: ANN202
+        from pynetdicom import AE
+
+        ae = AE(ae_title=CALLING_AET)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for ctx in contexts:
+            if isinstance(ctx, tuple):
+                ae.add_requested_context(*ctx)
+            else:
+                ae.add_requested_context(ctx)
+        assoc = ae.associate(self.host, self.port, ae_title=self.aet, ext_neg=roles or [], evt_handlers=handlers or [])
+        if not assoc.is_established:
+            raise PacsError(
+                f"{what}: the PACS at {self.url} is unreachable or refused the association (AE title {self.aet!r}, "
+                f"calling {CALLING_AET!r}); check the address, that the PACS runs and that it knows {CALLING_AET!r}"
+            )
+        return assoc
+
+    def _find(self, what: str, query: Dataset) -> list[Dataset]:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        assoc = self._associate(what, [StudyRootQueryRetrieveInformationModelFind])
+        out: list[Dataset] = []
+        try:
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if status is None:
+                    raise PacsError(f"{what}: the PACS at {self.url} did not answer in {self.timeout:.0f}s")
+                if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                    out.append(identifier)
+                elif status.Status != 0x0000:
+                    raise PacsError(f"{what}: the PACS at {self.url} answered C-FIND status 0x{status.Status:04X}")
+        finally:
+            assoc.release()
+        return out
+
+    def search_series(self, filters: dict[str, str] | None = None, *, study_uid: str | None = None) -> list[dict]:
+        """C-FIND at series level: ``[{"study", "series", "modality"}]``."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study_uid or ""
+        query.SeriesInstanceUID = ""
+        query.Modality = ""
+        for key, value in (filters or {}).items():
+            try:
+                setattr(query, key, value)
+            except (ValueError, TypeError):
+                raise PacsError(f"query key {key!r} is not a DICOM attribute keyword (e.g. Modality, StudyDate)") from None
+        found = self._find("searching series", query)
+        return [{"study": str(d.StudyInstanceUID), "series": str(d.SeriesInstanceUID), "modality": str(d.get("Modality", ""))}
+                for d in found]
+
+    def _get(self, what: str, query: Dataset) -> list[Dataset]:
+        from pynetdicom import build_role, evt
+        from pynetdicom.presentation import StoragePresentationContexts
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+        received: list[Dataset] = []
+
+        def on_store(event) -> int:  # noqa: ANN001
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            received.append(ds)
+            return 0x0000
+
+        # A C-GET association carries the retrieve context and the storage classes we accept back (max 128).
+        storage = [c.abstract_syntax for c in StoragePresentationContexts][:120]
+        roles = [build_role(uid, scp_role=True) for uid in storage]
+        assoc = self._associate(what, [StudyRootQueryRetrieveInformationModelGet, *storage], roles=roles,
+                                handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+                if status is None:
+                    raise PacsError(f"{what}: the PACS at {self.url} did not answer in {self.timeout:.0f}s")
+                if status.Status not in (0x0000, 0xFF00, 0xFF01, 0xB000):
+                    raise PacsError(f"{what}: the PACS at {self.url} answered C-GET status 0x{status.Status:04X}")
+        finally:
+            assoc.release()
+        return received
+
+    def retrieve_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        """C-GET of one series."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+        return self._get(f"retrieving series {hash_id(series_uid)}", query)
+
+    def retrieve_study(self, study_uid: str, dest: Path) -> int:
+        """C-GET of a study into ``dest/<series-hash>/<instance-hash>.dcm``; the number of instances."""
+        what = f"retrieving study {hash_id(study_uid)}"
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        datasets = self._get(what, query)
+        if not datasets:
+            raise PacsError(f"{what}: the PACS at {self.url} has no such study; check the StudyInstanceUID")
+        for ds in datasets:
+            _write(ds, Path(dest) / hash_id(str(ds.SeriesInstanceUID)) / f"{hash_id(str(ds.SOPInstanceUID))}.dcm")
+        return len(datasets)
+
+    def store(self, paths: Iterable[Path]) -> None:
+        """C-STORE each file in one association; a refused file stops and is reported."""
+        datasets = [pydicom.dcmread(str(p)) for p in paths]
+        if not datasets:
+            return
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        pairs = {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}
+        contexts = [(sop, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))) for sop, ts in sorted(pairs)]
+        assoc = self._associate(f"storing {len(datasets)} objects", contexts)
+        try:
+            for i, ds in enumerate(datasets):
+                status = assoc.send_c_store(ds)
+                if status is None or getattr(status, "Status", 0xFFFF) not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    raise PacsError(f"the PACS at {self.url} refused object {i + 1} of {len(datasets)} (C-STORE); see its log")
+        finally:
+            assoc.release()
+
+
+def connect(url: str, *, timeout: float = 60.0) -> Pacs | DimsePacs:
+    """The PACS at ``url``: ``http(s)://.../dicom-web`` (DICOMweb) or ``dimse://AET@host:port`` (DIMSE)."""
+    if url.startswith("dimse://"):
+        return DimsePacs(url, timeout=timeout)
+    return Pacs(url, timeout=timeout)

@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, metavar="MODEL", help="a run folder (results.json, final_model.pt) or its final_model.pt")
     p.add_argument("input", type=Path, nargs="?", metavar="INPUT", help="a folder of DICOM series (or a site folder with labels/)")
     p.add_argument("--out", type=Path, help="output folder (SEG/SR files and predictions.json); required without --pacs")
-    p.add_argument("--pacs", metavar="URL", help="DICOMweb root of the PACS, e.g. http://pacs:8042/dicom-web")
+    p.add_argument("--pacs", metavar="URL", help="the PACS: DICOMweb root (http://pacs:8042/dicom-web) or DIMSE (dimse://AET@pacs:4242)")
     p.add_argument("--study", metavar="UID", help="with --pacs: the StudyInstanceUID to predict")
     p.add_argument("--no-store", action="store_true", help="with --pacs: do not store the outputs back into the PACS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each PACS request (default 60)")
@@ -52,7 +52,8 @@ def add_pull_parser(site_subparsers: argparse._SubParsersAction) -> None:
         "pull",
         help="fill a site folder from the hospital's PACS: matching series as images, their studies' SEGs as masks",
     )
-    p.add_argument("--pacs", required=True, metavar="URL", help="DICOMweb root of the PACS, e.g. http://pacs:8042/dicom-web")
+    p.add_argument("--pacs", required=True, metavar="URL",
+                   help="the PACS: DICOMweb root (http://pacs:8042/dicom-web) or DIMSE (dimse://AET@pacs:4242)")
     p.add_argument("--query", default="", metavar="'KEY=VALUE ...'", help="series filters, e.g. 'Modality=MR StudyDate=20240101-20241231'")
     p.add_argument("--out", type=Path, required=True, metavar="SITE", help="the site folder to fill (dicom/, labels/)")
     p.add_argument("--limit", type=int, default=0, help="at most this many series (0 = all)")
@@ -168,9 +169,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _predict_pacs(loaded, args: argparse.Namespace, started: float) -> int:  # noqa: ANN001
     from client.dicom import hash_id
-    from client.pacs import Pacs
+    from client.pacs import connect
 
-    pacs = Pacs(args.pacs, timeout=args.timeout)
+    pacs = connect(args.pacs, timeout=args.timeout)
     study = hash_id(args.study)
     with tempfile.TemporaryDirectory(prefix="fedsite-study-") as tmp:
         work = Path(tmp)
@@ -199,9 +200,9 @@ def _finish(result: FolderResult, out: Path | None, started: float) -> int:
 
 def run_pull(args: argparse.Namespace) -> int:
     """``fedsite site pull``: returns the exit code (errors are raised to the caller's handler)."""
-    from client.pacs import Pacs, parse_query, pull_site
+    from client.pacs import connect, parse_query, pull_site
 
-    pacs = Pacs(args.pacs, timeout=args.timeout)
+    pacs = connect(args.pacs, timeout=args.timeout)
     report = pull_site(pacs, parse_query(args.query), args.out, limit=args.limit or None, say=_say)
     _say(
         f"pulled {report['series']} series ({report['instances']} instances) and {report['masks']} SEG masks into {args.out}; "

@@ -57,6 +57,10 @@ class OrthancServer:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def dimse(self) -> str:
+        return f"dimse://{self.aet}@127.0.0.1:{self.dicom_port}"
+
+    @property
     def dicomweb(self) -> str:
         return f"{self.url}/dicom-web"
 
@@ -88,6 +92,10 @@ def orthanc(tmp: Path, *, start_timeout: float = 30.0) -> Iterator[OrthancServer
         "AuthenticationEnabled": False,
         "HttpBindAddress": "127.0.0.1",
         "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowGet": True,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckModalityHost": False,
         "UnknownSopClassAccepted": True,
         "StorageCompression": False,
         "Plugins": [str(dicomweb_plugin())],

@@ -174,3 +174,25 @@ def test_a_model_of_another_task_stores_nothing_in_the_pacs(pacs, small_sites: P
     assert "classifies projection images (CR/DX) but this series is a MR cross-sectional series" in captured.out
     assert "nothing to store" in captured.out
     assert _instances(pacs) == before
+
+
+def test_dimse_pull_predict_and_store_work_like_dicomweb(pacs, tiny_seg_run: Path, small_sites: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """dimse://AET@host:port: site pull by C-FIND/C-GET gives the same files as DICOMweb; predict stores one SEG by C-STORE."""
+    site = tmp_path / "dimse-site"
+    assert main(["site", "pull", "--pacs", pacs.dimse, "--query", "Modality=MR", "--out", str(site)]) == 0
+    web = tmp_path / "web-site"
+    assert main(["site", "pull", "--pacs", pacs.dicomweb, "--query", "Modality=MR", "--out", str(web)]) == 0
+    names = sorted(p.relative_to(site).as_posix() for p in site.rglob("*.dcm"))
+    assert names and names == sorted(p.relative_to(web).as_posix() for p in web.rglob("*.dcm"))
+    series = _series(small_sites / "site-03")[1]
+    study = pydicom.dcmread(series.files[0], stop_before_pixels=True).StudyInstanceUID
+    before = _instances(pacs)
+    capsys.readouterr()
+    assert main(["predict", str(tiny_seg_run), "--pacs", pacs.dimse, "--study", study]) == 0
+    assert _instances(pacs) == before + 1
+    assert len(_fedsite_segs(pacs, study)) == 1
+    from tests.orthanc_helpers import free_port
+
+    code = main(["predict", str(tiny_seg_run), "--pacs", f"dimse://NOPACS@127.0.0.1:{free_port()}", "--study", study, "--timeout", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unreachable" in err[0] and study not in err[0]
