@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = RunConfig()
         torch.manual_seed(0)
-        loaded = LoadedModel(model=build_model(cfg.model, cfg.task).eval(), cfg=cfg, run_id="benchmark", source=Path("."))
+        loaded = LoadedModel(
+            model=build_model(cfg.model, cfg.task).eval(), cfg=cfg, run_id="benchmark", source=Path(".")
+        )
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedsite-bench-") as tmp:
         for n in (int(s) for s in args.slices.split(",")):
@@ -70,20 +72,30 @@ def main(argv: list[str] | None = None) -> int:
                 t3 = time.perf_counter()
                 for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                     times[k].append(v)
-            rows.append({
-                "slices": n, "rows": series.rows, "columns": series.columns,
-                **{f"{k}_s": round(statistics.median(v), 3) for k, v in times.items()},
-                "per_slice_s": round(statistics.median(times["total"]) / n, 4),
-            })
+            rows.append(
+                {
+                    "slices": n,
+                    "rows": series.rows,
+                    "columns": series.columns,
+                    **{f"{k}_s": round(statistics.median(v), 3) for k, v in times.items()},
+                    "per_slice_s": round(statistics.median(times["total"]) / n, 4),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     doc = {
         "benchmark": "predict one series on CPU",
-        "model": {"channels": loaded.cfg.model.channels, "image_size": loaded.cfg.data.image_size,
-                  "spacing_mm": loaded.cfg.data.spacing_mm},
+        "model": {
+            "channels": loaded.cfg.model.channels,
+            "image_size": loaded.cfg.data.image_size,
+            "spacing_mm": loaded.cfg.data.spacing_mm,
+        },
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "series": rows,
     }
     text = json.dumps(doc, indent=2)

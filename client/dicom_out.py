@@ -26,14 +26,21 @@ from pydicom.dataset import Dataset
 
 from client.predict import ALGORITHM_NAME
 
-__all__ = ["source_datasets", "make_seg", "make_sr", "SEG_SERIES_NUMBER", "SR_SERIES_NUMBER"]
+__all__ = ["SEG_SERIES_NUMBER", "SR_SERIES_NUMBER", "make_seg", "make_sr", "source_datasets"]
 
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 _MANUFACTURER = "fedsite"
 _TYPE2_COPIED = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "AccessionNumber", "StudyID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyID",
 )
 
 
@@ -46,7 +53,7 @@ def _version() -> str:
         return "0"
 
 
-def source_datasets(series) -> list[Dataset]:  # noqa: ANN001 - client.dicom.SeriesRecord
+def source_datasets(series) -> list[Dataset]:
     """The series' source instances (headers only), in the series' slice order, one per file."""
     from client.dicom import quiet_dicom
 
@@ -59,7 +66,7 @@ def source_datasets(series) -> list[Dataset]:  # noqa: ANN001 - client.dicom.Ser
     return out
 
 
-def _algorithm(run_id: str):  # noqa: ANN202
+def _algorithm(run_id: str):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -68,13 +75,15 @@ def _algorithm(run_id: str):  # noqa: ANN202
     )
 
 
-def _sr_algorithm(run_id: str):  # noqa: ANN202
+def _sr_algorithm(run_id: str):
     import highdicom as hd
 
     return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=str(run_id)[:64])
 
 
-def make_seg(series, mask: np.ndarray, *, run_id: str, sources: list[Dataset] | None = None, manual: bool = False) -> Dataset:  # noqa: ANN001
+def make_seg(
+    series, mask: np.ndarray, *, run_id: str, sources: list[Dataset] | None = None, manual: bool = False
+) -> Dataset:
     """A binary DICOM SEG of ``mask`` on the series' own frames.
 
     Args:
@@ -96,8 +105,10 @@ def make_seg(series, mask: np.ndarray, *, run_id: str, sources: list[Dataset] | 
     sources = source_datasets(series) if sources is None else sources
     frames = mask.astype(np.uint8)
     if len(sources) not in (1, len(series.slices)):
-        raise ValueError(f"series {series.series_hash}: {len(sources)} files for {len(series.slices)} slices; "
-                         "a SEG needs one file per slice or one multi-frame file")
+        raise ValueError(
+            f"series {series.series_hash}: {len(sources)} files for {len(series.slices)} slices; "
+            "a SEG needs one file per slice or one multi-frame file"
+        )
     if len(sources) == 1 and len(series.slices) > 1:
         order = [ref.frame for ref in series.slices]  # frames of the multi-frame file, by position
         frames = np.zeros_like(frames)
@@ -107,7 +118,9 @@ def make_seg(series, mask: np.ndarray, *, run_id: str, sources: list[Dataset] | 
         segment_label="lesion",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL
+        if manual
+        else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=None if manual else _algorithm(run_id),
     )
     return hd.seg.Segmentation(
@@ -129,7 +142,9 @@ def make_seg(series, mask: np.ndarray, *, run_id: str, sources: list[Dataset] | 
     )
 
 
-def make_sr(series, probabilities: dict[str, float], *, positive: str, run_id: str, sources: list[Dataset] | None = None) -> Dataset:  # noqa: ANN001
+def make_sr(
+    series, probabilities: dict[str, float], *, positive: str, run_id: str, sources: list[Dataset] | None = None
+) -> Dataset:
     """A Comprehensive 3D SR (TID 1500) with the model's finding and probability for the series.
 
     Args:
@@ -150,7 +165,10 @@ def make_sr(series, probabilities: dict[str, float], *, positive: str, run_id: s
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=ALGORITHM_NAME, manufacturer_name=_MANUFACTURER, model_name=str(run_id)[:64],
+            uid=hd.UID(),
+            name=ALGORITHM_NAME,
+            manufacturer_name=_MANUFACTURER,
+            model_name=str(run_id)[:64],
         ),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
@@ -158,7 +176,9 @@ def make_sr(series, probabilities: dict[str, float], *, positive: str, run_id: s
     unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     measurements = [
         hd.sr.Measurement(
-            name=hd.sr.CodedConcept(value=f"FS-P-{name}"[:16], scheme_designator="99FEDSITE", meaning=f"Probability of {name}"[:64]),
+            name=hd.sr.CodedConcept(
+                value=f"FS-P-{name}"[:16], scheme_designator="99FEDSITE", meaning=f"Probability of {name}"[:64]
+            ),
             value=round(float(p), 6),
             unit=unit,
             algorithm_id=_sr_algorithm(run_id),
@@ -174,7 +194,9 @@ def make_sr(series, probabilities: dict[str, float], *, positive: str, run_id: s
     )
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=hd.sr.CodedConcept(value="18748-4", scheme_designator="LN", meaning="Diagnostic imaging study"),
+        procedure_reported=hd.sr.CodedConcept(
+            value="18748-4", scheme_designator="LN", meaning="Diagnostic imaging study"
+        ),
         imaging_measurements=[group],
         title=codes.cid7021.ImagingMeasurementReport,
     )

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from client.dicom import hash_id
 from common.errors import FedsiteError
 
-__all__ = ["PacsError", "Pacs", "DimsePacs", "connect", "parse_query", "pull_site", "is_reference_seg"]
+__all__ = ["DimsePacs", "Pacs", "PacsError", "connect", "is_reference_seg", "parse_query", "pull_site"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -46,18 +46,20 @@ class Pacs:
         from dicomweb_client.api import DICOMwebClient
 
         class _Session(requests.Session):
-            def request(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            def request(self, *args, **kwargs):
                 kwargs.setdefault("timeout", timeout)
                 return super().request(*args, **kwargs)
 
         if not url.startswith(("http://", "https://")):
-            raise PacsError(f"PACS URL {url!r} is not an http(s) URL; give the DICOMweb root, e.g. http://pacs:8042/dicom-web")
+            raise PacsError(
+                f"PACS URL {url!r} is not an http(s) URL; give the DICOMweb root, e.g. http://pacs:8042/dicom-web"
+            )
         self.url = url.rstrip("/")
         self._client = DICOMwebClient(url=self.url, session=_Session())
         # A busy PACS (HTTP 429/503/504) gets two more tries after 1 s and 2 s; an unreachable one fails fast.
         self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
 
-    def _call(self, what: str, fn: Callable, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
         import requests
 
         try:
@@ -65,11 +67,17 @@ class Pacs:
         except requests.exceptions.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
             if status == 404:
-                raise PacsError(f"{what}: the PACS at {self.url} has no such object (HTTP 404); check the UID and the PACS") from None
-            raise PacsError(f"{what}: the PACS at {self.url} answered HTTP {status}; check its DICOMweb configuration and access rights") from None
+                raise PacsError(
+                    f"{what}: the PACS at {self.url} has no such object (HTTP 404); check the UID and the PACS"
+                ) from None
+            raise PacsError(
+                f"{what}: the PACS at {self.url} answered HTTP {status}; "
+                "check its DICOMweb configuration and access rights"
+            ) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise PacsError(
-                f"{what}: the PACS at {self.url} is unreachable ({type(exc).__name__}); check the URL, that the PACS is running, "
+                f"{what}: the PACS at {self.url} is unreachable ({type(exc).__name__}); "
+                "check the URL, that the PACS is running, "
                 "and the network between this machine and it"
             ) from None
         except requests.exceptions.RequestException as exc:
@@ -77,14 +85,24 @@ class Pacs:
 
     def search_series(self, filters: dict[str, str] | None = None, *, study_uid: str | None = None) -> list[dict]:
         """QIDO-RS series search: ``[{"study", "series", "modality"}]`` (UIDs stay in memory, never logged)."""
-        items = self._call(
-            "searching series", self._client.search_for_series, study_instance_uid=study_uid, search_filters=dict(filters or {})
-        ) or []
-        return [{"study": _value(i, _STUDY), "series": _value(i, _SERIES), "modality": _value(i, _MODALITY)} for i in items]
+        items = (
+            self._call(
+                "searching series",
+                self._client.search_for_series,
+                study_instance_uid=study_uid,
+                search_filters=dict(filters or {}),
+            )
+            or []
+        )
+        return [
+            {"study": _value(i, _STUDY), "series": _value(i, _SERIES), "modality": _value(i, _MODALITY)} for i in items
+        ]
 
     def retrieve_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
         """WADO-RS: the series' instances."""
-        return list(self._call(f"retrieving series {hash_id(series_uid)}", self._client.retrieve_series, study_uid, series_uid))
+        return list(
+            self._call(f"retrieving series {hash_id(series_uid)}", self._client.retrieve_series, study_uid, series_uid)
+        )
 
     def retrieve_study(self, study_uid: str, dest: Path) -> int:
         """WADO-RS: write every instance of the study under ``dest/<series-hash>/<instance-hash>.dcm``.
@@ -113,10 +131,14 @@ class Pacs:
         if not datasets:
             return
         study = str(datasets[0].StudyInstanceUID)
-        response = self._call(f"storing {len(datasets)} objects", self._client.store_instances, datasets, study_instance_uid=study)
+        response = self._call(
+            f"storing {len(datasets)} objects", self._client.store_instances, datasets, study_instance_uid=study
+        )
         failed = response.get("00081198") if response is not None else None  # FailedSOPSequence
         if failed and failed.get("Value"):
-            raise PacsError(f"the PACS at {self.url} refused {len(failed['Value'])} of {len(datasets)} objects; see its log")
+            raise PacsError(
+                f"the PACS at {self.url} refused {len(failed['Value'])} of {len(datasets)} objects; see its log"
+            )
 
 
 def _write(ds: Dataset, path: Path) -> None:
@@ -136,7 +158,9 @@ def parse_query(text: str) -> dict[str, str]:
     for term in shlex.split(text or ""):
         key, sep, value = term.partition("=")
         if not sep or not key:
-            raise PacsError(f"query term {term!r} is not KEY=VALUE; e.g. --query 'Modality=MR StudyDate=20240101-20241231'")
+            raise PacsError(
+                f"query term {term!r} is not KEY=VALUE; e.g. --query 'Modality=MR StudyDate=20240101-20241231'"
+            )
         out[key] = value
     return out
 
@@ -147,11 +171,19 @@ _NOT_IMAGES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC", "REG"}
 def is_reference_seg(ds: Dataset) -> bool:
     """A SEG drawn by a person (every segment MANUAL or SEMIAUTOMATIC), not a model's output (AUTOMATIC)."""
     segments = list(getattr(ds, "SegmentSequence", []))
-    return bool(segments) and all(str(getattr(s, "SegmentAlgorithmType", "")) in ("MANUAL", "SEMIAUTOMATIC") for s in segments)
+    return bool(segments) and all(
+        str(getattr(s, "SegmentAlgorithmType", "")) in ("MANUAL", "SEMIAUTOMATIC") for s in segments
+    )
 
 
-def pull_site(pacs: Pacs, filters: dict[str, str], out: Path, *, limit: int | None = None,
-              say: Callable[[str], None] = lambda _m: None) -> dict[str, int]:
+def pull_site(
+    pacs: Pacs,
+    filters: dict[str, str],
+    out: Path,
+    *,
+    limit: int | None = None,
+    say: Callable[[str], None] = lambda _m: None,
+) -> dict[str, int]:
     """Fill a site folder from the PACS: matching image series and their studies' reference SEGs.
 
     Images go to ``out/dicom/<study-hash>/<series-hash>/<instance-hash>.dcm``. Each SEG object
@@ -212,9 +244,15 @@ class DimsePacs:
         parts = urlsplit(url)
         if parts.scheme != "dimse" or not parts.hostname or not parts.port or not parts.username:
             raise PacsError(f"PACS address {url!r} is not dimse://AET@host:port, e.g. dimse://ORTHANC@pacs.local:4242")
-        self.url, self.aet, self.host, self.port, self.timeout = url, parts.username, parts.hostname, parts.port, timeout
+        self.url, self.aet, self.host, self.port, self.timeout = (
+            url,
+            parts.username,
+            parts.hostname,
+            parts.port,
+            timeout,
+        )
 
-    def _associate(self, what: str, contexts: list, *, roles: list | None = None, handlers: list | None = None):  # noqa: ANN202
+    def _associate(self, what: str, contexts: list, *, roles: list | None = None, handlers: list | None = None):
         from pynetdicom import AE
 
         ae = AE(ae_title=CALLING_AET)
@@ -260,10 +298,18 @@ class DimsePacs:
             try:
                 setattr(query, key, value)
             except (ValueError, TypeError):
-                raise PacsError(f"query key {key!r} is not a DICOM attribute keyword (e.g. Modality, StudyDate)") from None
+                raise PacsError(
+                    f"query key {key!r} is not a DICOM attribute keyword (e.g. Modality, StudyDate)"
+                ) from None
         found = self._find("searching series", query)
-        return [{"study": str(d.StudyInstanceUID), "series": str(d.SeriesInstanceUID), "modality": str(d.get("Modality", ""))}
-                for d in found]
+        return [
+            {
+                "study": str(d.StudyInstanceUID),
+                "series": str(d.SeriesInstanceUID),
+                "modality": str(d.get("Modality", "")),
+            }
+            for d in found
+        ]
 
     def _get(self, what: str, query: Dataset) -> list[Dataset]:
         from pynetdicom import build_role, evt
@@ -272,7 +318,7 @@ class DimsePacs:
 
         received: list[Dataset] = []
 
-        def on_store(event) -> int:  # noqa: ANN001
+        def on_store(event) -> int:
             ds = event.dataset
             ds.file_meta = event.file_meta
             received.append(ds)
@@ -281,8 +327,12 @@ class DimsePacs:
         # A C-GET association carries the retrieve context and the storage classes we accept back (max 128).
         storage = [c.abstract_syntax for c in StoragePresentationContexts][:120]
         roles = [build_role(uid, scp_role=True) for uid in storage]
-        assoc = self._associate(what, [StudyRootQueryRetrieveInformationModelGet, *storage], roles=roles,
-                                handlers=[(evt.EVT_C_STORE, on_store)])
+        assoc = self._associate(
+            what,
+            [StudyRootQueryRetrieveInformationModelGet, *storage],
+            roles=roles,
+            handlers=[(evt.EVT_C_STORE, on_store)],
+        )
         try:
             for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                 if status is None:
@@ -321,13 +371,18 @@ class DimsePacs:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         pairs = {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}
-        contexts = [(sop, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))) for sop, ts in sorted(pairs)]
+        contexts = [
+            (sop, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+            for sop, ts in sorted(pairs)
+        ]
         assoc = self._associate(f"storing {len(datasets)} objects", contexts)
         try:
             for i, ds in enumerate(datasets):
                 status = assoc.send_c_store(ds)
                 if status is None or getattr(status, "Status", 0xFFFF) not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    raise PacsError(f"the PACS at {self.url} refused object {i + 1} of {len(datasets)} (C-STORE); see its log")
+                    raise PacsError(
+                        f"the PACS at {self.url} refused object {i + 1} of {len(datasets)} (C-STORE); see its log"
+                    )
         finally:
             assoc.release()
 

@@ -33,16 +33,16 @@ from common.config import ConfigError, RunConfig, parse_run_config
 from common.errors import FedsiteError
 
 __all__ = [
-    "PredictError",
     "LoadedModel",
+    "PredictError",
     "SeriesPrediction",
-    "load_model",
     "check_task",
-    "segment_series",
     "classify_series",
-    "predict_series",
-    "series_numbers",
     "dice",
+    "load_model",
+    "predict_series",
+    "segment_series",
+    "series_numbers",
 ]
 
 log = logging.getLogger("fedsite.client")
@@ -94,9 +94,14 @@ def _run_folder(path: Path) -> tuple[Path, Path]:
         folder, weights = path.parent, path
     results = folder / "results.json"
     if not weights.is_file():
-        raise PredictError(f"no model weights at {weights}: give a run folder (results.json, final_model.pt) or its final_model.pt")
+        raise PredictError(
+            f"no model weights at {weights}: give a run folder (results.json, final_model.pt) or its final_model.pt"
+        )
     if not results.is_file():
-        raise PredictError(f"no results.json next to {weights.name} in {folder}: the run's configuration is needed to rebuild the model")
+        raise PredictError(
+            f"no results.json next to {weights.name} in {folder}: "
+            "the run's configuration is needed to rebuild the model"
+        )
     return results, weights
 
 
@@ -120,7 +125,9 @@ def load_model(path: Path) -> LoadedModel:
         results = json.loads(results_path.read_text())
         flat = results["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise PredictError(f"{results_path} is not a fedsite results.json (no 'config'); point at the run folder the run wrote") from None
+        raise PredictError(
+            f"{results_path} is not a fedsite results.json (no 'config'); point at the run folder the run wrote"
+        ) from None
     # Only what the network and its inputs need: other groups may come from another fedsite version.
     wanted = {k: v for k, v in flat.items() if k.split(".", 1)[0] in ("data", "task", "model") or k == "seed"}
     try:
@@ -132,13 +139,15 @@ def load_model(path: Path) -> LoadedModel:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
-        raise PredictError(f"{weights} does not hold this run's model weights ({type(exc).__name__}); was it replaced?") from None
+        raise PredictError(
+            f"{weights} does not hold this run's model weights ({type(exc).__name__}); was it replaced?"
+        ) from None
     model.eval()
     run_id = ((results.get("mlflow") or {}).get("run_id")) or results_path.parent.name
     return LoadedModel(model=model, cfg=cfg, run_id=str(run_id), source=results_path.parent)
 
 
-def check_task(loaded: LoadedModel, series) -> str | None:  # noqa: ANN001 - client.dicom.SeriesRecord
+def check_task(loaded: LoadedModel, series) -> str | None:
     """Why this model cannot be applied to this series, or None when it can.
 
     A segmentation model was trained on cross-sectional slices (MR, CT, ...: series with patient
@@ -146,7 +155,8 @@ def check_task(loaded: LoadedModel, series) -> str | None:  # noqa: ANN001 - cli
     """
     if loaded.task == "segmentation" and series.kind == "projection":
         return (
-            f"the model segments cross-sectional series (MR/CT) but this series is a {series.modality} projection image "
+            "the model segments cross-sectional series (MR/CT) but this series is a "
+            f"{series.modality} projection image "
             "without patient geometry; use a classification model for it"
         )
     if loaded.task == "classification" and series.kind != "projection":
@@ -157,7 +167,7 @@ def check_task(loaded: LoadedModel, series) -> str | None:  # noqa: ANN001 - cli
     return None
 
 
-def _orientation(series) -> np.ndarray:  # noqa: ANN001
+def _orientation(series) -> np.ndarray:
     """nibabel orientation of the series' ``(x, y, z)`` voxel axes in RAS (what MONAI's Orientation uses)."""
     import nibabel as nib
 
@@ -167,7 +177,7 @@ def _orientation(series) -> np.ndarray:  # noqa: ANN001
     return nib.orientations.io_orientation(lps_to_ras @ series_affine(series))
 
 
-def _to_source_grid(canonical_xyz: np.ndarray, series) -> np.ndarray:  # noqa: ANN001
+def _to_source_grid(canonical_xyz: np.ndarray, series) -> np.ndarray:
     """A ``(R, A, S)``-ordered array back to the series' stored ``(Z, Y, X)`` order."""
     import nibabel as nib
 
@@ -177,7 +187,7 @@ def _to_source_grid(canonical_xyz: np.ndarray, series) -> np.ndarray:  # noqa: A
     return np.ascontiguousarray(np.asarray(xyz).transpose(2, 1, 0))
 
 
-def _cut_axis(series) -> int:  # noqa: ANN001
+def _cut_axis(series) -> int:
     """The canonical axis the training slices are cut across (as :func:`client.dataset.canonical_slices`)."""
     from client.dataset import canonical_volume
 
@@ -189,7 +199,7 @@ def _cut_axis(series) -> int:  # noqa: ANN001
     return int(np.argmax(np.abs(axes.T @ normal)))
 
 
-def _prepare_slice(item: dict, cfg: RunConfig):  # noqa: ANN202
+def _prepare_slice(item: dict, cfg: RunConfig):
     """A canonical slice resampled to the model's spacing and scaled as in training: ``(1, h, w)`` MetaTensor."""
     from monai.transforms import ScaleIntensityRangePercentiles, Spacing
 
@@ -216,18 +226,26 @@ def _segment_slices(model: torch.nn.Module, items: list[dict], cfg: RunConfig, *
         prepared = [_prepare_slice(item, cfg) for item in chunk]
         x = torch.stack([torch.as_tensor(p.as_tensor(), dtype=torch.float32) for p in prepared])
         logits = sliding_window_inference(
-            x, roi_size=(size, size), sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian",
-            padding_mode="constant", cval=0.0,
+            x,
+            roi_size=(size, size),
+            sw_batch_size=8,
+            predictor=model,
+            overlap=0.25,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=0.0,
         )
         probs = torch.softmax(logits.float(), dim=1)[:, 1:2]  # (n, 1, h, w) lesion probability
         for item, prep, prob in zip(chunk, prepared, probs, strict=True):
             src = item["image"]
-            back = resample(MetaTensor(prob, affine=prep.affine), dst_affine=src.affine, spatial_size=tuple(src.shape[1:]))
+            back = resample(
+                MetaTensor(prob, affine=prep.affine), dst_affine=src.affine, spatial_size=tuple(src.shape[1:])
+            )
             out.append(np.asarray(back.as_tensor()[0].numpy(), dtype=np.float32))
     return out
 
 
-def segment_series(loaded: LoadedModel, series, volume: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+def segment_series(loaded: LoadedModel, series, volume: np.ndarray | None = None) -> np.ndarray:
     """Segment one series and return the mask on its own grid.
 
     Args:
@@ -255,12 +273,14 @@ def segment_series(loaded: LoadedModel, series, volume: np.ndarray | None = None
     canonical = np.moveaxis(np.stack(probs), 0, axis)  # (R, A, S)
     mask = (_to_source_grid(canonical, series) >= 0.5).astype(np.uint8)
     if mask.shape != volume.shape:  # a broken invariant, not a data problem
-        raise PredictError(f"series {series.series_hash}: mask shape {mask.shape} differs from the series {volume.shape}")
+        raise PredictError(
+            f"series {series.series_hash}: mask shape {mask.shape} differs from the series {volume.shape}"
+        )
     return mask
 
 
 @torch.no_grad()
-def classify_series(loaded: LoadedModel, series, volume: np.ndarray | None = None) -> dict[str, float]:  # noqa: ANN001
+def classify_series(loaded: LoadedModel, series, volume: np.ndarray | None = None) -> dict[str, float]:
     """Class probabilities of one series (mean over its images), by class name.
 
     Raises:
@@ -274,7 +294,9 @@ def classify_series(loaded: LoadedModel, series, volume: np.ndarray | None = Non
         raise PredictError(f"series {series.series_hash}: {problem}")
     volume = read_series(series) if volume is None else volume
     pipeline = sample_pipeline(loaded.cfg.data, with_mask=False)
-    images = [pipeline(item)["image"].float() for item in canonical_slices(volume, np.zeros(volume.shape, np.uint8), series)]
+    images = [
+        pipeline(item)["image"].float() for item in canonical_slices(volume, np.zeros(volume.shape, np.uint8), series)
+    ]
     logits = loaded.model(torch.stack(images))
     probs = torch.softmax(logits.float(), dim=1).mean(dim=0).numpy()
     return {name: float(p) for name, p in zip(loaded.cfg.task.class_names, probs, strict=True)}
@@ -287,7 +309,7 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * int((p & r).sum()) / denom)
 
 
-def series_numbers(mask: np.ndarray, series, reference: np.ndarray | None = None) -> dict[str, float | int | None]:  # noqa: ANN001
+def series_numbers(mask: np.ndarray, series, reference: np.ndarray | None = None) -> dict[str, float | int | None]:
     """Per-series numbers of a segmentation: lesion volume (ml), slices with findings, Dice.
 
     Args:
@@ -309,7 +331,7 @@ def series_numbers(mask: np.ndarray, series, reference: np.ndarray | None = None
     return out
 
 
-def predict_series(loaded: LoadedModel, series, *, reference_mask: Path | None = None) -> SeriesPrediction:  # noqa: ANN001
+def predict_series(loaded: LoadedModel, series, *, reference_mask: Path | None = None) -> SeriesPrediction:
     """Apply the model to one series; segmentation also reads its reference mask when given.
 
     Raises:
@@ -336,8 +358,12 @@ def predict_series(loaded: LoadedModel, series, *, reference_mask: Path | None =
         out.probabilities = classify_series(loaded, series, volume)
         names = loaded.cfg.task.class_names
         finding = max(names, key=lambda n: out.probabilities[n])  # type: ignore[index]
-        out.numbers = {"finding": finding, "probability": round(out.probabilities[finding], 4), "positive_class": names[-1],
-                       "positive_probability": round(out.probabilities[names[-1]], 4)}
+        out.numbers = {
+            "finding": finding,
+            "probability": round(out.probabilities[finding], 4),
+            "positive_class": names[-1],
+            "positive_probability": round(out.probabilities[names[-1]], 4),
+        }
     out.seconds = time.perf_counter() - started
     out.numbers["seconds"] = round(out.seconds, 3)
     return out

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["add_parser", "add_pull_parser", "run", "run_pull", "predict_folder", "FolderResult"]
+__all__ = ["FolderResult", "add_parser", "add_pull_parser", "predict_folder", "run", "run_pull"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +37,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="apply a trained model to DICOM series (a folder or a PACS study): DICOM SEG / SR outputs",
         description="Apply a trained fedsite model to every series of INPUT (or of a PACS study) at its native grid.",
     )
-    p.add_argument("model", type=Path, metavar="MODEL", help="a run folder (results.json, final_model.pt) or its final_model.pt")
-    p.add_argument("input", type=Path, nargs="?", metavar="INPUT", help="a folder of DICOM series (or a site folder with labels/)")
-    p.add_argument("--out", type=Path, help="output folder (SEG/SR files and predictions.json); required without --pacs")
-    p.add_argument("--pacs", metavar="URL", help="the PACS: DICOMweb root (http://pacs:8042/dicom-web) or DIMSE (dimse://AET@pacs:4242)")
+    p.add_argument(
+        "model", type=Path, metavar="MODEL", help="a run folder (results.json, final_model.pt) or its final_model.pt"
+    )
+    p.add_argument(
+        "input", type=Path, nargs="?", metavar="INPUT", help="a folder of DICOM series (or a site folder with labels/)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (SEG/SR files and predictions.json); required without --pacs"
+    )
+    p.add_argument(
+        "--pacs",
+        metavar="URL",
+        help="the PACS: DICOMweb root (http://pacs:8042/dicom-web) or DIMSE (dimse://AET@pacs:4242)",
+    )
     p.add_argument("--study", metavar="UID", help="with --pacs: the StudyInstanceUID to predict")
     p.add_argument("--no-store", action="store_true", help="with --pacs: do not store the outputs back into the PACS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each PACS request (default 60)")
@@ -52,9 +62,18 @@ def add_pull_parser(site_subparsers: argparse._SubParsersAction) -> None:
         "pull",
         help="fill a site folder from the hospital's PACS: matching series as images, their studies' SEGs as masks",
     )
-    p.add_argument("--pacs", required=True, metavar="URL",
-                   help="the PACS: DICOMweb root (http://pacs:8042/dicom-web) or DIMSE (dimse://AET@pacs:4242)")
-    p.add_argument("--query", default="", metavar="'KEY=VALUE ...'", help="series filters, e.g. 'Modality=MR StudyDate=20240101-20241231'")
+    p.add_argument(
+        "--pacs",
+        required=True,
+        metavar="URL",
+        help="the PACS: DICOMweb root (http://pacs:8042/dicom-web) or DIMSE (dimse://AET@pacs:4242)",
+    )
+    p.add_argument(
+        "--query",
+        default="",
+        metavar="'KEY=VALUE ...'",
+        help="series filters, e.g. 'Modality=MR StudyDate=20240101-20241231'",
+    )
     p.add_argument("--out", type=Path, required=True, metavar="SITE", help="the site folder to fill (dicom/, labels/)")
     p.add_argument("--limit", type=int, default=0, help="at most this many series (0 = all)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each PACS request (default 60)")
@@ -73,7 +92,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def predict_folder(loaded, folder: Path, out: Path, *, say=_say) -> FolderResult:  # noqa: ANN001
+def predict_folder(loaded, folder: Path, out: Path, *, say=_say) -> FolderResult:
     """Predict every series under ``folder`` and write the DICOM outputs and ``predictions.json`` to ``out``.
 
     Args:
@@ -101,7 +120,14 @@ def predict_folder(loaded, folder: Path, out: Path, *, say=_say) -> FolderResult
     result = FolderResult()
     out.mkdir(parents=True, exist_ok=True)
     if not scan.series:
-        say(f"no readable image series under the input folder ({scan.files_total} files, {len(scan.rejected)} rejected)")
+        say(
+            f"no readable image series under the input folder ({scan.files_total} files, {len(scan.rejected)} rejected)"
+        )
+    reasons: dict[str, int] = {}
+    for r in scan.rejected:  # reasons name no patient value (client.dicom)
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        say(f"{count} file(s) not used: {reason}")
     for s in scan.series:
         refs = masks.masks_for(s) if masks is not None else []
         try:
@@ -139,7 +165,10 @@ def predict_folder(loaded, folder: Path, out: Path, *, say=_say) -> FolderResult
 
 def _summary(e: dict) -> str:
     if "lesion_volume_ml" in e:
-        line = f"series {e['series']}: lesion {e['lesion_volume_ml']:.1f} ml on {e['slices_with_findings']}/{e['slices']} slices"
+        line = (
+            f"series {e['series']}: lesion {e['lesion_volume_ml']:.1f} ml "
+            f"on {e['slices_with_findings']}/{e['slices']} slices"
+        )
         if e.get("dice") is not None:
             line += f", Dice {e['dice']:.3f} against the reference mask"
     else:
@@ -157,7 +186,10 @@ def _predict(args: argparse.Namespace) -> int:
         print("fedsite predict: error: --pacs needs --study UID (the study to predict)", file=sys.stderr)
         return 2
     if args.pacs is None and not args.input.is_dir():
-        print(f"fedsite predict: error: input {args.input} is not a folder; give the folder holding the DICOM series", file=sys.stderr)
+        print(
+            f"fedsite predict: error: input {args.input} is not a folder; give the folder holding the DICOM series",
+            file=sys.stderr,
+        )
         return 2
     loaded = load_model(args.model)
     started = time.perf_counter()
@@ -167,7 +199,7 @@ def _predict(args: argparse.Namespace) -> int:
     return _predict_pacs(loaded, args, started)
 
 
-def _predict_pacs(loaded, args: argparse.Namespace, started: float) -> int:  # noqa: ANN001
+def _predict_pacs(loaded, args: argparse.Namespace, started: float) -> int:
     from client.dicom import hash_id
     from client.pacs import connect
 
@@ -191,7 +223,10 @@ def _predict_pacs(loaded, args: argparse.Namespace, started: float) -> int:  # n
 
 def _finish(result: FolderResult, out: Path | None, started: float) -> int:
     where = f" in {out}" if out is not None else ""
-    _say(f"{len(result.predicted)} series predicted, {len(result.rejected)} rejected{where} ({time.perf_counter() - started:.1f}s)")
+    _say(
+        f"{len(result.predicted)} series predicted, {len(result.rejected)} rejected{where} "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
     if not result.predicted:
         print("fedsite predict: error: no series could be predicted; see the reasons above", file=sys.stderr)
         return 1
@@ -205,7 +240,8 @@ def run_pull(args: argparse.Namespace) -> int:
     pacs = connect(args.pacs, timeout=args.timeout)
     report = pull_site(pacs, parse_query(args.query), args.out, limit=args.limit or None, say=_say)
     _say(
-        f"pulled {report['series']} series ({report['instances']} instances) and {report['masks']} SEG masks into {args.out}; "
+        f"pulled {report['series']} series ({report['instances']} instances) "
+        f"and {report['masks']} SEG masks into {args.out}; "
         f"next: fedsite site check {args.out}"
     )
     return 0 if report["series"] else 1
@@ -224,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
         print("fedsite predict: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a site tool never shows a traceback (it could quote data)
-        print(f"fedsite predict: error: unexpected {type(exc).__name__}; nothing was stored in a PACS. "
-              "Please report this with the command you ran (not the data).", file=sys.stderr)
+        print(
+            f"fedsite predict: error: unexpected {type(exc).__name__}; nothing was stored in a PACS. "
+            "Please report this with the command you ran (not the data).",
+            file=sys.stderr,
+        )
         return 2

@@ -116,7 +116,9 @@ def orthanc(tmp: Path, *, start_timeout: float = 30.0) -> Iterator[OrthancServer
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not answer within {start_timeout:.0f}s; see {tmp / 'orthanc.log'}") from None
+                    raise RuntimeError(
+                        f"Orthanc did not answer within {start_timeout:.0f}s; see {tmp / 'orthanc.log'}"
+                    ) from None
                 time.sleep(0.2)
         yield server
     finally:

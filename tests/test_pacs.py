@@ -27,12 +27,12 @@ DICE_FLOOR = 0.7
 SITES = ("site-01", "site-03")
 
 
-def _series(folder: Path):  # noqa: ANN202
+def _series(folder: Path):
     return scan_images(folder, skip=("labels", "site.json")).series
 
 
 @pytest.fixture(scope="module")
-def pacs(small_sites: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def pacs(small_sites: Path, tmp_path_factory: pytest.TempPathFactory):
     """Orthanc holding the MR studies of site-01 and site-03 and, for each series, a reference SEG (the annotator's)."""
     from client.dicom_out import make_seg, write
 
@@ -46,16 +46,20 @@ def pacs(small_sites: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: 
                     server.upload(path)
                 shape = (len(series.slices), series.rows, series.columns)
                 reference = read_mask(masks.masks_for(series)[0], series, shape)
-                seg = write(make_seg(series, reference, run_id="", manual=True), tmp / "refs" / f"{series.series_hash}.dcm")
+                seg = write(
+                    make_seg(series, reference, run_id="", manual=True), tmp / "refs" / f"{series.series_hash}.dcm"
+                )
                 server.upload(seg)
         yield server
 
 
-def _instances(server) -> int:  # noqa: ANN001
+def _instances(server) -> int:
     return len(server.get("/instances"))
 
 
-def test_site_pull_fills_a_site_folder_that_site_check_and_training_accept(pacs, small_sites: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_site_pull_fills_a_site_folder_that_site_check_and_training_accept(
+    pacs, small_sites: Path, tmp_path: Path, capsys
+) -> None:
     """Images and reference SEGs pulled by query give the very samples the original site folders give."""
     from client.dataset import load_site
     from common.config import DataConfig
@@ -83,7 +87,7 @@ def test_site_pull_fills_a_site_folder_that_site_check_and_training_accept(pacs,
         assert torch.allclose(mine[key]["image"], sample["image"]), key
 
 
-def _fedsite_segs(pacs, study: str) -> list[pydicom.Dataset]:  # noqa: ANN001
+def _fedsite_segs(pacs, study: str) -> list[pydicom.Dataset]:
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url=pacs.dicomweb)
@@ -96,7 +100,7 @@ def _fedsite_segs(pacs, study: str) -> list[pydicom.Dataset]:  # noqa: ANN001
 
 
 def test_predict_on_a_pacs_study_stores_a_seg_that_aligns_with_the_reference(
-    pacs, tiny_seg_run: Path, small_sites: Path, tmp_path: Path, capsys  # noqa: ANN001
+    pacs, tiny_seg_run: Path, small_sites: Path, tmp_path: Path, capsys
 ) -> None:
     """WADO-RS pull, predict, STOW-RS push: the SEG read back from Orthanc references the source instances and
     overlaps the reference mask above the floor; nothing printed names the study."""
@@ -107,7 +111,9 @@ def test_predict_on_a_pacs_study_stores_a_seg_that_aligns_with_the_reference(
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in series.files]
     study = source[0].StudyInstanceUID
     before = _instances(pacs)
-    code = main(["predict", str(tiny_seg_run), "--pacs", pacs.dicomweb, "--study", study, "--out", str(tmp_path / "out")])
+    code = main(
+        ["predict", str(tiny_seg_run), "--pacs", pacs.dicomweb, "--study", study, "--out", str(tmp_path / "out")]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert study not in captured.out + captured.err and hash_id(study) in captured.out
@@ -133,7 +139,7 @@ def test_predict_on_a_pacs_study_stores_a_seg_that_aligns_with_the_reference(
     assert np.array_equal(predicted, read_mask(tmp_path / "out" / doc["series"][0]["output"], series, shape))
 
 
-def test_an_unreachable_pacs_is_one_line_and_exit_2(tiny_seg_run: Path, capsys) -> None:  # noqa: ANN001
+def test_an_unreachable_pacs_is_one_line_and_exit_2(tiny_seg_run: Path, capsys) -> None:
     from tests.orthanc_helpers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/dicom-web"
@@ -141,13 +147,26 @@ def test_an_unreachable_pacs_is_one_line_and_exit_2(tiny_seg_run: Path, capsys) 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "is unreachable" in err[0] and url in err[0] and "1.2.3.4" not in err[0]
-    code = main(["site", "pull", "--pacs", url, "--query", "Modality=MR", "--out", "/nonexistent/never-written", "--timeout", "5"])
+    code = main(
+        [
+            "site",
+            "pull",
+            "--pacs",
+            url,
+            "--query",
+            "Modality=MR",
+            "--out",
+            "/nonexistent/never-written",
+            "--timeout",
+            "5",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is unreachable" in err[0]
     assert not Path("/nonexistent/never-written").exists()
 
 
-def test_a_study_the_pacs_does_not_have_is_one_line_and_nothing_is_stored(pacs, tiny_seg_run: Path, capsys) -> None:  # noqa: ANN001
+def test_a_study_the_pacs_does_not_have_is_one_line_and_nothing_is_stored(pacs, tiny_seg_run: Path, capsys) -> None:
     before = _instances(pacs)
     code = main(["predict", str(tiny_seg_run), "--pacs", pacs.dicomweb, "--study", "1.2.826.0.1.999.1"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -156,7 +175,7 @@ def test_a_study_the_pacs_does_not_have_is_one_line_and_nothing_is_stored(pacs, 
     assert _instances(pacs) == before
 
 
-def test_a_model_of_another_task_stores_nothing_in_the_pacs(pacs, small_sites: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_a_model_of_another_task_stores_nothing_in_the_pacs(pacs, small_sites: Path, tmp_path: Path, capsys) -> None:
     """A chest X-ray classifier on an MR study: each series refused with the reason, exit 1, the PACS unchanged."""
     from common.config import flatten, parse_run_config
     from common.model import build_model
@@ -176,8 +195,10 @@ def test_a_model_of_another_task_stores_nothing_in_the_pacs(pacs, small_sites: P
     assert _instances(pacs) == before
 
 
-def test_dimse_pull_predict_and_store_work_like_dicomweb(pacs, tiny_seg_run: Path, small_sites: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    """dimse://AET@host:port: site pull by C-FIND/C-GET gives the same files as DICOMweb; predict stores one SEG by C-STORE."""
+def test_dimse_pull_predict_and_store_work_like_dicomweb(
+    pacs, tiny_seg_run: Path, small_sites: Path, tmp_path: Path, capsys
+) -> None:
+    """dimse://AET@host:port: site pull by C-FIND/C-GET gives the files DICOMweb gives; predict C-STOREs one SEG."""
     site = tmp_path / "dimse-site"
     assert main(["site", "pull", "--pacs", pacs.dimse, "--query", "Modality=MR", "--out", str(site)]) == 0
     web = tmp_path / "web-site"
@@ -193,6 +214,17 @@ def test_dimse_pull_predict_and_store_work_like_dicomweb(pacs, tiny_seg_run: Pat
     assert len(_fedsite_segs(pacs, study)) == 1
     from tests.orthanc_helpers import free_port
 
-    code = main(["predict", str(tiny_seg_run), "--pacs", f"dimse://NOPACS@127.0.0.1:{free_port()}", "--study", study, "--timeout", "5"])
+    code = main(
+        [
+            "predict",
+            str(tiny_seg_run),
+            "--pacs",
+            f"dimse://NOPACS@127.0.0.1:{free_port()}",
+            "--study",
+            study,
+            "--timeout",
+            "5",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unreachable" in err[0] and study not in err[0]

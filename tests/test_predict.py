@@ -86,11 +86,13 @@ def other_resolution_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from simulations.profiles import profile_for_site
     from simulations.synth import write_site
 
-    profile = dataclasses.replace(profile_for_site(2), name="coarse-2mm", matrix=128, pixel_spacing_mm=2.0, slice_thickness_mm=3.0)
+    profile = dataclasses.replace(
+        profile_for_site(2), name="coarse-2mm", matrix=128, pixel_spacing_mm=2.0, slice_thickness_mm=3.0
+    )
     return write_site(tmp_path_factory.mktemp("coarse"), 0, seed=11, patients=3, slices=10, profile=profile)
 
 
-def _seg_checks(seg_path: Path, series, mask: np.ndarray, run_id: str) -> None:  # noqa: ANN001
+def _seg_checks(seg_path: Path, series, mask: np.ndarray, run_id: str) -> None:
     """The SEG references every source instance, shares their frame of reference, and holds ``mask``."""
     seg = pydicom.dcmread(seg_path)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in series.files]
@@ -102,8 +104,13 @@ def _seg_checks(seg_path: Path, series, mask: np.ndarray, run_id: str) -> None: 
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
     assert (seg.Rows, seg.Columns) == (series.rows, series.columns)
     assert int(seg.NumberOfFrames) == len(series.slices)
-    frame_ipp = [[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in seg.PerFrameFunctionalGroupsSequence]
-    np.testing.assert_allclose(sorted(frame_ipp), sorted([[float(v) for v in s.ImagePositionPatient] for s in sources]), atol=1e-3)
+    frame_ipp = [
+        [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+        for f in seg.PerFrameFunctionalGroupsSequence
+    ]
+    np.testing.assert_allclose(
+        sorted(frame_ipp), sorted([[float(v) for v in s.ImagePositionPatient] for s in sources]), atol=1e-3
+    )
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("fedsite", run_id)
     np.testing.assert_array_equal(read_mask(seg_path, series, mask.shape), mask)
@@ -129,7 +136,9 @@ def test_unseen_patients_and_another_resolution_get_seg_on_their_grid_above_the_
             assert dice(predicted, reference) == pytest.approx(entry["dice"], abs=1e-4)
             _seg_checks(seg_path, series, predicted, "tinyseg0001")
             row, col = series.pixel_spacing
-            assert entry["lesion_volume_ml"] == pytest.approx(predicted.sum() * row * col * series.slice_spacing / 1000, abs=1e-3)
+            assert entry["lesion_volume_ml"] == pytest.approx(
+                predicted.sum() * row * col * series.slice_spacing / 1000, abs=1e-3
+            )
             assert entry["slices_with_findings"] == int(predicted.any(axis=(1, 2)).sum())
         doc = json.loads((out / "predictions.json").read_text())
         assert {e["series"] for e in doc["series"]} == {e["series"] for e in result.predicted}
@@ -138,7 +147,9 @@ def test_unseen_patients_and_another_resolution_get_seg_on_their_grid_above_the_
 
 def _cr_series(folder: Path) -> Path:
     image = (np.random.default_rng(0).random((1, 100, 90)) * 1000).astype(np.uint16)
-    write_series(folder, image, modality="CR", sop_class=ComputedRadiographyImageStorage, spacing=(0.5, 0.5), patient_id="CRPAT7")
+    write_series(
+        folder, image, modality="CR", sop_class=ComputedRadiographyImageStorage, spacing=(0.5, 0.5), patient_id="CRPAT7"
+    )
     return folder
 
 
@@ -169,7 +180,9 @@ def test_classification_writes_an_sr_holding_the_finding_and_its_probability(tmp
     assert finding == max(expected, key=expected.__getitem__)
 
 
-def test_a_model_whose_task_does_not_fit_the_series_is_refused_with_a_reason(tmp_path: Path, tiny_seg_run: Path, capsys) -> None:  # noqa: ANN001
+def test_a_model_whose_task_does_not_fit_the_series_is_refused_with_a_reason(
+    tmp_path: Path, tiny_seg_run: Path, capsys
+) -> None:
     """A segmentation model on a chest X-ray: one line naming the mismatch, exit 1, nothing written but the report."""
     folder = _cr_series(tmp_path / "cr")
     out = tmp_path / "out"
@@ -188,7 +201,9 @@ def _mr_folder(tmp_path: Path) -> Path:
     return tmp_path / "mr"
 
 
-def test_a_damaged_series_is_skipped_with_its_reason_and_the_others_are_predicted(tmp_path: Path, small_sites: Path, tiny_seg_run: Path, capsys) -> None:  # noqa: ANN001,E501
+def test_a_damaged_series_is_skipped_with_its_reason_and_the_others_are_predicted(
+    tmp_path: Path, small_sites: Path, tiny_seg_run: Path, capsys
+) -> None:
     """One series' pixel data is cut short: it is named by hash with the reason, the others get their SEG, exit 1."""
     folder = tmp_path / "site"
     shutil.copytree(small_sites / "site-03", folder, ignore=shutil.ignore_patterns(".fedsite-cache"))
@@ -200,10 +215,12 @@ def test_a_damaged_series_is_skipped_with_its_reason_and_the_others_are_predicte
     out = capsys.readouterr().out
     assert code == 1
     assert f"skipped series {broken.series_hash}:" in out
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.seg.dcm")) == sorted(f"{s.series_hash}.seg.dcm" for s in series[1:])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.seg.dcm")) == sorted(
+        f"{s.series_hash}.seg.dcm" for s in series[1:]
+    )
 
 
-def test_predict_prints_no_patient_values(tmp_path: Path, small_sites: Path, tiny_seg_run: Path, capsys) -> None:  # noqa: ANN001
+def test_predict_prints_no_patient_values(tmp_path: Path, small_sites: Path, tiny_seg_run: Path, capsys) -> None:
     """No PatientID, name, or UID of the source appears in what the command prints or in predictions.json."""
     folder = small_sites / "site-03"
     code = main(["predict", str(tiny_seg_run), str(folder), "--out", str(tmp_path / "out")])
@@ -219,20 +236,26 @@ def test_predict_prints_no_patient_values(tmp_path: Path, small_sites: Path, tin
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=120)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy is not installed (Debian package dicom3tools)")
-def test_every_object_fedsite_writes_passes_dciodvfy_without_errors(tmp_path: Path, small_sites: Path, tiny_seg_run: Path) -> None:
+def test_every_object_fedsite_writes_passes_dciodvfy_without_errors(
+    tmp_path: Path, small_sites: Path, tiny_seg_run: Path
+) -> None:
     """The model's SEG, a reference SEG (manual) and the classification SR: dciodvfy reports no error."""
     from client.dicom_out import make_seg, write
 
-    seg_out = predict_folder(load_model(tiny_seg_run), small_sites / "site-03", tmp_path / "seg", say=lambda _m: None).outputs
+    seg_out = predict_folder(
+        load_model(tiny_seg_run), small_sites / "site-03", tmp_path / "seg", say=lambda _m: None
+    ).outputs
     sr_out = predict_folder(_classifier(), _cr_series(tmp_path / "cr"), tmp_path / "sr", say=lambda _m: None).outputs
     series = scan_images(small_sites / "site-03", skip=("labels", "site.json")).series[0]
-    manual = write(make_seg(series, np.ones((len(series.slices), series.rows, series.columns), np.uint8), run_id="", manual=True),
-                   tmp_path / "manual.seg.dcm")
+    manual = write(
+        make_seg(series, np.ones((len(series.slices), series.rows, series.columns), np.uint8), run_id="", manual=True),
+        tmp_path / "manual.seg.dcm",
+    )
     written = [*seg_out, *sr_out, manual]
     assert len(written) == 4 + 1 + 1  # site-03: 4 patients
     for path in written:
