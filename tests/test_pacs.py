@@ -234,9 +234,10 @@ def test_dimse_pull_predict_and_store_work_like_dicomweb(
 
 def test_a_site_pulled_from_the_pacs_trains_a_model_whose_seg_on_another_study_aligns(
     pacs, small_sites: Path, tmp_path: Path, capsys
-) -> None:  # noqa: ANN001
-    """End to end: pull site-01's series by query (its scanner's Manufacturer), train on the pulled folder, predict a site-03 study through the
-    PACS, read the SEG back from Orthanc: it overlaps the reference mask above the floor."""
+) -> None:
+    """End to end: pull site-01's series by query (its scanner's Manufacturer), train on the pulled folder,
+    predict a site-03 study through the PACS, read the SEG back from Orthanc: it overlaps the reference above the floor.
+    """
     from client.dataset import load_site
     from common.config import flatten, parse_run_config
     from common.model import build_model
