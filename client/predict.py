@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +205,9 @@ def _prepare_slice(item: dict, cfg: RunConfig):
     from monai.transforms import ScaleIntensityRangePercentiles, Spacing
 
     resampled = Spacing(pixdim=(cfg.data.spacing_mm, cfg.data.spacing_mm), mode="bilinear")(item["image"])
-    return ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(resampled)
+    with warnings.catch_warnings():  # a blank slice (1st == 99th percentile) scales to 0, as in training
+        warnings.filterwarnings("ignore", message="Divide by zero")
+        return ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(resampled)
 
 
 @torch.no_grad()

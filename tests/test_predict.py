@@ -260,3 +260,14 @@ def test_every_object_fedsite_writes_passes_dciodvfy_without_errors(
     assert len(written) == 4 + 1 + 1  # site-03: 4 patients
     for path in written:
         assert _dciodvfy_errors(path) == [], path.name
+
+
+def test_only_seg_objects_drawn_by_a_person_count_as_reference_masks(small_sites: Path) -> None:
+    """A site pulled from a PACS must not learn from model outputs: AUTOMATIC SEGs (fedsite's own) are not labels."""
+    from client.dicom_out import make_seg
+    from client.pacs import is_reference_seg
+
+    series = scan_images(small_sites / "site-03", skip=("labels", "site.json")).series[0]
+    mask = np.zeros((len(series.slices), series.rows, series.columns), np.uint8)
+    assert is_reference_seg(make_seg(series, mask, run_id="", manual=True))
+    assert not is_reference_seg(make_seg(series, mask, run_id="run-1"))
