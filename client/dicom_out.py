@@ -49,7 +49,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("fedsite")
-    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+    except Exception:
         return "0"
 
 

@@ -139,7 +139,7 @@ def load_model(path: Path) -> LoadedModel:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
+    except Exception as exc:
         raise PredictError(
             f"{weights} does not hold this run's model weights ({type(exc).__name__}); was it replaced?"
         ) from None

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fedsite predict: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a site tool never shows a traceback (it could quote data)
+    except Exception as exc:
         print(
             f"fedsite predict: error: unexpected {type(exc).__name__}; nothing was stored in a PACS. "
             "Please report this with the command you ran (not the data).",

@@ -30,7 +30,16 @@ PLANTED = {
 UID_ROOT = "1.2.826.0.1.3680043.8.498.3141592653"
 NEEDLES = [
     v.encode()
-    for v in ("Plantedname", "Johanna", "PHIID778899", "1971020", "ACC5544332", "Planted Memorial", "1971-02-0", "3141592653")
+    for v in (
+        "Plantedname",
+        "Johanna",
+        "PHIID778899",
+        "1971020",
+        "ACC5544332",
+        "Planted Memorial",
+        "1971-02-0",
+        "3141592653",
+    )
 ]
 
 
@@ -66,7 +75,9 @@ def planted_sites(small_sites: Path, tmp_path: Path) -> Path:
         _plant(root / name)
     first = next((root / "site-01" / "dicom").rglob("*.dcm"))
     # the planted values are really in the site's files and paths, so the searches below can fail
-    assert b"PHIID778899" in first.read_bytes() and "PHIID778899" in str(first) and UID_ROOT.encode() in first.read_bytes()
+    assert (
+        b"PHIID778899" in first.read_bytes() and "PHIID778899" in str(first) and UID_ROOT.encode() in first.read_bytes()
+    )
     return root
 
 
@@ -90,8 +101,13 @@ def test_replies_and_site_logs_carry_no_planted_identifier(
     from tests.flower_helpers import site_context, site_message
 
     config = {
-        "data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.local-epochs": 1,
-        "privacy.dp": dp, "privacy.noise-multiplier": 1.0 if dp else 0.0, "privacy.audit": True,
+        "data.image-size": 32,
+        "data.spacing-mm": 7.5,
+        "model.channels": "8,16,32",
+        "train.local-epochs": 1,
+        "privacy.dp": dp,
+        "privacy.noise-multiplier": 1.0 if dp else 0.0,
+        "privacy.audit": True,
     }
     cfg = parse_run_config(config)
     arrays = to_arrays(build_model(cfg.model, cfg.task))
@@ -118,10 +134,24 @@ def test_planted_identifiers_never_leave_the_site_in_a_simulation(
     caplog.set_level(logging.INFO)
     code = main(
         [
-            "simulate", "--sites", "2", "--rounds", "1", "--local-epochs", "1", "--seed", "7", "--verbose",
-            "--out", str(out), "--data-root", str(planted_sites),
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 model.channels='8,16,32'",
-            "--run-config", "privacy.dp=true privacy.noise-multiplier=1.0 privacy.audit=true",
+            "simulate",
+            "--sites",
+            "2",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--seed",
+            "7",
+            "--verbose",
+            "--out",
+            str(out),
+            "--data-root",
+            str(planted_sites),
+            "--run-config",
+            "data.image-size=32 data.spacing-mm=7.5 model.channels='8,16,32'",
+            "--run-config",
+            "privacy.dp=true privacy.noise-multiplier=1.0 privacy.audit=true",
         ]
     )
     printed = capfd.readouterr()
