@@ -17,6 +17,7 @@ from pathlib import Path
 
 from client.layout import LABELS_DIR, SITE_FILE
 from common.config import RunConfig
+from common.errors import FedsiteError
 
 __all__ = ["add_parser", "run"]
 
@@ -66,6 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.data.val_fraction,
         help=f"validation share of patients (default {defaults.data.val_fraction}, the run's data.val-fraction)",
     )
+    from client.predict_cli import add_pull_parser
+
+    add_pull_parser(sub)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -107,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.site_command == "check":
             return _check(args)
+        if args.site_command == "pull":
+            from client.predict_cli import run_pull
+
+            return run_pull(args)
+    except FedsiteError as exc:
+        print(f"fedsite site {args.site_command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fedsite site: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,8 @@ hands the parsed arguments to that side. Adding a side (the server's ``fedsite s
 run``, ``fedsite certs``) is one line in :data:`SIDES`. Today:
 
 * ``fedsite simulate``, ``fedsite study privacy|shift``, ``fedsite data synth``: :mod:`simulations.cli`
-* ``fedsite site check``: :mod:`client.cli`
+* ``fedsite site check|pull``: :mod:`client.cli`
+* ``fedsite predict``: :mod:`client.predict_cli`
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = ["SIDES", "build_parser", "main", "run"]
 SIDES: tuple[str, ...] = (
     "simulations.cli",
     "client.cli",
+    "client.predict_cli",
 )
 
 
