@@ -10,9 +10,6 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
-"""``../shared/data`` from the repository root (never copied into the repository)."""
-
 
 def write_series(
     folder: Path,

@@ -14,8 +14,9 @@ from common.config import ConfigError, parse_run_config
 from common.model import build_model
 from common.records import to_arrays
 from tests.flower_helpers import site_context, site_message
+from tests.paths import SHARED_DATA
 
-NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_merged.npz"
+NPZ = SHARED_DATA / "pneumoniamnist" / "pneumoniamnist_merged.npz"
 pytestmark = pytest.mark.skipif(not NPZ.is_file(), reason=f"the chest X-ray source {NPZ} is not beside the repository")
 
 CLS = {

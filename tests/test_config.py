@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
 import pytest
 
 from common.config import ConfigError, default_flat_config, flatten, parse_run_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO
 
 
 def test_pyproject_config_equals_the_parsers_defaults() -> None:

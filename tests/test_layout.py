@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO
 
 
 @pytest.mark.parametrize("package", ["server", "client", "common", "simulations", "certs", "fedsite"])

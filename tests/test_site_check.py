@@ -19,6 +19,7 @@ from client.errors import DicomError
 from client.phi import hash_id
 from fedsite.cli import main
 from tests.dicom_fixtures import pydicom_file, pydicom_test_files, pydicom_tree
+from tests.paths import REPO
 
 REPORT_KEYS = (
     "files_total",
@@ -49,7 +50,7 @@ def test_every_pydicom_and_pydicom_data_file_is_accepted_or_rejected_with_a_reas
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).parents[1],
+        cwd=REPO,
     )
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr

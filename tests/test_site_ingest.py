@@ -15,7 +15,8 @@ from client.dataset import CANONICAL_AXCODES, canonical_slices, canonical_volume
 from client.dicom_header import IMAGE_SOP_CLASSES
 from client.discovery import discover_series, read_series
 from client.geometry import series_affine
-from tests.dicom_fixtures import SHARED_DATA, one_file_folder, pydicom_file, write_series
+from tests.dicom_fixtures import one_file_folder, pydicom_file, write_series
+from tests.paths import SHARED_DATA
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 

@@ -35,8 +35,9 @@ from simulations.profiles import (
 )
 from simulations.sitefolder import GENERATOR_VERSION, INDEX_FILE
 from simulations.synth import write_site, write_sites
+from tests.paths import SHARED_DATA
 
-PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_merged.npz"
+PNEUMONIA = SHARED_DATA / "pneumoniamnist" / "pneumoniamnist_merged.npz"
 needs_pneumonia = pytest.mark.skipif(
     not PNEUMONIA.is_file(),
     reason=f"PneumoniaMNIST not found at {PNEUMONIA} (the repository's ../shared/data/pneumoniamnist)",
