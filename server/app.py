@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, flatten, parse_run_config
-from common.model import build_model
+from common.model import build_model, load_start_weights
 from common.records import to_arrays
 from server.results import build_results, round_metrics, site_table, write_json
 from server.strategies import RoundRecord, StopFederation, make_strategy, recorder_of
@@ -83,6 +83,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.task)
+    if cfg.model.init:  # start weights checked against the configured model before any site works
+        log.info("start weights: %s", load_start_weights(model, cfg.model.init, fetch=tracker.fetch))
     strategy = make_strategy(cfg, on_round=on_round)
     recorder = recorder_of(strategy)
     status = "FAILED"
