@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from monai.networks.nets import DenseNet121, ResNet, UNet
@@ -95,7 +95,7 @@ class SegmentationUNet(torch.nn.Module):
         )
         self.head = torch.nn.Conv2d(channels[0], NUM_CLASSES, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see the class docstring
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.unet(x))
 
 
@@ -160,7 +160,7 @@ def init_weights_path(source: str, *, fetch: Callable[[str], Path] | None = None
             raise ConfigError(f"{what} is an MLflow URI; only the coordinator can resolve it (or give a local file)")
         try:
             path = Path(fetch(source))
-        except Exception as exc:  # noqa: BLE001 - MLflow raises many types; the message says what to check
+        except Exception as exc:  # MLflow raises many types; the message says what to check
             raise ConfigError(
                 f"{what}: MLflow could not download it ({type(exc).__name__}); check the URI and output.tracking-uri, "
                 "or give the final_model.pt file itself"

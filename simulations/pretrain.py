@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def pretrain_data_seed(seed: int) -> int:
 
 def pretrain(
     out: Path,
-    cfg: RunConfig = RunConfig(),
+    cfg: RunConfig | None = None,
     *,
     patients: int = 8,
     slices: int = 12,
@@ -56,7 +57,7 @@ def pretrain(
 
     Args:
         out: Output folder (created); receives :data:`START_MODEL`, :data:`PRETRAIN_JSON` and ``data/``.
-        cfg: The run config the start model is for: its ``model.*``, ``data.*``, ``train.batch-size``,
+        cfg: The run config the start model is for (default: the defaults): its ``model.*``, ``data.*``, ``train.batch-size``,
             ``train.lr``, ``train.optimizer`` and ``seed`` are used.
         patients: Phantom patients per pre-training scanner (a quarter of them are held out for the Dice).
         slices: Slices per phantom series.
@@ -74,6 +75,7 @@ def pretrain(
     from simulations.profiles import PRETRAIN_PROFILES
     from simulations.synth import GENERATOR_VERSION, write_site
 
+    cfg = cfg if cfg is not None else RunConfig()
     if cfg.task.name != "segmentation":
         raise ConfigError(
             f"config key 'task.name' = {cfg.task.name!r}: pre-training uses the lesion phantoms, so it makes "
