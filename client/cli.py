@@ -32,14 +32,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and why the rest is rejected. Nothing identifying is printed or written."
         ),
     )
-    check.add_argument("dir", type=Path, metavar="DIR", help="the site folder (dicom/, labels/, site.json), or any folder of images")
-    check.add_argument("--json", dest="report", type=Path, metavar="REPORT", help="also write the full report as JSON to REPORT")
-    check.add_argument("--modality", action="append", metavar="MOD", help="keep only this DICOM Modality, e.g. MR (repeatable; default all)")
-    check.add_argument("--headers-only", action="store_true", help="do not decode pixel data (faster; damaged pixel data goes unnoticed)")
-    defaults = RunConfig()
-    check.add_argument("--seed", type=int, default=defaults.seed, help=f"run seed used for the patient split (default {defaults.seed}, the run default)")
     check.add_argument(
-        "--val-fraction", type=float, default=defaults.data.val_fraction,
+        "dir", type=Path, metavar="DIR", help="the site folder (dicom/, labels/, site.json), or any folder of images"
+    )
+    check.add_argument(
+        "--json", dest="report", type=Path, metavar="REPORT", help="also write the full report as JSON to REPORT"
+    )
+    check.add_argument(
+        "--modality",
+        action="append",
+        metavar="MOD",
+        help="keep only this DICOM Modality, e.g. MR (repeatable; default all)",
+    )
+    check.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="do not decode pixel data (faster; damaged pixel data goes unnoticed)",
+    )
+    defaults = RunConfig()
+    check.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help=f"run seed used for the patient split (default {defaults.seed}, the run default)",
+    )
+    check.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.data.val_fraction,
         help=f"validation share of patients (default {defaults.data.val_fraction}, the run's data.val-fraction)",
     )
 
@@ -48,13 +68,21 @@ def _check(args: argparse.Namespace) -> int:
     from client.audit import check_site, format_report, write_report
 
     if not 0.0 < args.val_fraction < 1.0:
-        print(f"fedsite site check: error: --val-fraction {args.val_fraction} must be between 0 and 1 (e.g. 0.25)", file=sys.stderr)
+        print(
+            f"fedsite site check: error: --val-fraction {args.val_fraction} must be between 0 and 1 (e.g. 0.25)",
+            file=sys.stderr,
+        )
         return 2
     if not args.dir.is_dir():
-        print(f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)", file=sys.stderr)
+        print(
+            f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)",
+            file=sys.stderr,
+        )
         return 2
     modalities = tuple(m.upper() for m in args.modality) if args.modality else None
-    report = check_site(args.dir, modalities=modalities, decode=not args.headers_only, seed=args.seed, val_fraction=args.val_fraction)
+    report = check_site(
+        args.dir, modalities=modalities, decode=not args.headers_only, seed=args.seed, val_fraction=args.val_fraction
+    )
     print(format_report(report), flush=True)
     if args.report is not None:
         write_report(report, args.report)
@@ -78,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fedsite site: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a site tool never shows a traceback (it could quote data)
+    except Exception as exc:
         print(
             f"fedsite site {args.site_command}: error: unexpected {type(exc).__name__}; nothing was written. "
             "Please report this with the command you ran (not the data).",

@@ -11,17 +11,17 @@ from monai.networks.nets import DenseNet121, ResNet, UNet
 from common.config import ConfigError, ModelConfig, TaskConfig
 
 __all__ = [
-    "build_model",
-    "architecture",
-    "pick_device",
-    "norm_keys",
-    "NUM_CLASSES",
-    "SegmentationUNet",
     "FINAL_MODEL",
     "MLFLOW_SCHEMES",
-    "init_weights_path",
+    "NUM_CLASSES",
+    "SegmentationUNet",
+    "architecture",
+    "build_model",
     "check_start_weights",
+    "init_weights_path",
     "load_start_weights",
+    "norm_keys",
+    "pick_device",
 ]
 
 #: The file a run folder keeps its final global weights in (a state dict).
@@ -53,6 +53,7 @@ def norm_keys(model: torch.nn.Module) -> list[str]:
             keys.extend(prefix + k for k in module.state_dict())
     return sorted(keys)
 
+
 NUM_CLASSES = 2
 """Segmentation classes: 0 background, 1 lesion."""
 
@@ -82,7 +83,9 @@ class SegmentationUNet(torch.nn.Module):
     Shapes: ``(B, 1, H, W) -> (B, NUM_CLASSES, H, W)``.
     """
 
-    def __init__(self, channels: tuple[int, ...], num_res_units: int, norm: tuple[str, dict[str, object]] | str) -> None:
+    def __init__(
+        self, channels: tuple[int, ...], num_res_units: int, norm: tuple[str, dict[str, object]] | str
+    ) -> None:
         super().__init__()
         self.unet = UNet(
             spatial_dims=2,
@@ -199,17 +202,22 @@ def check_start_weights(state: Mapping[str, object], model: torch.nn.Module, *, 
     missing = sorted(set(reference) - set(state))
     unexpected = sorted(set(state) - set(reference))
     shapes = sorted(
-        k for k in set(reference) & set(state) if tuple(state[k].shape) != tuple(reference[k].shape)  # type: ignore[union-attr]
+        k
+        for k in set(reference) & set(state)
+        if tuple(state[k].shape) != tuple(reference[k].shape)  # type: ignore[union-attr]
     )
     if missing or unexpected or shapes:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+            parts.append(
+                f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+            )
         if shapes:
             shown = ", ".join(
-                f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}" for k in shapes[:3]  # type: ignore[union-attr]
+                f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}"
+                for k in shapes[:3]  # type: ignore[union-attr]
             )
             parts.append(f"{len(shapes)} of another shape ({shown}{', ...' if len(shapes) > 3 else ''})")
         raise ConfigError(f"{what} does not fit the configured model: keys {'; '.join(parts)}. Fix: {_FIX}")
@@ -235,13 +243,15 @@ def load_start_weights(model: torch.nn.Module, source: str, *, fetch: Callable[[
     path = init_weights_path(source, fetch=fetch)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+    except Exception as exc:
         raise ConfigError(
             f"config key 'model.init' = {source!r}: {path.name} is not a PyTorch state dict ({type(exc).__name__}); "
             "give a file written by torch.save(model.state_dict(), ...), e.g. a run's final_model.pt"
         ) from None
     if not isinstance(state, Mapping):
-        raise ConfigError(f"config key 'model.init' = {source!r}: {path.name} holds a {type(state).__name__}, not a state dict")
+        raise ConfigError(
+            f"config key 'model.init' = {source!r}: {path.name} holds a {type(state).__name__}, not a state dict"
+        )
     check_start_weights(state, model, source=source)
     reference = model.state_dict()
     model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})

@@ -31,7 +31,7 @@ from common import task
 from common.config import ConfigError, RunConfig, flatten
 from common.model import build_model
 
-__all__ = ["pretrain", "START_MODEL", "PRETRAIN_JSON", "pretrain_data_seed"]
+__all__ = ["PRETRAIN_JSON", "START_MODEL", "pretrain", "pretrain_data_seed"]
 
 #: The state-dict file :func:`pretrain` writes (give it, or its folder's path, as ``model.init``).
 START_MODEL = "start_model.pt"
@@ -111,14 +111,21 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.task)
     result = task.train(
-        model, train, epochs=epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer,
+        model,
+        train,
+        epochs=epochs,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer,
         seed=site_seed(cfg.seed, "pretrain", 0),
     )
     held_out = {s["profile"]: round(task.evaluate(model, v)["dice"], 4) for s, v in zip(seen, val_parts, strict=True)}
     say(f"pretrain: {result.steps} steps, held-out Dice {held_out}")
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / START_MODEL)
-    model_keys = {k: v for k, v in flatten(replace(cfg, model=replace(cfg.model, init=""))).items() if k.startswith("model.")}
+    model_keys = {
+        k: v for k, v in flatten(replace(cfg, model=replace(cfg.model, init=""))).items() if k.startswith("model.")
+    }
     doc = {
         "start_model": START_MODEL,
         "data": {
