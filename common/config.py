@@ -109,6 +109,12 @@ class ModelConfig:
     channels: str = field(default="16,32,64,128", metadata={"help": "comma-separated feature sizes"})
     num_res_units: int = field(default=1, metadata=_range(0, 8))
     norm: str = field(default="instance", metadata=_choice("instance", "batch", "group"))
+    init: str = field(
+        default="",
+        metadata={
+            "help": "start weights: a .pt state dict, a run folder holding final_model.pt, or an MLflow URI (runs:/RUN_ID/final_model.pt); '' = random from seed"
+        },
+    )
 
     @property
     def channel_tuple(self) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """Training and evaluation of the two tasks. Plain PyTorch and MONAI; no Flower.
 
 * ``"segmentation"``: lesion masks, samples ``{"image": (1, H, W), "label": (1, H, W)}``, Dice+CE
-  loss, Dice over the whole split.
+  loss (the lesion's Dice over each batch's pixels), Dice over the whole split.
 * ``"classification"``: one class per image, samples ``{"image": (1, H, W), "label": ()}``
   (class index), cross-entropy (optionally weighted by inverse class frequency), AUC, accuracy,
   sensitivity, specificity and calibration error (:mod:`common.metrics`).
@@ -90,17 +90,24 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task {task!r} is unknown; use one of {', '.join(TASKS)}")
 
 
-def loss_function(task: str = "segmentation", weights: torch.Tensor | None = None) -> torch.nn.Module:
+def loss_function(
+    task: str = "segmentation", weights: torch.Tensor | None = None, *, batch_dice: bool = False
+) -> torch.nn.Module:
     """The task loss, from logits.
 
     Args:
-        task: ``"segmentation"`` (Dice + cross-entropy over the two pixel classes) or
-            ``"classification"`` (cross-entropy).
+        task: ``"segmentation"`` (Dice + cross-entropy) or ``"classification"`` (cross-entropy).
         weights: Classification only: per-class loss weights (:func:`class_weights`).
+        batch_dice: Segmentation: the lesion's soft Dice over all pixels of the batch, as
+            :func:`evaluate` scores a split (a slice without lesion counts through its false
+            positives), plus cross-entropy. It couples the samples of a batch, so DP-SGD (which
+            needs one loss per sample) keeps the default: Dice per sample over both classes.
     """
     _check_task(task)
     if task == "classification":
         return torch.nn.CrossEntropyLoss(weight=weights)
+    if batch_dice:
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
@@ -179,7 +186,7 @@ def train(
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
-    loss_fn = loss_function(task, None if weights is None else weights.to(device))
+    loss_fn = loss_function(task, None if weights is None else weights.to(device), batch_dice=True)
     opt = make_optimizer(model, optimizer, lr)
     params = [p for p in model.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, flatten, parse_run_config
 from common.metrics import summarize_sites
-from common.model import build_model
+from common.model import build_model, load_start_weights
 from common.records import to_arrays
 from server.recording import RoundRecord, StopFederation
 from server.results import build_results, round_metrics, site_table, write_json
@@ -89,6 +89,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.task)
+    if cfg.model.init:  # start weights checked against the configured model before any site works
+        log.info("start weights: %s", load_start_weights(model, cfg.model.init, fetch=tracker.fetch))
     recorder = make_strategy(cfg, on_round=on_round)
     status = "FAILED"
     stopped: dict | None = None

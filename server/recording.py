@@ -275,7 +275,9 @@ class RecordingStrategy(Strategy):
             spent = msg.content.metric_records.get("privacy") if not msg.has_error() else None
             if isinstance(spent, MetricRecord) and "epsilon" in spent:
                 rec.privacy[site] = {"epsilon": _epsilon(spent["epsilon"]), "delta": float(spent.get("delta", 0.0))}
-        return good, by_site
+        # In site-name order, not arrival order: a float32 sum depends on its order, and one ulp in
+        # the global weights can change a later round's Dice (the same seed gave 0.000 and 0.566).
+        return [by_site[site] for site in sorted(by_site)], by_site
 
     # --- the Strategy interface, delegated ---------------------------------------------------
     def summary(self) -> None:

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "library_versions", "ui_hint"]
+__all__ = ["Tracker", "download_artifact", "library_versions", "ui_hint"]
 
 log = logging.getLogger("fedsite.server")
 
@@ -35,6 +35,16 @@ def library_versions() -> dict[str, str]:
 def ui_hint(tracking_uri: str) -> str:
     """The command that opens this store in the MLflow UI."""
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def download_artifact(uri: str, tracking_uri: str) -> Path:
+    """Download an MLflow artifact (``runs:/RUN_ID/final_model.pt``, ``models:/...``) to a local path.
+
+    Used for ``model.init`` given as an MLflow URI; errors propagate (the caller names the fix).
+    """
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
 
 
 class Tracker:
@@ -78,6 +88,10 @@ class Tracker:
             self._starting.join()
             self._starting = None
         return self._client is not None and self.run_id is not None
+
+    def fetch(self, uri: str) -> Path:
+        """Download the artifact ``uri`` from this tracker's store (see :func:`download_artifact`)."""
+        return download_artifact(uri, self.tracking_uri)
 
     def wait(self) -> str | None:
         """Wait for the store to be open; returns the MLflow run id (None if tracking is off)."""

@@ -27,7 +27,7 @@ from common.config import ConfigError, RunConfig, field_choices, flatten, parse_
 __all__ = ["COMMANDS", "add_parser", "run", "synth_arguments_error", "synth_main"]
 
 #: The top-level commands this side registers.
-COMMANDS = ("simulate", "study", "data")
+COMMANDS = ("simulate", "study", "data", "pretrain")
 
 _RUN_CONFIG_HELP = "any key of [tool.flwr.app.config]"
 _RUN_CONFIG_METAVAR = "'KEY=VALUE ...'"
@@ -161,6 +161,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.set_defaults(synth_parser=synth)
 
+    pre = subparsers.add_parser(
+        "pretrain",
+        help="pre-train a start model (model.init) on phantoms from scanners no simulated site uses",
+    )
+    pre.add_argument("--out", type=Path, required=True, help="folder for start_model.pt and pretrain.json")
+    pre.add_argument("--patients", type=int, default=8, help="phantom patients per pre-training scanner")
+    pre.add_argument("--slices", type=int, default=12, help="slices per phantom series")
+    pre.add_argument("--epochs", type=int, default=20, help="passes over the pooled pre-training samples")
+    pre.add_argument("--seed", type=int, help="run seed (default 42)")
+    pre.add_argument("--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR, help=_RUN_CONFIG_HELP)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from simulations.pretrain import pretrain
+
+    for name, value in (("--patients", args.patients), ("--slices", args.slices), ("--epochs", args.epochs)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    flat = flatten(RunConfig())
+    flat.update(parse_overrides(args.run_config))
+    if args.seed is not None:
+        flat["seed"] = args.seed
+    cfg = parse_run_config(flat)
+    doc = pretrain(
+        args.out,
+        cfg,
+        patients=args.patients,
+        slices=args.slices,
+        epochs=args.epochs,
+        progress=lambda m: print(m, flush=True),
+    )
+    print(f"start model written to {args.out}; use it with --run-config \"model.init='{args.out}'\"")
+    return 0 if doc else 1
+
 
 def run(args: argparse.Namespace) -> int:
     """Run a command registered by :func:`add_parser`; returns the exit code.
@@ -181,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             return _cmd_study_privacy(args)
         if args.command == "study" and args.study_command == "shift":
             return _cmd_study_shift(args)
+        if args.command == "pretrain":
+            return _cmd_pretrain(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"fedsite: error: {exc}", file=sys.stderr)
         return 2

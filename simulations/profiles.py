@@ -429,6 +429,45 @@ MR_PROFILES: tuple[ScannerProfile, ...] = (
 #: The MR profiles (the name predates the other modalities).
 DEFAULT_PROFILES = MR_PROFILES
 
+#: MR scanners for pre-training a start model (:mod:`simulations.pretrain`): no simulated site uses
+#: them (sites cycle through :data:`MR_PROFILES` and their ``-vN`` variants), so a start model has
+#: seen neither a site's patients nor its scanner.
+PRETRAIN_PROFILES: tuple[ScannerProfile, ...] = (
+    ScannerProfile(
+        name="hitachi-1.2T",
+        manufacturer="Hitachi Medical Corporation",
+        model_name="Oasis",
+        field_strength=1.2,
+        matrix=256,
+        pixel_spacing_mm=1.0,
+        slice_thickness_mm=5.0,
+        noise_kind="rician",
+        noise_level=0.04,
+        bias_field=0.25,
+        contrast_gamma=0.9,
+        intensity_scale=1.5,
+        bits_stored=12,
+        lesion_contrast=0.9,
+    ),
+    ScannerProfile(
+        name="siemens-3T",
+        manufacturer="SIEMENS",
+        model_name="Skyra",
+        field_strength=3.0,
+        matrix=240,
+        pixel_spacing_mm=0.9,
+        slice_thickness_mm=5.0,
+        noise_kind="rician",
+        noise_level=0.04,
+        bias_field=0.4,
+        contrast_gamma=0.8,
+        intensity_scale=2.0,
+        bits_stored=16,
+        gibbs=0.6,
+        lesion_contrast=0.8,
+    ),
+)
+
 #: The four default CT scanners: different kernels, noise, slice thickness, calibration and storage.
 CT_PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile(

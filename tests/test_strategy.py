@@ -345,3 +345,18 @@ def test_central_dp_rejects_a_site_that_sent_back_the_global_model_and_counts_on
         {"site": "site-c", "phase": "train", "reason": "update is exactly zero (nothing learnt)"}
     ]
     assert np.std(agg["w"].numpy()) == pytest.approx(0.5 / 2, rel=0.08)  # noise for the 2 sites aggregated
+
+
+def test_averaged_weights_are_bit_identical_whatever_order_the_replies_arrive_in(task_identity: None) -> None:
+    """Replies arrive in the order sites finish; a float32 sum in that order would differ in the last bits."""
+    rng = np.random.default_rng(0)
+    weights = {site: rng.standard_normal(1000).astype(np.float32) * 10 for site in ("site-a", "site-b", "site-c")}
+    samples = {"site-a": 24, "site-b": 25, "site-c": 26}
+    results = []
+    for order in (["site-a", "site-b", "site-c"], ["site-c", "site-a", "site-b"], ["site-b", "site-c", "site-a"]):
+        s = make_strategy(parse_run_config({}))
+        s.configure_train(1, ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))}), ConfigRecord({}), FakeGrid())
+        replies = [_train_reply(11 + i, site, weights[site], samples[site]) for i, site in enumerate(order)]
+        arrays, _ = s.aggregate_train(1, replies)
+        results.append(arrays["w"].numpy())
+    assert all(np.array_equal(results[0], r) for r in results[1:])
