@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_site_parser(sub)
+    # Deployment commands (wired here until the new top-level fedsite/cli.py collects them).
+    from certs.cli import add_parser as add_certs_parser
+    from server.cli import add_parser as add_server_parser
+
+    add_certs_parser(sub)
+    add_server_parser(sub)
     return p
 
 
@@ -284,6 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from client.cli import run as run_site
 
             return run_site(args)
+        if args.command == "certs":
+            from certs.cli import run as run_certs
+
+            return run_certs(args)
+        if args.command in ("server", "run"):
+            from server.cli import run as run_server
+
+            return run_server(args)
         if args.command == "data" and args.data_command == "synth":
             return _cmd_synth(args)
         if args.command == "study" and args.study_command == "privacy":
