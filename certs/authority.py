@@ -30,8 +30,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import FedsiteError
+from common.locations import certs_dir
 
 __all__ = [
+    "CA_CERT",
+    "CA_KEY",
+    "SERVER_CERT",
+    "SERVER_KEY",
+    "SITES_DIR",
+    "WARN_DAYS",
     "CertError",
     "CertStatus",
     "default_dir",
@@ -39,12 +46,6 @@ __all__ = [
     "issue_server_cert",
     "make_site_key",
     "status",
-    "CA_CERT",
-    "CA_KEY",
-    "SERVER_CERT",
-    "SERVER_KEY",
-    "SITES_DIR",
-    "WARN_DAYS",
 ]
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -62,12 +63,11 @@ class CertError(FedsiteError):
 
 def default_dir() -> Path:
     """Where certificates live unless ``--dir`` says otherwise: ``$FEDSITE_CERTS`` or ``~/.config/fedsite/certs``."""
-    env = os.environ.get("FEDSITE_CERTS")
-    return Path(env).expanduser() if env else Path.home() / ".config" / "fedsite" / "certs"
+    return certs_dir()
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -22,7 +22,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``fedsite site`` and its subcommands on the ``fedsite`` parser's subparsers."""
-    site = subparsers.add_parser("site", help="site tools: check a site folder before joining")
+    site = subparsers.add_parser("site", help="site tools: check a site folder, join a federation")
     sub = site.add_subparsers(dest="site_command", required=True)
     check = sub.add_parser(
         "check",
@@ -42,6 +42,69 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--val-fraction", type=float, default=defaults.data.val_fraction,
         help=f"validation share of patients (default {defaults.data.val_fraction}, the run's data.val-fraction)",
     )
+    _add_start(sub)
+
+
+def _add_start(sub: argparse._SubParsersAction) -> None:
+    from common.locations import certs_dir
+
+    start = sub.add_parser(
+        "start",
+        help="check the data folder, then join the federation (SuperNode with TLS and the site's key)",
+        description=(
+            "Audit DATA_DIR as `fedsite site check` does and refuse on an unusable folder; then run Flower's "
+            "SuperNode against the coordinator's SuperLink, verifying it with CA and signing with KEY. "
+            "Keeps retrying while the SuperLink is down."
+        ),
+    )
+    start.add_argument("--data", dest="data_dir", type=Path, required=True, metavar="DATA_DIR", help="the site's data folder")
+    start.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink, e.g. fl.hospital.org:8000")
+    start.add_argument("--ca", type=Path, default=certs_dir() / "ca.pem", help="the federation's ca.pem (from the coordinator)")
+    start.add_argument("--key", type=Path, help="this site's private key (default CERTS_DIR/sites/NAME.key)")
+    start.add_argument("--name", help="this site's public name (default: from site.json, else the folder name)")
+    start.add_argument("--state-dir", type=Path, help="the SuperNode's own folder (default ~/.local/share/fedsite/site-NAME)")
+    start.add_argument("--runtime-port", type=int, default=9094, help="local Runtime API port (loopback; default 9094)")
+    start.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts (default: never)")
+    start.add_argument("--headers-only", action="store_true", help="check headers only (faster; damaged pixel data goes unnoticed)")
+    start.add_argument("--insecure", action="store_true", help="no TLS, no key: only against `fedsite server start --insecure`")
+
+
+def _start(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from client.deploy import SiteSpec, SiteStartError, check_folder, supernode_command, supernode_env
+    from client.site import site_name_of
+    from common.locations import certs_dir
+
+    try:
+        summary = check_folder(args.data_dir, decode=not args.headers_only)
+    except SiteStartError as exc:
+        print(f"fedsite site start: refused: {exc}", file=sys.stderr)
+        return 1
+    print(summary, flush=True)
+    name = args.name or site_name_of(args.data_dir.resolve())
+    spec = SiteSpec(
+        superlink=args.superlink, data_dir=args.data_dir, ca=args.ca,
+        key=args.key or certs_dir() / "sites" / f"{name}.key", name=name,
+        state_dir=args.state_dir or Path.home() / ".local" / "share" / "fedsite" / f"site-{name}",
+        runtime_port=args.runtime_port, max_retries=args.max_retries, insecure=args.insecure,
+    )
+    try:
+        cmd = supernode_command(spec)
+    except SiteStartError as exc:
+        print(f"fedsite site start: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"site {name}: joining {args.superlink} ({'NO TLS' if args.insecure else 'TLS, signed with the site key'})", flush=True)
+    proc = subprocess.Popen(cmd, env=supernode_env(spec))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 130
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -75,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.site_command == "check":
             return _check(args)
+        if args.site_command == "start":
+            return _start(args)
     except KeyboardInterrupt:
         print("fedsite site: interrupted", file=sys.stderr)
         return 130

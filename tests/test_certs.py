@@ -130,7 +130,7 @@ def test_status_lists_every_certificate_and_key_with_its_expiry(ca_dir: Path) ->
 
 def test_status_warns_thirty_days_before_the_server_certificate_expires(ca_dir: Path) -> None:
     a.issue_server_cert(ca_dir, ["localhost"], days=60)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     left_31 = next(e for e in a.status(ca_dir, now=now + dt.timedelta(days=28)) if e.kind == "server")
     assert left_31.days_left == 31 and not left_31.warning
     left_29 = next(e for e in a.status(ca_dir, now=now + dt.timedelta(days=31)) if e.kind == "server")
