@@ -67,6 +67,14 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts (default: never)")
     start.add_argument("--headers-only", action="store_true", help="check headers only (faster; damaged pixel data goes unnoticed)")
     start.add_argument("--insecure", action="store_true", help="no TLS, no key: only against `fedsite server start --insecure`")
+    start.add_argument(
+        "--approved", type=Path, metavar="FILE",
+        help="run only apps whose FAB hash is in FILE (see `fedsite site approve`); others are refused before any code runs",
+    )
+    approve = sub.add_parser("approve", help="add an app's FAB hash to the site's approved list (after reviewing its code)")
+    approve.add_argument("app", type=Path, nargs="?", metavar="APP_DIR", help="the reviewed source folder of the app")
+    approve.add_argument("--hash", dest="fab_hash", help="approve this FAB hash instead (as `flwr ls` shows it)")
+    approve.add_argument("--approved", type=Path, required=True, metavar="FILE", help="the site's approved list (JSON)")
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -87,7 +95,7 @@ def _start(args: argparse.Namespace) -> int:
         superlink=args.superlink, data_dir=args.data_dir, ca=args.ca,
         key=args.key or certs_dir() / "sites" / f"{name}.key", name=name,
         state_dir=args.state_dir or Path.home() / ".local" / "share" / "fedsite" / f"site-{name}",
-        runtime_port=args.runtime_port, max_retries=args.max_retries, insecure=args.insecure,
+        runtime_port=args.runtime_port, max_retries=args.max_retries, insecure=args.insecure, approved=args.approved,
     )
     try:
         cmd = supernode_command(spec)
@@ -95,16 +103,44 @@ def _start(args: argparse.Namespace) -> int:
         print(f"fedsite site start: error: {exc}", file=sys.stderr)
         return 2
     print(f"site {name}: joining {args.superlink} ({'NO TLS' if args.insecure else 'TLS, signed with the site key'})", flush=True)
-    proc = subprocess.Popen(cmd, env=supernode_env(spec))
+    from client.deploy import executor_command
+
+    env = supernode_env(spec)
+    procs = [subprocess.Popen(cmd, env=env)]
+    if spec.approved is not None:
+        print(f"site {name}: runs only apps approved in {spec.approved}", flush=True)
+        procs.append(subprocess.Popen(executor_command(spec, procs[0].pid), env=env))
     try:
-        return proc.wait()
+        return procs[0].wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         return 130
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from client.approval import ApprovalError, approve, fab_hash_of_app
+
+    try:
+        if args.fab_hash:
+            fab_hash, app, version = args.fab_hash, "", ""
+        elif args.app is not None:
+            fab_hash, app, version = fab_hash_of_app(args.app)
+        else:
+            print("fedsite site approve: give APP_DIR (the reviewed source) or --hash", file=sys.stderr)
+            return 2
+        approve(args.approved, fab_hash, app=app, version=version)
+    except ApprovalError as exc:
+        print(f"fedsite site approve: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"approved {app or 'app'} {version} (FAB hash {fab_hash}) in {args.approved}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -140,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
             return _check(args)
         if args.site_command == "start":
             return _start(args)
+        if args.site_command == "approve":
+            return _approve(args)
     except KeyboardInterrupt:
         print("fedsite site: interrupted", file=sys.stderr)
         return 130

@@ -44,6 +44,8 @@ class SiteSpec:
         runtime_port: The SuperNode's loopback Runtime API port.
         max_retries: Give up after this many failed connection attempts (None: keep trying).
         insecure: No TLS and no authentication (only against ``fedsite server start --insecure``).
+        approved: The site's approved-app list; when set the SuperNode runs with ``--isolation process``
+            and :func:`executor_command` launches only approved apps (:mod:`client.approval`).
         extra: More ``flower-supernode`` arguments, passed as they are.
     """
 
@@ -56,6 +58,7 @@ class SiteSpec:
     runtime_port: int = RUNTIME_PORT
     max_retries: int | None = None
     insecure: bool = False
+    approved: Path | None = None
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -112,7 +115,27 @@ def supernode_command(spec: SiteSpec) -> list[str]:
     cmd += ["--node-config", f"data-dir='{data}' site-name='{spec.name}'", "--port", str(spec.runtime_port)]
     if spec.max_retries is not None:
         cmd += ["--max-retries", str(spec.max_retries)]
+    if spec.approved is not None:
+        cmd += ["--isolation", "process"]  # no executor of Flower's own: fedsite's checks the app first
     return [*cmd, *spec.extra]
+
+
+def executor_command(spec: SiteSpec, parent_pid: int) -> list[str]:
+    """The site's own executor next to a ``--isolation process`` SuperNode: approved apps only.
+
+    It talks to the SuperNode's Runtime API on loopback (as Flower's own executor does) and stops
+    when the SuperNode process ``parent_pid`` ends.
+
+    Raises:
+        SiteStartError: If ``spec`` has no approved list.
+    """
+    if spec.approved is None:
+        raise SiteStartError("no approved-app list given (--approved FILE)")
+    return [
+        sys.executable, "-m", "client.approved_exec", "--insecure",
+        "--runtime-api-address", f"127.0.0.1:{spec.runtime_port}", "--parent-pid", str(parent_pid),
+        "--approved", str(Path(spec.approved).resolve()),
+    ]
 
 
 def supernode_env(spec: SiteSpec) -> dict[str, str]:

@@ -100,43 +100,78 @@ def _run_status(home: Path, run_id: str) -> dict:
     return runs[0] if runs else {}
 
 
+def _follow(home: Path, run_id: str, *, verbose: bool, poll_s: float = 5.0) -> dict:
+    """Print the run's log (filtered) until the run has finished; returns its final status."""
+    import threading
+
+    proc = subprocess.Popen(
+        [*flwr_command(), "log", run_id, CONNECTION, "--stream"], env={**os.environ, "FLWR_HOME": str(home)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            if keep_line(line, verbose=verbose) and (line.strip() or verbose) and "Starting logstream" not in line:
+                print(line, flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        while True:
+            status = _run_status(home, run_id)
+            if str(status.get("status", "")).startswith("finished"):
+                break
+            time.sleep(poll_s)
+        reader.join(timeout=30)  # the last lines (the per-site table) arrive after the status changes
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return status
+
+
 def submit(args: argparse.Namespace, home: Path) -> int:
-    """Submit the run, stream its progress, and return 0 when it finished successfully."""
+    """Submit the run, follow its progress, and return 0 when it finished successfully."""
     try:
         overrides = run_config_overrides(args)
     except ConfigError as exc:
         raise DeployError(str(exc)) from None
     app = Path(args.app).resolve() if args.app else app_folder()
-    cmd = ["run", str(app), CONNECTION, "--stream"]
+    cmd = ["run", str(app), CONNECTION, "--format", "json"]
     if overrides:
         cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [*flwr_command(), *cmd], env={**os.environ, "FLWR_HOME": str(home)}, cwd=app,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-    )
-    run_id = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        m = re.search(r"Successfully started run (\d+)", line)
-        if m:
-            run_id = m.group(1)
-            print(f"fedsite run: run {run_id} submitted to {args.superlink}", flush=True)
-            continue
-        if not keep_line(line, verbose=args.verbose) or (not line.strip() and not args.verbose):
-            continue
-        print(line, flush=True)
-    code = proc.wait()
-    elapsed = time.perf_counter() - started
-    if run_id is None:
-        print(f"fedsite run: the SuperLink did not accept the run (flwr exit code {code})", file=sys.stderr)
-        return code or 1
-    status = _run_status(home, run_id)
+    res = flwr(cmd, home, timeout=600, cwd=app)
+    text = res.stdout[res.stdout.find("{"):] if "{" in res.stdout else ""
+    try:
+        run_id = json.loads(text).get("run-id") if text else None
+    except ValueError:
+        run_id = None
+    if res.returncode != 0 or not run_id:
+        reason = (res.stdout + res.stderr).strip()[-800:]
+        raise DeployError(f"the SuperLink did not accept the run: {reason}")
+    print(f"fedsite run: run {run_id} submitted to {args.superlink}", flush=True)
+    status = _follow(home, str(run_id), verbose=args.verbose)
     state = status.get("status", "unknown")
-    print(f"fedsite run: run {run_id} {state} in {elapsed:.1f}s", flush=True)
+    print(f"fedsite run: run {run_id} {state} in {time.perf_counter() - started:.1f}s", flush=True)
+    traffic = status.get("network-traffic")
+    if traffic:
+        print(
+            f"fedsite run: network traffic (Flower's count for the run): inbound {traffic.get('inbound-bytes', 0)} B, "
+            f"outbound {traffic.get('outbound-bytes', 0)} B",
+            flush=True,
+        )
+        results = Path(str(overrides.get("output.dir", ""))) / "results.json"
+        if overrides.get("output.dir") and results.is_file():  # the coordinator's own run: keep it with the results
+            data = json.loads(results.read_text())
+            data["network"] = {"source": "flwr ls network-traffic (whole run)", **traffic}
+            results.write_text(json.dumps(data, indent=2) + "\n")
     if state != "finished:completed":
-        detail = status.get("status-details", "")
-        print(f"fedsite run: {detail or 'see the SuperLink log'}", file=sys.stderr)
+        print(f"fedsite run: {status.get('status-details') or 'see the SuperLink log'}", file=sys.stderr)
         return 1
     return 0
