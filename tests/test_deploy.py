@@ -35,14 +35,19 @@ class _NoProcess:
     started: list[list[str]] = []
 
     def __new__(cls, cmd, *args, **kwargs):
-        if not any("flower" in str(c) or "superlink" in str(c) for c in cmd):
+        if not any(k in str(c) for c in cmd for k in ("flower", "superlink", "approved_exec")):
             return _REAL_POPEN(cmd, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, cmd: list[str], *_args: object, **_kwargs: object) -> None:
         _NoProcess.started.append(list(cmd))
 
+    pid = 4242
+
     def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def poll(self) -> int:
         return 0
 
 
@@ -163,3 +168,56 @@ def test_fedsite_run_rejects_an_unknown_run_config_key_before_submitting() -> No
     )
     with pytest.raises(ConfigError, match="train.lrr"):
         submit.run_config_overrides(args)
+
+
+def _tiny_app(root: Path, body: str) -> Path:
+    app = root / "tinyapp"
+    app.mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "tinyapp"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "someone"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "tiny:server"\nclientapp = "tiny:client"\n'
+    )
+    (app / "tiny.py").write_text(body)
+    return app
+
+
+def test_an_app_changed_in_one_byte_is_refused_and_the_reviewed_one_is_not(tmp_path: Path) -> None:
+    from client.approval import approve, fab_hash_of_app, load_approved, refusal
+
+    reviewed, app_id, version = fab_hash_of_app(_tiny_app(tmp_path / "a", "x = 1\n"))
+    changed, _, _ = fab_hash_of_app(_tiny_app(tmp_path / "b", "x = 2\n"))
+    again, _, _ = fab_hash_of_app(_tiny_app(tmp_path / "c", "x = 1\n"))
+    assert (app_id, version) == ("someone/tinyapp", "1.0.0")
+    assert again == reviewed != changed  # Flower builds FABs reproducibly: the site can recompute the hash
+    listed = tmp_path / "approved.json"
+    approve(listed, reviewed, app=app_id, version=version)
+    assert refusal(reviewed, load_approved(listed)) is None
+    reason = refusal(changed, load_approved(listed))
+    assert reason is not None and changed[:12] in reason and "someone/tinyapp 1.0.0" in reason
+
+
+def test_an_approved_list_that_is_not_json_is_an_error_that_names_the_fix(tmp_path: Path) -> None:
+    from client.approval import ApprovalError, approve, load_approved
+
+    listed = tmp_path / "approved.json"
+    listed.write_text("fab-hash: abc")
+    with pytest.raises(ApprovalError, match="fedsite site approve"):
+        load_approved(listed)
+    with pytest.raises(ApprovalError, match="64 hex digits"):
+        approve(tmp_path / "new.json", "not-a-hash")
+
+
+def test_site_start_with_an_approved_list_runs_the_supernode_without_its_own_executor_and_fedsites_beside_it(
+    small_sites: Path, pki: Path, tmp_path: Path, no_process  # noqa: ANN001
+) -> None:
+    code = main([
+        "site", "start", "--data", str(small_sites / "site-01"), "--superlink", "h:8000", "--headers-only",
+        "--ca", str(pki / "ca.pem"), "--key", str(pki / "sites" / "site-01.key"), "--state-dir", str(tmp_path),
+        "--runtime-port", "9191", "--approved", str(tmp_path / "approved.json"),
+    ])
+    assert code == 0
+    node, executor = no_process
+    assert node[node.index("--isolation") + 1] == "process"
+    assert executor[1:3] == ["-m", "client.approved_exec"]
+    assert executor[executor.index("--runtime-api-address") + 1] == "127.0.0.1:9191"
+    assert executor[executor.index("--approved") + 1] == str((tmp_path / "approved.json").resolve())
