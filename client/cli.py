@@ -110,18 +110,9 @@ def _start(args: argparse.Namespace) -> int:
     if spec.approved is not None:
         print(f"site {name}: runs only apps approved in {spec.approved}", flush=True)
         procs.append(subprocess.Popen(executor_command(spec, procs[0].pid), env=env))
-    try:
-        return procs[0].wait()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    from common.processes import run_foreground
+
+    return run_foreground(procs)
 
 
 def _approve(args: argparse.Namespace) -> int:

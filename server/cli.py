@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -115,16 +114,16 @@ def _start(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     print(f"SuperLink on {args.host}:{args.port} ({'NO TLS' if args.insecure else 'TLS, enrolled sites only'})")
     print(f"state: {spec.database}\nlog:   {spec.log_file}\nstop with Ctrl-C", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"note: Flower's Control API shares port {args.port} and has no account authentication in the open-source "
+            "SuperLink: open the port to the sites' addresses only (or pass only /v1/fleet/ through a reverse proxy)",
+            flush=True,
+        )
+    from common.processes import run_foreground
+
     proc = subprocess.Popen(cmd, env={**os.environ, "FLWR_HOME": str(home)}, stdout=subprocess.DEVNULL)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 0
+    return run_foreground([proc])
 
 
 def _add_site(args: argparse.Namespace) -> int:

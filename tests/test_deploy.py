@@ -221,3 +221,37 @@ def test_site_start_with_an_approved_list_runs_the_supernode_without_its_own_exe
     assert executor[1:3] == ["-m", "client.approved_exec"]
     assert executor[executor.index("--runtime-api-address") + 1] == "127.0.0.1:9191"
     assert executor[executor.index("--approved") + 1] == str((tmp_path / "approved.json").resolve())
+
+
+def test_stopping_a_foreground_command_stops_the_process_it_started(tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys; from common.processes import run_foreground; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); sys.exit(run_foreground([p]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    parent = _REAL_POPEN([sys.executable, "-c", code], env=env)
+    try:
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            time.sleep(0.1)
+        child = int(pidfile.read_text())
+        parent.send_signal(signal.SIGTERM)  # what `kill` or a service manager sends
+        assert parent.wait(timeout=30) == 130
+        time.sleep(0.5)
+        try:
+            os.kill(child, 0)
+            gone = False
+        except ProcessLookupError:
+            gone = True
+        assert gone, "the child outlived the command"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
