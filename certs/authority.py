@@ -94,11 +94,15 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _load_ca(d: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = d / CA_CERT, d / CA_KEY
     if not cert_path.is_file() or not key_path.is_file():
-        raise CertError(f"no CA in {d} ({CA_CERT} and {CA_KEY} expected); create it with `fedsite certs init --dir {d}`")
+        raise CertError(
+            f"no CA in {d} ({CA_CERT} and {CA_KEY} expected); create it with `fedsite certs init --dir {d}`"
+        )
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertError(f"{key_path} is not an EC private key; recreate the CA with `fedsite certs init --dir {d} --force`")
+        raise CertError(
+            f"{key_path} is not an EC private key; recreate the CA with `fedsite certs init --dir {d} --force`"
+        )
     return cert, key
 
 
@@ -138,8 +142,15 @@ def init_ca(d: Path, *, name: str = "fedsite federation CA", days: int = 3650, f
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -198,8 +209,15 @@ def issue_server_cert(d: Path, hosts: list[str], *, days: int = 397) -> Path:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=True, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -238,7 +256,9 @@ def make_site_key(d: Path, name: str, *, force: bool = False) -> tuple[Path, Pat
     key = ec.generate_private_key(_CURVE())
     _write_private(
         priv,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_public(pub, public + f" fedsite-{name}\n".encode())
@@ -284,7 +304,9 @@ def _cert_status(kind: str, path: Path, now: dt.datetime, ca: x509.Certificate |
                 problem = "not signed by this folder's CA; reissue with `fedsite certs server`"
     if days < 0:
         problem = problem or f"expired {-days} days ago; " + (
-            "reissue with `fedsite certs server`" if kind == "server" else "replace the CA (`fedsite certs init --force`)"
+            "reissue with `fedsite certs server`"
+            if kind == "server"
+            else "replace the CA (`fedsite certs init --force`)"
         )
     elif days <= WARN_DAYS:
         problem = problem or f"expires in {days} days; " + (

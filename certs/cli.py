@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``fedsite certs`` and its subcommands on the ``fedsite`` parser's subparsers."""
     from certs.authority import WARN_DAYS, default_dir
 
-    certs = subparsers.add_parser("certs", help="certificates and keys: the federation CA, the SuperLink's TLS, site keys")
+    certs = subparsers.add_parser(
+        "certs", help="certificates and keys: the federation CA, the SuperLink's TLS, site keys"
+    )
     sub = certs.add_subparsers(dest="certs_command", required=True)
     dir_help = f"certificate folder (default {default_dir()}, or $FEDSITE_CERTS); keep it out of any repository"
 
@@ -29,12 +31,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--dir", type=Path, default=None, help=dir_help)
     init.add_argument("--name", default="fedsite federation CA", help="the CA's common name")
     init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
-    init.add_argument("--force", action="store_true", help="replace an existing CA (then reissue the server certificate)")
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing CA (then reissue the server certificate)"
+    )
 
     server = sub.add_parser("server", help="issue or reissue the SuperLink's TLS certificate, signed by the CA")
     server.add_argument("--dir", type=Path, default=None, help=dir_help)
     server.add_argument(
-        "--host", action="append", required=True, metavar="NAME_OR_IP",
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
         help="a DNS name or IP address sites use to reach the SuperLink (repeatable), e.g. fl.hospital.org",
     )
     server.add_argument("--days", type=int, default=397, help="validity in days (default 397)")

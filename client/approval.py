@@ -65,7 +65,7 @@ def load_approved(path: Path) -> list[dict[str, str]]:
         assert all(_HEX64.match(e["fab-hash"]) for e in entries)
     except (ValueError, KeyError, TypeError, AssertionError):
         raise ApprovalError(
-            f"{path} is not an approved list ({{\"approved\": [{{\"fab-hash\": ...}}]}}); "
+            f'{path} is not an approved list ({{"approved": [{{"fab-hash": ...}}]}}); '
             "recreate it with `fedsite site approve APP_DIR --approved FILE`"
         ) from None
     return list(entries)

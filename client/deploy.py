@@ -71,11 +71,15 @@ def check_folder(data_dir: Path, *, decode: bool = True) -> str:
     from client.audit import check_site, format_report
 
     if not Path(data_dir).is_dir():
-        raise SiteStartError(f"{data_dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)")
+        raise SiteStartError(
+            f"{data_dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)"
+        )
     report = check_site(Path(data_dir), decode=decode)
     summary = format_report(report)
     if report.series_usable == 0:
-        reasons = "; ".join(f"{g['reason']} ({g['files']} files)" for g in report.rejected_by_reason[:5]) or "no files found"
+        reasons = (
+            "; ".join(f"{g['reason']} ({g['files']} files)" for g in report.rejected_by_reason[:5]) or "no files found"
+        )
         raise SiteStartError(
             f"the site folder has no usable series ({report.files_total} files): {reasons}. "
             "Fix these (see `fedsite site check DIR`) before joining the federation"
@@ -108,8 +112,10 @@ def supernode_command(spec: SiteSpec) -> list[str]:
                 "and send NAME.pub to the coordinator"
             )
         cmd += [
-            "--root-certificates", str(Path(spec.ca).resolve()),
-            "--auth-supernode-private-key", str(Path(spec.key).resolve()),
+            "--root-certificates",
+            str(Path(spec.ca).resolve()),
+            "--auth-supernode-private-key",
+            str(Path(spec.key).resolve()),
         ]
     data = str(Path(spec.data_dir).resolve()).replace("'", "")
     cmd += ["--node-config", f"data-dir='{data}' site-name='{spec.name}'", "--port", str(spec.runtime_port)]
@@ -132,9 +138,16 @@ def executor_command(spec: SiteSpec, parent_pid: int) -> list[str]:
     if spec.approved is None:
         raise SiteStartError("no approved-app list given (--approved FILE)")
     return [
-        sys.executable, "-m", "client.approved_exec", "--insecure",
-        "--runtime-api-address", f"127.0.0.1:{spec.runtime_port}", "--parent-pid", str(parent_pid),
-        "--approved", str(Path(spec.approved).resolve()),
+        sys.executable,
+        "-m",
+        "client.approved_exec",
+        "--insecure",
+        "--runtime-api-address",
+        f"127.0.0.1:{spec.runtime_port}",
+        "--parent-pid",
+        str(parent_pid),
+        "--approved",
+        str(Path(spec.approved).resolve()),
     ]
 
 

@@ -26,10 +26,14 @@ _LINK_DEFAULT = "127.0.0.1:8000"
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--superlink", default=_LINK_DEFAULT, metavar="HOST:PORT", help=f"the SuperLink (default {_LINK_DEFAULT})")
+    p.add_argument(
+        "--superlink", default=_LINK_DEFAULT, metavar="HOST:PORT", help=f"the SuperLink (default {_LINK_DEFAULT})"
+    )
     p.add_argument("--ca", type=Path, default=None, help=f"the federation's ca.pem (default {certs_dir() / 'ca.pem'})")
     p.add_argument("--state-dir", type=Path, default=None, help=f"coordinator state folder (default {state_dir()})")
-    p.add_argument("--insecure", action="store_true", help="plain HTTP, only against a SuperLink started with --insecure")
+    p.add_argument(
+        "--insecure", action="store_true", help="plain HTTP, only against a SuperLink started with --insecure"
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,13 +44,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     start = sub.add_parser(
         "start", help="start the SuperLink (TLS + SuperNode authentication; refuses without them unless --insecure)"
     )
-    start.add_argument("--certs-dir", type=Path, default=None, help=f"folder of ca.pem, server.pem, server.key (default {certs_dir()})")
+    start.add_argument(
+        "--certs-dir", type=Path, default=None, help=f"folder of ca.pem, server.pem, server.key (default {certs_dir()})"
+    )
     start.add_argument("--cert", type=Path, help="the SuperLink's TLS certificate (default CERTS_DIR/server.pem)")
     start.add_argument("--key", type=Path, help="its private key (default CERTS_DIR/server.key)")
     start.add_argument("--ca", type=Path, help="the federation CA certificate (default CERTS_DIR/ca.pem)")
     start.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     start.add_argument("--port", type=int, default=8000, help="the one port sites connect to (default 8000)")
-    start.add_argument("--state-dir", type=Path, default=None, help=f"database, log and Flower home (default {state_dir()})")
+    start.add_argument(
+        "--state-dir", type=Path, default=None, help=f"database, log and Flower home (default {state_dir()})"
+    )
     start.add_argument("--insecure", action="store_true", help="no TLS, no authentication: a closed test machine only")
 
     add = sub.add_parser("add-site", help="enroll a site by its public key (NAME.pub from `fedsite certs site NAME`)")
@@ -63,13 +71,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     runp = subparsers.add_parser("run", help="submit a federated run to a deployed SuperLink and follow it")
     _connection_args(runp)
-    runp.add_argument("--app", type=Path, default=None, help="the Flower app folder (default: fedsite's own source folder)")
+    runp.add_argument(
+        "--app", type=Path, default=None, help="the Flower app folder (default: fedsite's own source folder)"
+    )
     runp.add_argument("--rounds", type=int, help="federated rounds")
     runp.add_argument("--local-epochs", type=int, help="local epochs per round")
     runp.add_argument("--strategy", help="aggregation strategy, e.g. fedavg")
     runp.add_argument("--seed", type=int)
     runp.add_argument("--out", type=Path, help="results folder on the coordinator (results.json, MLflow store)")
-    runp.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'", help="any key of [tool.flwr.app.config]")
+    runp.add_argument(
+        "--run-config", action="append", default=[], metavar="'KEY=VALUE ...'", help="any key of [tool.flwr.app.config]"
+    )
     runp.add_argument("-v", "--verbose", action="store_true", help="also show Flower's own log lines")
 
 
@@ -104,8 +116,14 @@ def _start(args: argparse.Namespace) -> int:
     st = Path(args.state_dir or state_dir()).expanduser().resolve()
     st.mkdir(parents=True, exist_ok=True)
     spec = SuperLinkSpec(
-        certfile=args.cert or d / "server.pem", keyfile=args.key or d / "server.key", cafile=args.ca or d / "ca.pem",
-        database=st / "state.db", log_file=st / "superlink.log", host=args.host, port=args.port, insecure=args.insecure,
+        certfile=args.cert or d / "server.pem",
+        keyfile=args.key or d / "server.key",
+        cafile=args.ca or d / "ca.pem",
+        database=st / "state.db",
+        log_file=st / "superlink.log",
+        host=args.host,
+        port=args.port,
+        insecure=args.insecure,
     )
     cmd = superlink_command(spec)
     if args.insecure:

@@ -107,17 +107,24 @@ def superlink_command(spec: SuperLinkSpec) -> list[str]:
                 "without TLS and SuperNode authentication (--insecure exists for a closed test machine only)"
             )
         cmd += [
-            "--ssl-certfile", str(Path(spec.certfile).resolve()),  # type: ignore[arg-type]
-            "--ssl-keyfile", str(Path(spec.keyfile).resolve()),  # type: ignore[arg-type]
-            "--ssl-ca-certfile", str(Path(spec.cafile).resolve()),  # type: ignore[arg-type]
+            "--ssl-certfile",
+            str(Path(spec.certfile).resolve()),  # type: ignore[arg-type]
+            "--ssl-keyfile",
+            str(Path(spec.keyfile).resolve()),  # type: ignore[arg-type]
+            "--ssl-ca-certfile",
+            str(Path(spec.cafile).resolve()),  # type: ignore[arg-type]
             "--enable-supernode-auth",
         ]
     cmd += [
-        "--database", str(Path(spec.database).resolve()),
+        "--database",
+        str(Path(spec.database).resolve()),
         "--disable-runtime-dependency-installation",
-        "--log-file", str(Path(spec.log_file).resolve()),
-        "--host", spec.host,
-        "--port", str(spec.port),
+        "--log-file",
+        str(Path(spec.log_file).resolve()),
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
         *spec.extra,
     ]
     return cmd
@@ -164,7 +171,9 @@ def flwr_command() -> list[str]:
     return [exe]
 
 
-def flwr(args: list[str], home: Path, *, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def flwr(
+    args: list[str], home: Path, *, timeout: float = 120.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run Flower's ``flwr`` CLI with ``$FLWR_HOME`` = ``home``; returns the finished process."""
     env = {**os.environ, "FLWR_HOME": str(home)}
     return subprocess.run(
@@ -198,7 +207,9 @@ def register_site(pubkey: Path, home: Path, *, name: str | None = None) -> int:
         DeployError: If the key is not an OpenSSH NIST EC public key, or the SuperLink refuses.
     """
     if not Path(pubkey).is_file():
-        raise DeployError(f"{pubkey} is not a file; give the site's public key (NAME.pub from `fedsite certs site NAME`)")
+        raise DeployError(
+            f"{pubkey} is not a file; give the site's public key (NAME.pub from `fedsite certs site NAME`)"
+        )
     args = ["supernode", "register", str(Path(pubkey).resolve()), CONNECTION, "--format", "json"]
     if name:
         args += ["--name", name]
@@ -211,7 +222,10 @@ def unregister_site(node_id: int, home: Path) -> None:
     Raises:
         DeployError: If the SuperLink refuses (e.g. an unknown node id).
     """
-    _json_out(flwr(["supernode", "unregister", str(int(node_id)), CONNECTION, "--format", "json"], home), f"removing {node_id}")
+    _json_out(
+        flwr(["supernode", "unregister", str(int(node_id)), CONNECTION, "--format", "json"], home),
+        f"removing {node_id}",
+    )
 
 
 def list_sites(home: Path) -> list[dict]:

@@ -92,7 +92,7 @@ def keep_line(line: str, *, verbose: bool) -> bool:
 
 def _run_status(home: Path, run_id: str) -> dict:
     res = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], home, timeout=60)
-    text = res.stdout[res.stdout.find("{"):] if "{" in res.stdout else "{}"
+    text = res.stdout[res.stdout.find("{") :] if "{" in res.stdout else "{}"
     try:
         runs = json.loads(text).get("runs", [])
     except ValueError:
@@ -105,8 +105,12 @@ def _follow(home: Path, run_id: str, *, verbose: bool, poll_s: float = 5.0) -> d
     import threading
 
     proc = subprocess.Popen(
-        [*flwr_command(), "log", run_id, CONNECTION, "--stream"], env={**os.environ, "FLWR_HOME": str(home)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        [*flwr_command(), "log", run_id, CONNECTION, "--stream"],
+        env={**os.environ, "FLWR_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
 
     def pump() -> None:
@@ -147,7 +151,7 @@ def submit(args: argparse.Namespace, home: Path) -> int:
         cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
     started = time.perf_counter()
     res = flwr(cmd, home, timeout=600, cwd=app)
-    text = res.stdout[res.stdout.find("{"):] if "{" in res.stdout else ""
+    text = res.stdout[res.stdout.find("{") :] if "{" in res.stdout else ""
     try:
         run_id = json.loads(text).get("run-id") if text else None
     except ValueError:

@@ -68,7 +68,9 @@ def test_superlink_is_not_started_without_tls_files(tmp_path: Path, no_process, 
 def test_superlink_starts_with_tls_supernode_auth_state_and_no_dependency_installation(
     pki: Path, tmp_path: Path, no_process
 ) -> None:
-    assert main(["server", "start", "--certs-dir", str(pki), "--state-dir", str(tmp_path / "st"), "--port", "8443"]) == 0
+    assert (
+        main(["server", "start", "--certs-dir", str(pki), "--state-dir", str(tmp_path / "st"), "--port", "8443"]) == 0
+    )
     (cmd,) = no_process
     args = dict(zip(cmd, cmd[1:]))
     assert args["--ssl-certfile"] == str(pki / "server.pem") and args["--ssl-keyfile"] == str(pki / "server.key")
@@ -81,7 +83,10 @@ def test_superlink_starts_with_tls_supernode_auth_state_and_no_dependency_instal
 
 
 def test_insecure_superlink_says_why_it_is_unsafe(tmp_path: Path, no_process, capsys) -> None:
-    assert main(["server", "start", "--insecure", "--certs-dir", str(tmp_path / "none"), "--state-dir", str(tmp_path)]) == 0
+    assert (
+        main(["server", "start", "--insecure", "--certs-dir", str(tmp_path / "none"), "--state-dir", str(tmp_path)])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "clear text" in err and "any machine" in err
     assert "--insecure" in no_process[0] and "--enable-supernode-auth" not in no_process[0]
@@ -106,10 +111,22 @@ def test_site_start_refuses_a_folder_without_usable_images_and_starts_nothing(
     data = tmp_path / "site"
     (data / "dicom").mkdir(parents=True)
     (data / "dicom" / "notes.txt").write_text("not an image")
-    code = main([
-        "site", "start", "--data", str(data), "--superlink", "127.0.0.1:8000",
-        "--ca", str(pki / "ca.pem"), "--key", str(pki / "sites" / "site-01.key"), "--state-dir", str(tmp_path / "st"),
-    ])
+    code = main(
+        [
+            "site",
+            "start",
+            "--data",
+            str(data),
+            "--superlink",
+            "127.0.0.1:8000",
+            "--ca",
+            str(pki / "ca.pem"),
+            "--key",
+            str(pki / "sites" / "site-01.key"),
+            "--state-dir",
+            str(tmp_path / "st"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "refused" in err and "no usable series" in err
@@ -119,10 +136,23 @@ def test_site_start_refuses_a_folder_without_usable_images_and_starts_nothing(
 def test_site_start_runs_the_supernode_with_the_ca_the_key_and_the_data_folder(
     small_sites: Path, pki: Path, tmp_path: Path, no_process
 ) -> None:
-    code = main([
-        "site", "start", "--data", str(small_sites / "site-02"), "--superlink", "fl.example.org:8000", "--headers-only",
-        "--ca", str(pki / "ca.pem"), "--key", str(pki / "sites" / "site-01.key"), "--state-dir", str(tmp_path / "st"),
-    ])
+    code = main(
+        [
+            "site",
+            "start",
+            "--data",
+            str(small_sites / "site-02"),
+            "--superlink",
+            "fl.example.org:8000",
+            "--headers-only",
+            "--ca",
+            str(pki / "ca.pem"),
+            "--key",
+            str(pki / "sites" / "site-01.key"),
+            "--state-dir",
+            str(tmp_path / "st"),
+        ]
+    )
     assert code == 0
     (cmd,) = no_process
     args = dict(zip(cmd, cmd[1:]))
@@ -135,10 +165,16 @@ def test_site_start_runs_the_supernode_with_the_ca_the_key_and_the_data_folder(
     assert "--insecure" not in cmd and "--max-retries" not in cmd  # keeps retrying while the SuperLink is down
 
 
-def test_site_start_without_the_site_key_names_the_command_that_makes_it(small_sites: Path, pki: Path, tmp_path: Path) -> None:
+def test_site_start_without_the_site_key_names_the_command_that_makes_it(
+    small_sites: Path, pki: Path, tmp_path: Path
+) -> None:
     spec = site_deploy.SiteSpec(
-        superlink="h:1", data_dir=small_sites / "site-01", ca=pki / "ca.pem", key=tmp_path / "missing.key",
-        name="site-01", state_dir=tmp_path,
+        superlink="h:1",
+        data_dir=small_sites / "site-01",
+        ca=pki / "ca.pem",
+        key=tmp_path / "missing.key",
+        name="site-01",
+        state_dir=tmp_path,
     )
     with pytest.raises(site_deploy.SiteStartError, match="fedsite certs site NAME"):
         site_deploy.supernode_command(spec)
@@ -208,13 +244,32 @@ def test_an_approved_list_that_is_not_json_is_an_error_that_names_the_fix(tmp_pa
 
 
 def test_site_start_with_an_approved_list_runs_the_supernode_without_its_own_executor_and_fedsites_beside_it(
-    small_sites: Path, pki: Path, tmp_path: Path, no_process  # noqa: ANN001
+    small_sites: Path,
+    pki: Path,
+    tmp_path: Path,
+    no_process,  # noqa: ANN001
 ) -> None:
-    code = main([
-        "site", "start", "--data", str(small_sites / "site-01"), "--superlink", "h:8000", "--headers-only",
-        "--ca", str(pki / "ca.pem"), "--key", str(pki / "sites" / "site-01.key"), "--state-dir", str(tmp_path),
-        "--runtime-port", "9191", "--approved", str(tmp_path / "approved.json"),
-    ])
+    code = main(
+        [
+            "site",
+            "start",
+            "--data",
+            str(small_sites / "site-01"),
+            "--superlink",
+            "h:8000",
+            "--headers-only",
+            "--ca",
+            str(pki / "ca.pem"),
+            "--key",
+            str(pki / "sites" / "site-01.key"),
+            "--state-dir",
+            str(tmp_path),
+            "--runtime-port",
+            "9191",
+            "--approved",
+            str(tmp_path / "approved.json"),
+        ]
+    )
     assert code == 0
     node, executor = no_process
     assert node[node.index("--isolation") + 1] == "process"

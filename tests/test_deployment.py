@@ -39,7 +39,10 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
 
 
 def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -90,17 +93,22 @@ def _superlink(pki: Path, state: Path, sites: tuple[str, ...]) -> Iterator[tuple
     """A SuperLink on a free loopback port with ``sites`` enrolled; yields (address, flwr home)."""
     port = _free_port()
     spec = deploy.SuperLinkSpec(
-        certfile=pki / "server.pem", keyfile=pki / "server.key", cafile=pki / "ca.pem",
-        database=state / "state.db", log_file=state / "superlink.log", host="127.0.0.1", port=port,
+        certfile=pki / "server.pem",
+        keyfile=pki / "server.key",
+        cafile=pki / "ca.pem",
+        database=state / "state.db",
+        log_file=state / "superlink.log",
+        host="127.0.0.1",
+        port=port,
     )
     home = deploy.flwr_home(state)
-    home.mkdir(parents=True)
-    proc = _start(deploy.superlink_command(spec), state / "stdout.log", env={**_env(), "FLWR_HOME": str(home)})
+    home.mkdir(parents=True, exist_ok=True)
+    proc = _start(deploy.superlink_command(spec), state / f"stdout-{port}.log", env={**_env(), "FLWR_HOME": str(home)})
     try:
         ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
 
         def ready() -> bool:
-            assert proc.poll() is None, (state / "stdout.log").read_text()[-2000:]
+            assert proc.poll() is None, (state / f"stdout-{port}.log").read_text()[-2000:]
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
                     with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
@@ -127,9 +135,25 @@ def superlink(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 
 def _site_start(address: str, pki: Path, data: Path, key: Path, state: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "common.cli", "site", "start", "--data", str(data), "--superlink", address,
-        "--ca", str(pki / "ca.pem"), "--key", str(key), "--state-dir", str(state),
-        "--runtime-port", str(_free_port()), "--headers-only", *extra,
+        sys.executable,
+        "-m",
+        "common.cli",
+        "site",
+        "start",
+        "--data",
+        str(data),
+        "--superlink",
+        address,
+        "--ca",
+        str(pki / "ca.pem"),
+        "--key",
+        str(key),
+        "--state-dir",
+        str(state),
+        "--runtime-port",
+        str(_free_port()),
+        "--headers-only",
+        *extra,
     ]
 
 
@@ -156,13 +180,30 @@ def supernodes(superlink, pki: Path, small_sites: Path, tmp_path_factory) -> Ite
             _stop(p)
 
 
-def test_a_deployed_federation_runs_to_the_end_with_results_per_site(superlink, supernodes, pki: Path, tmp_path: Path) -> None:
+def test_a_deployed_federation_runs_to_the_end_with_results_per_site(
+    superlink, supernodes, pki: Path, tmp_path: Path
+) -> None:
     address, home = superlink
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "common.cli", "run", "--superlink", address, "--ca", str(pki / "ca.pem"),
-        "--state-dir", str(home.parent), "--rounds", "1", "--local-epochs", "1", "--out", str(out),
-        "--run-config", "data.image-size=32",
+        sys.executable,
+        "-m",
+        "common.cli",
+        "run",
+        "--superlink",
+        address,
+        "--ca",
+        str(pki / "ca.pem"),
+        "--state-dir",
+        str(home.parent),
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--out",
+        str(out),
+        "--run-config",
+        "data.image-size=32",
     ]
     proc = _start(cmd, tmp_path / "run.log")
     try:
@@ -182,9 +223,13 @@ def test_a_deployed_federation_runs_to_the_end_with_results_per_site(superlink, 
     assert not doubled, doubled[:5]
 
 
-def test_a_supernode_whose_key_is_not_enrolled_is_refused(superlink, pki: Path, small_sites: Path, tmp_path: Path) -> None:
+def test_a_supernode_whose_key_is_not_enrolled_is_refused(
+    superlink, pki: Path, small_sites: Path, tmp_path: Path
+) -> None:
     address, home = superlink
-    cmd = _site_start(address, pki, small_sites / "site-01", pki / "sites" / "intruder.key", tmp_path, "--max-retries", "1")
+    cmd = _site_start(
+        address, pki, small_sites / "site-01", pki / "sites" / "intruder.key", tmp_path, "--max-retries", "1"
+    )
     proc = _start(cmd, tmp_path / "intruder.log")
     try:
         code = proc.wait(timeout=120)
@@ -196,11 +241,15 @@ def test_a_supernode_whose_key_is_not_enrolled_is_refused(superlink, pki: Path, 
     assert len(deploy.list_sites(home)) == len(SITES)  # nothing new was enrolled
 
 
-def test_a_supernode_that_does_not_trust_the_ca_cannot_connect(superlink, pki: Path, small_sites: Path, tmp_path: Path) -> None:
+def test_a_supernode_that_does_not_trust_the_ca_cannot_connect(
+    superlink, pki: Path, small_sites: Path, tmp_path: Path
+) -> None:
     address, _ = superlink
     other = tmp_path / "other-ca"
     authority.init_ca(other)
-    cmd = _site_start(address, pki, small_sites / "site-01", pki / "sites" / "site-01.key", tmp_path, "--max-retries", "1")
+    cmd = _site_start(
+        address, pki, small_sites / "site-01", pki / "sites" / "site-01.key", tmp_path, "--max-retries", "1"
+    )
     cmd[cmd.index("--ca") + 1] = str(other / "ca.pem")
     proc = _start(cmd, tmp_path / "untrusting.log")
     try:
@@ -225,8 +274,16 @@ def test_a_plaintext_client_is_refused(superlink, pki: Path, tmp_path: Path) -> 
     assert status is None or not 200 <= status < 300
     # a SuperNode without TLS is refused as well
     node = [
-        sys.executable, "-c", "from flwr.supernode.cli import flower_supernode; flower_supernode()",
-        "--superlink", address, "--insecure", "--max-retries", "1", "--port", str(_free_port()),
+        sys.executable,
+        "-c",
+        "from flwr.supernode.cli import flower_supernode; flower_supernode()",
+        "--superlink",
+        address,
+        "--insecure",
+        "--max-retries",
+        "1",
+        "--port",
+        str(_free_port()),
     ]
     proc = _start(node, tmp_path / "plain.log")
     try:
@@ -260,17 +317,33 @@ def test_a_site_refuses_an_app_it_did_not_approve(pki: Path, small_sites: Path, 
     changed, _, _ = fab_hash_of_app(modified)
     assert changed != reviewed
     with _superlink(pki, tmp_path / "link", ("careful",)) as (address, home):
-        cmd = _site_start(address, pki, small_sites / "site-01", pki / "sites" / "careful.key", tmp_path / "node",
-                          "--approved", str(approved))
+        cmd = _site_start(
+            address,
+            pki,
+            small_sites / "site-01",
+            pki / "sites" / "careful.key",
+            tmp_path / "node",
+            "--approved",
+            str(approved),
+        )
         node = _start(cmd, tmp_path / "careful.log")
         try:
             _wait_for(lambda: any(n["status"] == "online" for n in deploy.list_sites(home)), 120, "the site online")
             res = deploy.flwr(
-                ["run", str(modified), deploy.CONNECTION, "--format", "json",
-                 "--run-config", "num-server-rounds=1 strategy.min-sites=1 data.image-size=32"],
-                home, cwd=modified, timeout=300,
+                [
+                    "run",
+                    str(modified),
+                    deploy.CONNECTION,
+                    "--format",
+                    "json",
+                    "--run-config",
+                    "num-server-rounds=1 strategy.min-sites=1 data.image-size=32",
+                ],
+                home,
+                cwd=modified,
+                timeout=300,
             )
-            run_id = json.loads(res.stdout[res.stdout.find("{"):])["run-id"]
+            run_id = json.loads(res.stdout[res.stdout.find("{") :])["run-id"]
             log = tmp_path / "careful.log"
             _wait_for(lambda: "refused run" in log.read_text(), 400, "the site to refuse the run")
             deploy.flwr(["stop", str(run_id), deploy.CONNECTION], home, timeout=120)
@@ -279,3 +352,12 @@ def test_a_site_refuses_an_app_it_did_not_approve(pki: Path, small_sites: Path, 
     text = (tmp_path / "careful.log").read_text()
     assert f"refused run {run_id}: app {changed[:12]}... is not approved" in text
     assert "uses approved app" not in text  # the executor never launched the modified code
+
+
+def test_a_restarted_superlink_keeps_its_enrolled_sites(pki: Path, tmp_path: Path) -> None:
+    with _superlink(pki, tmp_path, ("careful",)) as (_, home):
+        before = {n["node-id"] for n in deploy.list_sites(home)}
+    assert len(before) == 1
+    with _superlink(pki, tmp_path, ()) as (_, home):  # same database, nothing registered this time
+        after = {n["node-id"]: n["status"] for n in deploy.list_sites(home)}
+    assert set(after) == before and all(s != "unregistered" for s in after.values())

@@ -25,7 +25,9 @@ def _reply_bytes(arrays) -> int:  # noqa: ANN001 - a Flower ArrayRecord
     return sum(a.numpy().nbytes for a in arrays.values())
 
 
-def test_a_train_reply_carries_only_weights_counts_metrics_and_the_site_name(small_sites: Path, task_identity: None) -> None:
+def test_a_train_reply_carries_only_weights_counts_metrics_and_the_site_name(
+    small_sites: Path, task_identity: None
+) -> None:
     from client.app import train
 
     model = build_model(parse_run_config(CFG).model)
