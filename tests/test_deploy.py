@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -32,7 +34,7 @@ class _NoProcess:
     Other commands (a library asking ``uname -p``) run as usual.
     """
 
-    started: list[list[str]] = []
+    started: ClassVar[list[list[str]]] = []
 
     def __new__(cls, cmd, *args, **kwargs):
         if not any(k in str(c) for c in cmd for k in ("flower", "superlink", "approved_exec")):
@@ -72,7 +74,7 @@ def test_superlink_starts_with_tls_supernode_auth_state_and_no_dependency_instal
         main(["server", "start", "--certs-dir", str(pki), "--state-dir", str(tmp_path / "st"), "--port", "8443"]) == 0
     )
     (cmd,) = no_process
-    args = dict(zip(cmd, cmd[1:]))
+    args = dict(itertools.pairwise(cmd))
     assert args["--ssl-certfile"] == str(pki / "server.pem") and args["--ssl-keyfile"] == str(pki / "server.key")
     assert args["--ssl-ca-certfile"] == str(pki / "ca.pem")
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
@@ -155,7 +157,7 @@ def test_site_start_runs_the_supernode_with_the_ca_the_key_and_the_data_folder(
     )
     assert code == 0
     (cmd,) = no_process
-    args = dict(zip(cmd, cmd[1:]))
+    args = dict(itertools.pairwise(cmd))
     assert Path(cmd[0]).name == "flower-supernode"
     assert args["--superlink"] == "fl.example.org:8000"
     assert args["--root-certificates"] == str(pki / "ca.pem")
@@ -247,7 +249,7 @@ def test_site_start_with_an_approved_list_runs_the_supernode_without_its_own_exe
     small_sites: Path,
     pki: Path,
     tmp_path: Path,
-    no_process,  # noqa: ANN001
+    no_process,
 ) -> None:
     code = main(
         [

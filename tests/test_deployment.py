@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -110,9 +111,11 @@ def _superlink(pki: Path, state: Path, sites: tuple[str, ...]) -> Iterator[tuple
         def ready() -> bool:
             assert proc.poll() is None, (state / f"stdout-{port}.log").read_text()[-2000:]
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
-                    with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
-                        return True
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+                ):
+                    return True
             except OSError:
                 return False
 
@@ -219,7 +222,7 @@ def test_a_deployed_federation_runs_to_the_end_with_results_per_site(
     assert "finished:completed" in printed
     assert "HTTP Request" not in printed
     lines = [ln for ln in printed.splitlines() if ln.strip()]
-    doubled = [a for a, b in zip(lines, lines[1:]) if a == b]
+    doubled = [a for a, b in itertools.pairwise(lines) if a == b]
     assert not doubled, doubled[:5]
 
 

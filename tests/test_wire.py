@@ -20,7 +20,7 @@ def _model_bytes() -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def _reply_bytes(arrays) -> int:  # noqa: ANN001 - a Flower ArrayRecord
+def _reply_bytes(arrays) -> int:
     """Payload bytes of the reply's arrays (each is serialised as .npy: a 128-byte header, then the values)."""
     return sum(a.numpy().nbytes for a in arrays.values())
 
