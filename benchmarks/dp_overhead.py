@@ -70,9 +70,26 @@ def _measure(mode: str, steps: int, batch: int, size: int, threads: int) -> dict
         pl = DataLoader(TensorDataset(xb, yb), batch_size=batch)
         pe = PrivacyEngine(accountant="rdp")
         if mode == "ghost":
-            pm, popt, plf, pl = pe.make_private(module=probe, optimizer=popt, data_loader=pl, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost", criterion=loss_function(), poisson_sampling=False)
+            pm, popt, plf, pl = pe.make_private(
+                module=probe,
+                optimizer=popt,
+                data_loader=pl,
+                noise_multiplier=0.0,
+                max_grad_norm=clip,
+                grad_sample_mode="ghost",
+                criterion=loss_function(),
+                poisson_sampling=False,
+            )
         else:
-            pm, popt, pl = pe.make_private(module=probe, optimizer=popt, data_loader=pl, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode, poisson_sampling=False)
+            pm, popt, pl = pe.make_private(
+                module=probe,
+                optimizer=popt,
+                data_loader=pl,
+                noise_multiplier=0.0,
+                max_grad_norm=clip,
+                grad_sample_mode=mode,
+                poisson_sampling=False,
+            )
             plf = loss_function()
         for xb2, yb2 in pl:
             popt.zero_grad()
@@ -81,12 +98,33 @@ def _measure(mode: str, steps: int, batch: int, size: int, threads: int) -> dict
         got = [p.grad for p in probe.parameters()]
         err = max(float((a - b).abs().max()) for a, b in zip(got, truth))
         scale = max(float(t.abs().max()) for t in truth)
-        correct = {"max_abs_error": err, "relative_error": err / max(scale, 1e-12), "ok": err <= 1e-3 * max(scale, 1e-12) + 1e-6}
+        correct = {
+            "max_abs_error": err,
+            "relative_error": err / max(scale, 1e-12),
+            "ok": err <= 1e-3 * max(scale, 1e-12) + 1e-6,
+        }
         pe = PrivacyEngine(accountant="rdp")
         if mode == "ghost":
-            model, opt, loss_fn, loader = pe.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost", criterion=loss_fn, poisson_sampling=False)
+            model, opt, loss_fn, loader = pe.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                grad_sample_mode="ghost",
+                criterion=loss_fn,
+                poisson_sampling=False,
+            )
         else:
-            model, opt, loader = pe.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, poisson_sampling=False)
+            model, opt, loader = pe.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                grad_sample_mode=mode,
+                poisson_sampling=False,
+            )
     times = []
     for i, (xb, yb) in enumerate(loader):
         t = time.perf_counter()
@@ -97,7 +135,14 @@ def _measure(mode: str, steps: int, batch: int, size: int, threads: int) -> dict
         times.append(time.perf_counter() - t)
     times = times[3:]  # warm-up
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": mode, "step_ms": 1000 * sum(times) / len(times), "steps": len(times), "peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - base_rss) / 1024, "correct": correct}
+    return {
+        "mode": mode,
+        "step_ms": 1000 * sum(times) / len(times),
+        "steps": len(times),
+        "peak_rss_mb": peak / 1024,
+        "rss_growth_mb": (peak - base_rss) / 1024,
+        "correct": correct,
+    }
 
 
 def main() -> None:
@@ -114,10 +159,26 @@ def main() -> None:
         return
     results = {}
     for mode in MODES:
-        cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--threads",
+            str(args.threads),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
-            results[mode] = {"mode": mode, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+            results[mode] = {
+                "mode": mode,
+                "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed",
+            }
             continue
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     plain = results["none"]
@@ -128,15 +189,23 @@ def main() -> None:
         "image_size": args.size,
         "threads": args.threads,
         "modes": results,
-        "time_ratio": {m: r["step_ms"] / plain["step_ms"] for m, r in results.items() if "step_ms" in r and m != "none"},
-        "memory_ratio": {m: r["peak_rss_mb"] / plain["peak_rss_mb"] for m, r in results.items() if "peak_rss_mb" in r and m != "none"},
+        "time_ratio": {
+            m: r["step_ms"] / plain["step_ms"] for m, r in results.items() if "step_ms" in r and m != "none"
+        },
+        "memory_ratio": {
+            m: r["peak_rss_mb"] / plain["peak_rss_mb"] for m, r in results.items() if "peak_rss_mb" in r and m != "none"
+        },
         "goal_time_ratio": 1.5,
     }
     valid = {m: v for m, v in report["time_ratio"].items() if (results[m].get("correct") or {}).get("ok")}
     report["fastest_correct"] = min(valid, key=valid.get) if valid else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("time_ratio", "memory_ratio", "fastest_correct", "goal_time_ratio")}, indent=2))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("time_ratio", "memory_ratio", "fastest_correct", "goal_time_ratio")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,15 @@ def centralized(cfg: RunConfig) -> dict:
     train_s = eval_s = 0.0
     dice = []
     for r in range(cfg.num_server_rounds):
-        res = train(model, pooled, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer, seed=cfg.seed + r)
+        res = train(
+            model,
+            pooled,
+            epochs=cfg.train.local_epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            optimizer=cfg.train.optimizer,
+            seed=cfg.seed + r,
+        )
         train_s += res.seconds
         t1 = time.perf_counter()
         dice = [evaluate(model, v, batch_size=max(cfg.train.batch_size, 32))["dice"] for v in vals]
@@ -95,7 +103,11 @@ def federated(cfg: RunConfig, out: Path) -> dict:
                 "threads_per_site": sorted({int(m.get("threads", 0)) for m in r["train"].values()}),
             }
         )
-    steps = sum(m["num-examples"] for m in results["rounds"][0]["train"].values()) * cfg.train.local_epochs * cfg.num_server_rounds
+    steps = (
+        sum(m["num-examples"] for m in results["rounds"][0]["train"].values())
+        * cfg.train.local_epochs
+        * cfg.num_server_rounds
+    )
     return {
         "wall_s": wall,
         "server_total_s": results["timing"]["total_s"],
@@ -115,7 +127,11 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--run-config", default="", help="extra 'key=value ...' overrides")
     args = p.parse_args()
-    overrides: dict[str, object] = {"sim.sites": args.sites, "num-server-rounds": args.rounds, "train.local-epochs": args.local_epochs}
+    overrides: dict[str, object] = {
+        "sim.sites": args.sites,
+        "num-server-rounds": args.rounds,
+        "train.local-epochs": args.local_epochs,
+    }
     for part in args.run_config.split():
         k, v = part.split("=", 1)
         overrides[k] = json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v.strip("'\"")
@@ -135,7 +151,8 @@ def main() -> None:
         "config": {k: v for k, v in flatten(cfg).items() if not k.startswith(("sim.root", "output."))},
         "cpu_count": os.cpu_count(),
         "ratio": fed["wall_s"] / cen["wall_s"],
-        "ratio_steady_state": (fed["wall_s"] - fed["startup_s"] - fed["rounds"][0]["overhead_s"]) / max(cen["wall_s"] - cen["load_s"], 1e-9),
+        "ratio_steady_state": (fed["wall_s"] - fed["startup_s"] - fed["rounds"][0]["overhead_s"])
+        / max(cen["wall_s"] - cen["load_s"], 1e-9),
         "goal": 1.10,
         "first_decode_s": first_decode_s,
         "mean_overhead_s_per_round": sum(r["overhead_s"] for r in fed["rounds"]) / len(fed["rounds"]),
@@ -144,7 +161,11 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("ratio", "ratio_steady_state", "goal", "mean_overhead_s_per_round")}, indent=2))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("ratio", "ratio_steady_state", "goal", "mean_overhead_s_per_round")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,11 +50,19 @@ from common.task import stack_samples, train  # noqa: E402
 from simulations.synth import write_site  # noqa: E402
 
 
-def _epoch(cfg: RunConfig, data, state: dict) -> float:  # noqa: ANN001 - a Batchable
+def _epoch(cfg: RunConfig, data, state: dict) -> float:
     model = build_model(cfg.model)
     model.load_state_dict(state)
     t0 = time.perf_counter()
-    train(model, data, epochs=1, batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer, seed=cfg.seed)
+    train(
+        model,
+        data,
+        epochs=1,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer,
+        seed=cfg.seed,
+    )
     return time.perf_counter() - t0
 
 
@@ -62,7 +70,14 @@ def run(*, site_index: int, transfer_syntax: str | None, repeats: int, work: Pat
     """Measure; returns the JSON document."""
     cfg = RunConfig()
     torch.manual_seed(cfg.seed)
-    site = write_site(work / "sites", site_index, seed=cfg.seed, patients=cfg.sim.patients, slices=cfg.sim.slices, transfer_syntax=transfer_syntax)
+    site = write_site(
+        work / "sites",
+        site_index,
+        seed=cfg.seed,
+        patients=cfg.sim.patients,
+        slices=cfg.sim.slices,
+        transfer_syntax=transfer_syntax,
+    )
     profile = json.loads((site / "site.json").read_text())["profile"]
 
     t0 = time.perf_counter()
@@ -100,7 +115,12 @@ def run(*, site_index: int, transfer_syntax: str | None, repeats: int, work: Pat
             "series": len(series),
             "slices": n_slices,
         },
-        "config": {"image_size": cfg.data.image_size, "spacing_mm": cfg.data.spacing_mm, "channels": cfg.model.channels, "batch_size": cfg.train.batch_size},
+        "config": {
+            "image_size": cfg.data.image_size,
+            "spacing_mm": cfg.data.spacing_mm,
+            "channels": cfg.model.channels,
+            "batch_size": cfg.train.batch_size,
+        },
         "first_pass": {
             "seconds": round(first_s, 3),
             "slices_per_s": round(n_samples / first_s, 1),
@@ -129,8 +149,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--out", type=Path, help="write the JSON here too")
     p.add_argument("--site", type=int, default=2, help="simulated site index (default 2: RLE + MONOCHROME1, 320x320)")
-    p.add_argument("--transfer-syntax", help="write the site with this lossless syntax instead (explicit, rle, jpeg-ls, jpeg2000, deflate)")
-    p.add_argument("--repeats", type=int, default=9, help="alternating cached / in-memory epochs (medians are reported)")
+    p.add_argument(
+        "--transfer-syntax",
+        help="write the site with this lossless syntax instead (explicit, rle, jpeg-ls, jpeg2000, deflate)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=9, help="alternating cached / in-memory epochs (medians are reported)"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedsite-ingest-") as tmp:
         doc = run(site_index=args.site, transfer_syntax=args.transfer_syntax, repeats=args.repeats, work=Path(tmp))

@@ -34,8 +34,14 @@ from simulations.shift import FULL_METHODS, QUICK_METHODS, quick_defaults, shift
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", type=Path, help="MedMNIST-layout .npz (classification); default: synthetic MR phantoms (segmentation)")
-    p.add_argument("--full", action="store_true", help="all methods incl. FedAdam/FedYogi (default: the quick method set)")
+    p.add_argument(
+        "--source",
+        type=Path,
+        help="MedMNIST-layout .npz (classification); default: synthetic MR phantoms (segmentation)",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="all methods incl. FedAdam/FedYogi (default: the quick method set)"
+    )
     p.add_argument("--rounds", type=int, help="federated rounds (default: the quick setting, 3)")
     p.add_argument("--sites", type=int)
     p.add_argument("--seed", type=int)
@@ -54,7 +60,13 @@ def main() -> None:
         cfg = parse_run_config(flat)
         out = args.out or Path(tmp) / "study"
         t0 = time.perf_counter()
-        doc = shift_study(cfg, out, methods=FULL_METHODS if args.full else QUICK_METHODS, unseen=("fedavg", "fedbn"), progress=lambda m: print(m, file=sys.stderr, flush=True))
+        doc = shift_study(
+            cfg,
+            out,
+            methods=FULL_METHODS if args.full else QUICK_METHODS,
+            unseen=("fedavg", "fedbn"),
+            progress=lambda m: print(m, file=sys.stderr, flush=True),
+        )
         wall = time.perf_counter() - t0
     metric = doc["metric"]
     report = {

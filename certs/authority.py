@@ -300,7 +300,7 @@ def _cert_status(kind: str, path: Path, now: dt.datetime, ca: x509.Certificate |
         if ca is not None and not problem:
             try:
                 cert.verify_directly_issued_by(ca)
-            except Exception:  # noqa: BLE001 - any verification failure means the same: wrong issuer
+            except Exception:
                 problem = "not signed by this folder's CA; reissue with `fedsite certs server`"
     if days < 0:
         problem = problem or f"expired {-days} days ago; " + (

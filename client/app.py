@@ -13,10 +13,9 @@ import functools
 import json
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -63,6 +62,7 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
 
     return wrapper
 
+
 _STATE_KEY = "privacy"
 _MIA_KEY = "mia-reference"
 _FEDBN_KEY = "fedbn-local"
@@ -87,16 +87,18 @@ def _load_global(model: torch.nn.Module, msg: Message, context: Context) -> bool
 
 def _save_local(model: torch.nn.Module, context: Context) -> None:
     keys = set(norm_keys(model))
-    context.state[_FEDBN_KEY] = ArrayRecord({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys})
+    context.state[_FEDBN_KEY] = ArrayRecord(
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
+    )
 
 
-def _site(context: Context):  # noqa: ANN202 - internal
+def _site(context: Context):
     cfg = parse_run_config(context.run_config)
     site_dir = resolve_site_dir(context.node_config, cfg)
     return cfg, site_dir, loaded_site(site_dir, cfg)
 
 
-def _class_weights(cfg, site) -> torch.Tensor | None:  # noqa: ANN001 - internal
+def _class_weights(cfg, site) -> torch.Tensor | None:
     """Inverse-frequency weights from this site's own training labels (classification, if enabled)."""
     if cfg.task.name != "classification" or not cfg.task.class_weighted:
         return None
@@ -144,8 +146,14 @@ def train(msg: Message, context: Context) -> Message:
         ledger = ledger_for(site_dir, site.name, cfg)
         try:
             done = private_round(
-                model, site.train, cfg, ledger=ledger, state_entries=_state_entries(context),
-                run_id=context.run_id, server_round=server_round, **kwargs,
+                model,
+                site.train,
+                cfg,
+                ledger=ledger,
+                state_entries=_state_entries(context),
+                run_id=context.run_id,
+                server_round=server_round,
+                **kwargs,
             )
         except PrivacyBudgetExceeded as exc:
             log.warning("site %s refuses round %d: %s", site.name, server_round, exc)

@@ -25,7 +25,7 @@ from typing import Any
 from client.dicom import DicomError, Rejection, SeriesRecord, SliceRef, hash_id, read_series
 from client.masks import index_masks, read_mask
 
-__all__ = ["SiteReport", "check_site", "format_report", "write_report", "reason_group", "count_reasons"]
+__all__ = ["SiteReport", "check_site", "count_reasons", "format_report", "reason_group", "write_report"]
 
 _HASH_IN_REASON = re.compile(r"\b(series|file) [0-9a-f]{12}: ")
 _SERIES_PREFIX = re.compile(r"series [0-9a-f]{12}: ")
@@ -69,13 +69,17 @@ def _count(table: dict[str, dict[str, int]], key: str, s: SeriesRecord) -> None:
     row["files"] += len(s.files)
 
 
-def _decode_check(series: list[SeriesRecord], redact) -> tuple[list[SeriesRecord], list[Rejection]]:  # noqa: ANN001
+def _decode_check(series: list[SeriesRecord], redact) -> tuple[list[SeriesRecord], list[Rejection]]:
     """Decode every series. A volume series with a file that fails is rejected as a whole (a gap
     in the stack); a projection series only loses the files that fail (its images are independent)."""
     good: list[SeriesRecord] = []
     rejected: list[Rejection] = []
     for s in series:
-        parts = [s] if s.kind != "projection" else [replace(s, slices=tuple(x for x in s.slices if x.path == f)) for f in s.files]
+        parts = (
+            [s]
+            if s.kind != "projection"
+            else [replace(s, slices=tuple(x for x in s.slices if x.path == f)) for f in s.files]
+        )
         kept: list[SliceRef] = []
         for part in parts:
             try:
@@ -86,20 +90,29 @@ def _decode_check(series: list[SeriesRecord], redact) -> tuple[list[SeriesRecord
                     if path == bad or bad is None:
                         reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
                     else:
-                        reason = f"series {s.series_hash}: not used because another file of the series cannot be decoded"
+                        reason = (
+                            f"series {s.series_hash}: not used because another file of the series cannot be decoded"
+                        )
                     rejected.append(Rejection(redact(path), reason))
                 continue
-            except Exception as exc:  # noqa: BLE001 - never a traceback; the files are rejected
+            except Exception as exc:
                 for path in part.files:
-                    rejected.append(Rejection(redact(path), f"series {s.series_hash}: unexpected error while decoding ({type(exc).__name__})"))
+                    rejected.append(
+                        Rejection(
+                            redact(path),
+                            f"series {s.series_hash}: unexpected error while decoding ({type(exc).__name__})",
+                        )
+                    )
                 continue
             kept.extend(part.slices)
         if kept:
-            good.append(s if len(kept) == len(s.slices) else replace(s, slices=tuple(kept), first_file=redact(kept[0].path)))
+            good.append(
+                s if len(kept) == len(s.slices) else replace(s, slices=tuple(kept), first_file=redact(kept[0].path))
+            )
     return good, rejected
 
 
-def _mask_check(site_dir: Path, series: list[SeriesRecord], redact) -> tuple[dict[str, Any], set[str]]:  # noqa: ANN001
+def _mask_check(site_dir: Path, series: list[SeriesRecord], redact) -> tuple[dict[str, Any], set[str]]:
     """Label coverage of the segmentation masks; returns (summary, hashes of series with a good mask)."""
     index = index_masks(site_dir / "labels")
     problems: list[dict[str, str]] = [{"file": redact(p), "reason": r} for p, r in index.problems]
@@ -109,7 +122,12 @@ def _mask_check(site_dir: Path, series: list[SeriesRecord], redact) -> tuple[dic
         found = index.masks_for(s)
         if len(found) > 1:
             for p in found:
-                problems.append({"file": redact(p), "reason": f"series {s.series_hash}: {len(found)} masks name this series; keep one"})
+                problems.append(
+                    {
+                        "file": redact(p),
+                        "reason": f"series {s.series_hash}: {len(found)} masks name this series; keep one",
+                    }
+                )
             continue
         if not found:
             continue
@@ -118,14 +136,21 @@ def _mask_check(site_dir: Path, series: list[SeriesRecord], redact) -> tuple[dic
         except DicomError as exc:
             problems.append({"file": redact(found[0]), "reason": f"series {s.series_hash}: {exc}"})
             continue
-        except Exception as exc:  # noqa: BLE001
-            problems.append({"file": redact(found[0]), "reason": f"series {s.series_hash}: mask cannot be read ({type(exc).__name__})"})
+        except Exception as exc:
+            problems.append(
+                {
+                    "file": redact(found[0]),
+                    "reason": f"series {s.series_hash}: mask cannot be read ({type(exc).__name__})",
+                }
+            )
             continue
         good.add(s.series_hash)
     for key, paths in index.by_key.items():
         if key not in keys:
             for p in paths:
-                problems.append({"file": redact(p), "reason": "mask names no usable series (its series is missing or was rejected)"})
+                problems.append(
+                    {"file": redact(p), "reason": "mask names no usable series (its series is missing or was rejected)"}
+                )
     n = len(series)
     return (
         {
@@ -189,7 +214,9 @@ def check_site(
 
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
-        raise DicomError(f"{site_dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)")
+        raise DicomError(
+            f"{site_dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)"
+        )
     scan = scan_site(site_dir, modalities=modalities)
 
     def redact(path: Path | str) -> str:
@@ -254,7 +281,9 @@ def _table(title: str, table: dict[str, dict[str, int]]) -> list[str]:
     width = min(48, max(len(k) for k in table))
     lines = [f"  {title}:"]
     for key, row in sorted(table.items(), key=lambda kv: (-kv[1]["slices"], kv[0])):
-        lines.append(f"    {key:<{width}}  {row['series']:>5} series  {row['slices']:>7} slices  {row['files']:>7} files")
+        lines.append(
+            f"    {key:<{width}}  {row['series']:>5} series  {row['slices']:>7} slices  {row['files']:>7} files"
+        )
     return lines
 
 

@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-__all__ = ["fingerprint", "cached", "cache_dir_for"]
+__all__ = ["cache_dir_for", "cached", "fingerprint"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -76,7 +77,9 @@ def cache_dir_for(site_dir: Path) -> Path:
     return fallback
 
 
-def cached(site_dir: Path, *, name: str, settings: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def cached(
+    site_dir: Path, *, name: str, settings: dict[str, Any], build: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """Return ``build()``'s result for this site and settings, from the disk cache when valid.
 
     Args:

@@ -32,14 +32,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and why the rest is rejected. Nothing identifying is printed or written."
         ),
     )
-    check.add_argument("dir", type=Path, metavar="DIR", help="the site folder (dicom/, labels/, site.json), or any folder of images")
-    check.add_argument("--json", dest="report", type=Path, metavar="REPORT", help="also write the full report as JSON to REPORT")
-    check.add_argument("--modality", action="append", metavar="MOD", help="keep only this DICOM Modality, e.g. MR (repeatable; default all)")
-    check.add_argument("--headers-only", action="store_true", help="do not decode pixel data (faster; damaged pixel data goes unnoticed)")
-    defaults = RunConfig()
-    check.add_argument("--seed", type=int, default=defaults.seed, help=f"run seed used for the patient split (default {defaults.seed}, the run default)")
     check.add_argument(
-        "--val-fraction", type=float, default=defaults.data.val_fraction,
+        "dir", type=Path, metavar="DIR", help="the site folder (dicom/, labels/, site.json), or any folder of images"
+    )
+    check.add_argument(
+        "--json", dest="report", type=Path, metavar="REPORT", help="also write the full report as JSON to REPORT"
+    )
+    check.add_argument(
+        "--modality",
+        action="append",
+        metavar="MOD",
+        help="keep only this DICOM Modality, e.g. MR (repeatable; default all)",
+    )
+    check.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="do not decode pixel data (faster; damaged pixel data goes unnoticed)",
+    )
+    defaults = RunConfig()
+    check.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help=f"run seed used for the patient split (default {defaults.seed}, the run default)",
+    )
+    check.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.data.val_fraction,
         help=f"validation share of patients (default {defaults.data.val_fraction}, the run's data.val-fraction)",
     )
     _add_start(sub)
@@ -57,21 +77,39 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
             "Keeps retrying while the SuperLink is down."
         ),
     )
-    start.add_argument("--data", dest="data_dir", type=Path, required=True, metavar="DATA_DIR", help="the site's data folder")
-    start.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink, e.g. fl.hospital.org:8000")
-    start.add_argument("--ca", type=Path, default=certs_dir() / "ca.pem", help="the federation's ca.pem (from the coordinator)")
+    start.add_argument(
+        "--data", dest="data_dir", type=Path, required=True, metavar="DATA_DIR", help="the site's data folder"
+    )
+    start.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink, e.g. fl.hospital.org:8000"
+    )
+    start.add_argument(
+        "--ca", type=Path, default=certs_dir() / "ca.pem", help="the federation's ca.pem (from the coordinator)"
+    )
     start.add_argument("--key", type=Path, help="this site's private key (default CERTS_DIR/sites/NAME.key)")
     start.add_argument("--name", help="this site's public name (default: from site.json, else the folder name)")
-    start.add_argument("--state-dir", type=Path, help="the SuperNode's own folder (default ~/.local/share/fedsite/site-NAME)")
-    start.add_argument("--runtime-port", type=int, default=9094, help="local Runtime API port (loopback; default 9094)")
-    start.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts (default: never)")
-    start.add_argument("--headers-only", action="store_true", help="check headers only (faster; damaged pixel data goes unnoticed)")
-    start.add_argument("--insecure", action="store_true", help="no TLS, no key: only against `fedsite server start --insecure`")
     start.add_argument(
-        "--approved", type=Path, metavar="FILE",
+        "--state-dir", type=Path, help="the SuperNode's own folder (default ~/.local/share/fedsite/site-NAME)"
+    )
+    start.add_argument("--runtime-port", type=int, default=9094, help="local Runtime API port (loopback; default 9094)")
+    start.add_argument(
+        "--max-retries", type=int, help="give up after this many failed connection attempts (default: never)"
+    )
+    start.add_argument(
+        "--headers-only", action="store_true", help="check headers only (faster; damaged pixel data goes unnoticed)"
+    )
+    start.add_argument(
+        "--insecure", action="store_true", help="no TLS, no key: only against `fedsite server start --insecure`"
+    )
+    start.add_argument(
+        "--approved",
+        type=Path,
+        metavar="FILE",
         help="run only apps whose FAB hash is in FILE (see `fedsite site approve`); others are refused before any code runs",
     )
-    approve = sub.add_parser("approve", help="add an app's FAB hash to the site's approved list (after reviewing its code)")
+    approve = sub.add_parser(
+        "approve", help="add an app's FAB hash to the site's approved list (after reviewing its code)"
+    )
     approve.add_argument("app", type=Path, nargs="?", metavar="APP_DIR", help="the reviewed source folder of the app")
     approve.add_argument("--hash", dest="fab_hash", help="approve this FAB hash instead (as `flwr ls` shows it)")
     approve.add_argument("--approved", type=Path, required=True, metavar="FILE", help="the site's approved list (JSON)")
@@ -92,17 +130,26 @@ def _start(args: argparse.Namespace) -> int:
     print(summary, flush=True)
     name = args.name or site_name_of(args.data_dir.resolve())
     spec = SiteSpec(
-        superlink=args.superlink, data_dir=args.data_dir, ca=args.ca,
-        key=args.key or certs_dir() / "sites" / f"{name}.key", name=name,
+        superlink=args.superlink,
+        data_dir=args.data_dir,
+        ca=args.ca,
+        key=args.key or certs_dir() / "sites" / f"{name}.key",
+        name=name,
         state_dir=args.state_dir or Path.home() / ".local" / "share" / "fedsite" / f"site-{name}",
-        runtime_port=args.runtime_port, max_retries=args.max_retries, insecure=args.insecure, approved=args.approved,
+        runtime_port=args.runtime_port,
+        max_retries=args.max_retries,
+        insecure=args.insecure,
+        approved=args.approved,
     )
     try:
         cmd = supernode_command(spec)
     except SiteStartError as exc:
         print(f"fedsite site start: error: {exc}", file=sys.stderr)
         return 2
-    print(f"site {name}: joining {args.superlink} ({'NO TLS' if args.insecure else 'TLS, signed with the site key'})", flush=True)
+    print(
+        f"site {name}: joining {args.superlink} ({'NO TLS' if args.insecure else 'TLS, signed with the site key'})",
+        flush=True,
+    )
     from client.deploy import executor_command
 
     env = supernode_env(spec)
@@ -138,13 +185,21 @@ def _check(args: argparse.Namespace) -> int:
     from client.audit import check_site, format_report, write_report
 
     if not 0.0 < args.val_fraction < 1.0:
-        print(f"fedsite site check: error: --val-fraction {args.val_fraction} must be between 0 and 1 (e.g. 0.25)", file=sys.stderr)
+        print(
+            f"fedsite site check: error: --val-fraction {args.val_fraction} must be between 0 and 1 (e.g. 0.25)",
+            file=sys.stderr,
+        )
         return 2
     if not args.dir.is_dir():
-        print(f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)", file=sys.stderr)
+        print(
+            f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and labels/)",
+            file=sys.stderr,
+        )
         return 2
     modalities = tuple(m.upper() for m in args.modality) if args.modality else None
-    report = check_site(args.dir, modalities=modalities, decode=not args.headers_only, seed=args.seed, val_fraction=args.val_fraction)
+    report = check_site(
+        args.dir, modalities=modalities, decode=not args.headers_only, seed=args.seed, val_fraction=args.val_fraction
+    )
     print(format_report(report), flush=True)
     if args.report is not None:
         write_report(report, args.report)
@@ -172,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fedsite site: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a site tool never shows a traceback (it could quote data)
+    except Exception as exc:
         print(
             f"fedsite site {args.site_command}: error: unexpected {type(exc).__name__}; nothing was written. "
             "Please report this with the command you ran (not the data).",

@@ -40,7 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureTyped, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
 
 from client.cache import cached
 from client.dicom import DicomError, Rejection, SeriesRecord, read_series, series_affine
@@ -50,18 +57,18 @@ from client.site import RESERVED, scan_site, site_name_of, site_split_seed, spli
 from common.config import DataConfig, TaskConfig
 
 __all__ = [
-    "SiteData",
-    "load_site",
-    "split_by_patient",
-    "site_name_of",
-    "site_split_seed",
-    "scan_site",
-    "sample_pipeline",
-    "volume_pipeline",
-    "canonical_volume",
-    "canonical_slices",
     "CANONICAL_AXCODES",
     "RESERVED",
+    "SiteData",
+    "canonical_slices",
+    "canonical_volume",
+    "load_site",
+    "sample_pipeline",
+    "scan_site",
+    "site_name_of",
+    "site_split_seed",
+    "split_by_patient",
+    "volume_pipeline",
 ]
 
 #: The canonical orientation of every sample (MONAI axis codes).
@@ -106,7 +113,9 @@ def canonical_volume(volume: np.ndarray, mask: np.ndarray, series: SeriesRecord)
     affine = torch.as_tensor(_LPS_TO_RAS @ series_affine(series))
     item = {
         "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0))[None]), affine=affine),
-        "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 1, 0))[None].astype(np.float32)), affine=affine),
+        "label": MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 1, 0))[None].astype(np.float32)), affine=affine
+        ),
     }
     return volume_pipeline()(item)
 
@@ -178,7 +187,9 @@ PIPELINE_VERSION = 4
 LABELS_CSV = "labels.csv"
 
 
-def _class_targets(site_dir: Path, series: list[SeriesRecord], task: TaskConfig, rejected: list[Rejection]) -> dict[str, int]:
+def _class_targets(
+    site_dir: Path, series: list[SeriesRecord], task: TaskConfig, rejected: list[Rejection]
+) -> dict[str, int]:
     """Series hash -> class index from ``labels.csv``; series without a usable label are rejected."""
     path = site_dir / LABELS_CSV
     if not path.is_file():
@@ -200,9 +211,13 @@ def _class_targets(site_dir: Path, series: list[SeriesRecord], task: TaskConfig,
             reason = f"series {series_hash}: label {label!r} in {LABELS_CSV} is not one of task.classes ({', '.join(task.class_names)})"
             rejected.append(Rejection(first_file[series_hash], reason))
     for series_hash in found.unlabelled:
-        rejected.append(Rejection(first_file[series_hash], f"series {series_hash}: no row of {LABELS_CSV} names this series"))
+        rejected.append(
+            Rejection(first_file[series_hash], f"series {series_hash}: no row of {LABELS_CSV} names this series")
+        )
     for series_hash in found.ambiguous:
-        rejected.append(Rejection(first_file[series_hash], f"series {series_hash}: rows of {LABELS_CSV} give it different labels"))
+        rejected.append(
+            Rejection(first_file[series_hash], f"series {series_hash}: rows of {LABELS_CSV} give it different labels")
+        )
     return targets
 
 
@@ -225,7 +240,11 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
         else:
             found = masks.masks_for(s)
             if len(found) != 1:
-                why = "no mask in labels/ for this series" if not found else f"{len(found)} masks in labels/ for this series; keep one"
+                why = (
+                    "no mask in labels/ for this series"
+                    if not found
+                    else f"{len(found)} masks in labels/ for this series; keep one"
+                )
                 rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
                 continue
         try:
@@ -239,7 +258,11 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
         used += 1
         for z, item in enumerate(items):
             out = pipeline(item)
-            label = torch.tensor(targets[s.series_hash], dtype=torch.uint8) if classify else out["label"].round().to(torch.uint8).contiguous()
+            label = (
+                torch.tensor(targets[s.series_hash], dtype=torch.uint8)
+                if classify
+                else out["label"].round().to(torch.uint8).contiguous()
+            )
             samples.append(
                 {
                     "image": out["image"].float().contiguous(),
@@ -254,7 +277,9 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
     # that starts from memory (benchmarks/ingest.py).
     return {
         "images": torch.stack([x["image"] for x in samples]) if samples else torch.zeros(0, 1, 1, 1),
-        "labels": torch.stack([x["label"] for x in samples]) if samples else torch.zeros(0, *(() if classify else (1, 1, 1)), dtype=torch.uint8),
+        "labels": torch.stack([x["label"] for x in samples])
+        if samples
+        else torch.zeros(0, *(() if classify else (1, 1, 1)), dtype=torch.uint8),
         "patients": [x["patient"] for x in samples],
         "series": [x["series"] for x in samples],
         "slices": [x["slice"] for x in samples],
@@ -264,7 +289,9 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
     }
 
 
-def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = True, task: TaskConfig = TaskConfig()) -> SiteData:
+def load_site(
+    site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = True, task: TaskConfig = TaskConfig()
+) -> SiteData:
     """Read a site's labelled DICOM series and make its train/validation samples.
 
     Decoded samples are cached on the site's disk (:mod:`client.cache`), so only the first call
@@ -288,7 +315,12 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
     if not site_dir.is_dir():
         raise DicomError(f"site folder {site_dir} does not exist")
     name = site_name_of(site_dir)
-    settings = {"pipeline": PIPELINE_VERSION, "image_size": cfg.image_size, "spacing_mm": cfg.spacing_mm, "task": task.name}
+    settings = {
+        "pipeline": PIPELINE_VERSION,
+        "image_size": cfg.image_size,
+        "spacing_mm": cfg.spacing_mm,
+        "task": task.name,
+    }
     if task.name == "classification":
         settings["classes"] = list(task.class_names)
     if use_cache:
@@ -306,7 +338,9 @@ def load_site(site_dir: Path, cfg: DataConfig, *, seed: int, use_cache: bool = T
             f"site folder {site_dir} has no usable labelled series ({read['series_found']} series found, "
             f"{len(rejected)} files or series rejected); run `fedsite site check {site_dir}` for the reasons"
         )
-    train_p, val_p = split_by_patient([s["patient"] for s in samples], val_fraction=cfg.val_fraction, seed=site_split_seed(name, seed))
+    train_p, val_p = split_by_patient(
+        [s["patient"] for s in samples], val_fraction=cfg.val_fraction, seed=site_split_seed(name, seed)
+    )
     return SiteData(
         name=name,
         train=[s for s in samples if s["patient"] in train_p],

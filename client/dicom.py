@@ -58,21 +58,21 @@ from pydicom.uid import UID, UID_dictionary
 from client.errors import DicomError
 
 __all__ = [
-    "DicomError",
-    "Rejection",
-    "SliceRef",
-    "SeriesRecord",
-    "Scan",
-    "PathRedactor",
-    "IMAGE_SOP_CLASSES",
     "DISPLAY_REFERRED",
+    "IMAGE_SOP_CLASSES",
     "VOLUME_SUFFIXES",
-    "hash_id",
-    "scan_images",
+    "DicomError",
+    "PathRedactor",
+    "Rejection",
+    "Scan",
+    "SeriesRecord",
+    "SliceRef",
     "discover_series",
-    "read_series",
-    "series_affine",
+    "hash_id",
     "quiet_dicom",
+    "read_series",
+    "scan_images",
+    "series_affine",
 ]
 
 _HASH_SALT = b"fedsite-v1"
@@ -120,8 +120,14 @@ _NOT_IMAGE: tuple[tuple[str, str], ...] = (
     ("1.2.840.10008.1.3.10", "a DICOMDIR (an index of a DICOM medium), not an image"),
     ("1.2.840.10008.5.1.4.1.1.88.", "a structured report (SR), not an image"),
     ("1.2.840.10008.5.1.4.1.1.11.", "a presentation state (PR), not an image"),
-    ("1.2.840.10008.5.1.4.1.1.481.", "a radiotherapy object (RT plan, dose, structure set or image), not used by this task"),
-    ("1.2.840.10008.5.1.4.1.1.66.4", "a segmentation (SEG): a label, not an image; put it in the site's labels/ folder"),
+    (
+        "1.2.840.10008.5.1.4.1.1.481.",
+        "a radiotherapy object (RT plan, dose, structure set or image), not used by this task",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        "a segmentation (SEG): a label, not an image; put it in the site's labels/ folder",
+    ),
     ("1.2.840.10008.5.1.4.1.1.66", "a raw data, registration or fiducials object, not an image"),
     ("1.2.840.10008.5.1.4.1.1.104.", "an encapsulated document (PDF, CDA, 3D model), not an image"),
     ("1.2.840.10008.5.1.4.1.1.9.", "a waveform (ECG, audio, ...), not an image"),
@@ -130,8 +136,20 @@ _NOT_IMAGE: tuple[tuple[str, str], ...] = (
 )
 
 _COLOUR_PHOTOMETRICS = (
-    "MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-    "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB",
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "PALETTE COLOR",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "HSV",
+    "ARGB",
+    "CMYK",
+    "XYB",
 )
 
 _IDENTIFYING_KEYWORDS = (
@@ -245,7 +263,7 @@ class Scan:
     series: list[SeriesRecord]
     rejected: list[Rejection]
     files_total: int
-    redactor: "PathRedactor"
+    redactor: PathRedactor
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,9 +304,7 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
         pass
     ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds or "Rows" not in ds:
-        raise DicomError(
-            "not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)"
-        )
+        raise DicomError("not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)")
     encoding = getattr(ds, "original_encoding", (None, None))
     ts = _ENCODING_TS.get(tuple(encoding))  # type: ignore[arg-type]
     if ts is None:
@@ -324,7 +340,7 @@ def _identifiers(ds: Dataset) -> set[str]:
     for key in _IDENTIFYING_KEYWORDS:
         try:
             elem = ds.get(key)
-        except Exception:  # noqa: BLE001 - a malformed value is skipped, not trusted
+        except Exception:
             continue
         if elem in (None, ""):
             continue
@@ -391,7 +407,7 @@ class PathRedactor:
                 out.append(part)
                 continue
             stem = _strip_suffixes(part)
-            out.append(f"~{hash_id(part)}{part[len(stem):]}")
+            out.append(f"~{hash_id(part)}{part[len(stem) :]}")
         return "/".join(out)
 
 
@@ -449,7 +465,7 @@ def _floats(value: object, n: int) -> tuple[float, ...]:
 def _text(ds: Dataset, key: str, default: str = "") -> str:
     try:
         value = ds.get(key)
-    except Exception:  # noqa: BLE001 - malformed value
+    except Exception:
         return default
     if value is None:
         return default
@@ -511,13 +527,13 @@ def _mosaic_tiles(ds: Dataset) -> tuple[int, np.ndarray | None]:
             vec = csareader.get_slice_normal(csa)
             if vec is not None:
                 normal = np.asarray(vec, dtype=float)
-    except Exception:  # noqa: BLE001 - a damaged CSA header: fall back to the public tag
+    except Exception:
         n = 0
     if not n:
         try:
             creator_block = ds.private_block(0x0019, "SIEMENS MR HEADER")
             n = int(creator_block[0x0A].value)
-        except Exception:  # noqa: BLE001
+        except Exception:
             n = 0
     if n <= 0:
         raise DicomError("Siemens mosaic without NumberOfImagesInMosaic; convert it to single slices (e.g. dcm2niix)")
@@ -534,15 +550,35 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
             raise DicomError(f"PerFrameFunctionalGroupsSequence has {len(per)} items for {n_frames} frames")
         frames = []
         for i in range(n_frames):
-            pos, ori, meas = (_functional(ds, i, s) for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
-            missing = [n for n, v in (("PlanePositionSequence", pos), ("PlaneOrientationSequence", ori), ("PixelMeasuresSequence", meas)) if v is None]
+            pos, ori, meas = (
+                _functional(ds, i, s)
+                for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence")
+            )
+            missing = [
+                n
+                for n, v in (
+                    ("PlanePositionSequence", pos),
+                    ("PlaneOrientationSequence", ori),
+                    ("PixelMeasuresSequence", meas),
+                )
+                if v is None
+            ]
             if missing:
-                raise DicomError(f"enhanced multi-frame image without {', '.join(missing)} for frame {i + 1} in its functional groups")
+                raise DicomError(
+                    f"enhanced multi-frame image without {', '.join(missing)} for frame {i + 1} in its functional groups"
+                )
             try:
                 frames.append(
-                    _Frame(path, i, rows, cols,
-                           _floats(meas.PixelSpacing, 2), _floats(ori.ImageOrientationPatient, 6),  # type: ignore[union-attr]
-                           _floats(pos.ImagePositionPatient, 3), instance)  # type: ignore[arg-type, union-attr]
+                    _Frame(
+                        path,
+                        i,
+                        rows,
+                        cols,
+                        _floats(meas.PixelSpacing, 2),
+                        _floats(ori.ImageOrientationPatient, 6),  # type: ignore[union-attr]
+                        _floats(pos.ImagePositionPatient, 3),
+                        instance,
+                    )  # type: ignore[arg-type, union-attr]
                 )
             except (AttributeError, TypeError, ValueError):
                 raise DicomError(f"malformed geometry in the functional groups of frame {i + 1}") from None
@@ -558,7 +594,9 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
         ipp = _floats(ds.ImagePositionPatient, 3)
         spacing = _floats(ds.PixelSpacing, 2)
     except (TypeError, ValueError):
-        raise DicomError("malformed geometry attributes (PixelSpacing, ImageOrientationPatient or ImagePositionPatient)") from None
+        raise DicomError(
+            "malformed geometry attributes (PixelSpacing, ImageOrientationPatient or ImagePositionPatient)"
+        ) from None
     if min(spacing) <= 0:
         raise DicomError(f"PixelSpacing {spacing[0]:g}\\{spacing[1]:g} is not positive")
     n_mosaic, csa_normal = _mosaic_tiles(ds)
@@ -570,7 +608,7 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
         row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
         # The mosaic's position is that of the whole mosaic's corner; move it to the first tile's
         # (the correction nibabel and dcm2niix apply).
-        first = (np.asarray(ipp) + col_dir * spacing[0] * (rows - tr) / 2.0 + row_dir * spacing[1] * (cols - tc) / 2.0)
+        first = np.asarray(ipp) + col_dir * spacing[0] * (rows - tr) / 2.0 + row_dir * spacing[1] * (cols - tc) / 2.0
         normal = csa_normal if csa_normal is not None else np.cross(row_dir, col_dir)
         gap = _f(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 0.0)
         if gap <= 0:
@@ -600,7 +638,9 @@ def _projection_frames(ds: Dataset, path: Path, n_frames: int, instance: int | N
             if min(value) > 0:  # 0\0 is written by some CR readers for "not calibrated"
                 spacing = value  # type: ignore[assignment]
                 break
-    return [_Frame(path, i if n_frames > 1 else None, rows, cols, spacing, None, None, instance) for i in range(n_frames)]
+    return [
+        _Frame(path, i if n_frames > 1 else None, rows, cols, spacing, None, None, instance) for i in range(n_frames)
+    ]
 
 
 def _read_header(path: Path, *, sop_classes: dict[str, str]) -> tuple[_FileInfo, set[str]]:
@@ -613,14 +653,14 @@ def _read_header(path: Path, *, sop_classes: dict[str, str]) -> tuple[_FileInfo,
         raise DicomError("not a DICOM file (no 'DICM' marker or file meta)") from None
     except MemoryError:
         raise DicomError("unreadable DICOM header (an element length is larger than the file)") from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken files
+    except Exception as exc:
         raise DicomError(f"unreadable DICOM header ({type(exc).__name__}); the file is damaged or truncated") from None
     ids = _identifiers(ds)
     try:
         return _header_info(ds, path, sop_classes), ids
     except DicomError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a value that cannot be parsed
+    except Exception as exc:
         raise DicomError(f"malformed DICOM header value ({type(exc).__name__}); the file is damaged") from None
 
 
@@ -650,7 +690,9 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> _FileI
     photometric = _text(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if photometric not in _COLOUR_PHOTOMETRICS:
-            raise DicomError("unknown PhotometricInterpretation (a damaged header?); the task reads MONOCHROME1/MONOCHROME2 images")
+            raise DicomError(
+                "unknown PhotometricInterpretation (a damaged header?); the task reads MONOCHROME1/MONOCHROME2 images"
+            )
         raise DicomError(
             f"colour image ({photometric}, {samples} samples per pixel); the task reads grayscale "
             "(MONOCHROME1/MONOCHROME2) images"
@@ -749,7 +791,8 @@ def _record(uid: str, infos: list[_FileInfo], frames: list[_Frame], rel: str) ->
     if first_info.kind == "volume":
         normal = _normal(first.iop)  # type: ignore[arg-type]
         slices = tuple(
-            SliceRef(f.path, float(np.dot(f.ipp, normal)), f.instance, f.frame, f.ipp) for f in frames  # type: ignore[arg-type]
+            SliceRef(f.path, float(np.dot(f.ipp, normal)), f.instance, f.frame, f.ipp)
+            for f in frames  # type: ignore[arg-type]
         )
         orientation = first.iop
     else:
@@ -858,15 +901,19 @@ def scan_images(
             except DicomError as exc:
                 raw_rejected.append((path, str(exc)))
                 continue
-            except Exception as exc:  # noqa: BLE001 - never a traceback: the file is rejected
+            except Exception as exc:
                 raw_rejected.append((path, f"unexpected error while reading the header ({type(exc).__name__})"))
                 continue
             redactor.add(ids)
             if wanted is not None and info.modality.upper() not in wanted:
-                raw_rejected.append((path, f"modality {info.modality} not used by this task (wants {', '.join(sorted(wanted))})"))
+                raw_rejected.append(
+                    (path, f"modality {info.modality} not used by this task (wants {', '.join(sorted(wanted))})")
+                )
                 continue
             if info.sop_uid in seen_sop:
-                raw_rejected.append((path, "duplicate of another file of the same image (same SOPInstanceUID); only the first is used"))
+                raw_rejected.append(
+                    (path, "duplicate of another file of the same image (same SOPInstanceUID); only the first is used")
+                )
                 continue
             seen_sop.add(info.sop_uid)
             groups.setdefault(info.series_uid, []).append(info)
@@ -883,7 +930,9 @@ def scan_images(
     series = [replace(s, first_file=redactor.redact(rel(s.slices[0].path))) for s in series]
     series.extend(replace(v, first_file=redactor.redact(v.first_file)) for v in volumes)
     series.sort(key=lambda s: s.series_hash)
-    rejected = [Rejection(redactor.redact(rel(p)), reason) for p, reason in sorted(raw_rejected, key=lambda r: str(r[0]))]
+    rejected = [
+        Rejection(redactor.redact(rel(p)), reason) for p, reason in sorted(raw_rejected, key=lambda r: str(r[0]))
+    ]
     return Scan(series=series, rejected=rejected, files_total=files_total, redactor=redactor)
 
 
@@ -986,8 +1035,10 @@ def _decode_file(path: Path, series: SeriesRecord, items: list[tuple[int, SliceR
     ids = _identifiers(ds)
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
-        raise DicomError(f"pixel data cannot be decoded ({type(exc).__name__}: {_scrub(str(exc), ids)})", file=path) from None
+    except Exception as exc:
+        raise DicomError(
+            f"pixel data cannot be decoded ({type(exc).__name__}: {_scrub(str(exc), ids)})", file=path
+        ) from None
     n_frames = _frame_count(ds)
     rows, cols = int(ds.Rows), int(ds.Columns)
     if n_frames > 1:
@@ -1041,7 +1092,7 @@ def read_series(series: SeriesRecord) -> np.ndarray:
                 _decode_file(path, series, items, out)
             except DicomError as exc:
                 raise DicomError(f"series {series.series_hash}: {exc}", file=path) from None
-            except Exception as exc:  # noqa: BLE001 - a damaged file must not crash the site
+            except Exception as exc:
                 raise DicomError(
                     f"series {series.series_hash}: pixel data cannot be read ({type(exc).__name__}); the file is damaged",
                     file=path,

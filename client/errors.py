@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.errors import FedsiteError
 
-__all__ = ["SiteDataError", "DicomError"]
+__all__ = ["DicomError", "SiteDataError"]
 
 
 class SiteDataError(FedsiteError):

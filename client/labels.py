@@ -30,7 +30,7 @@ from pathlib import Path
 
 from client.dicom import SeriesRecord, hash_id
 
-__all__ = ["LabelManifestError", "ClassLabels", "KEY_COLUMNS", "class_labels", "read_manifest", "match_labels"]
+__all__ = ["KEY_COLUMNS", "ClassLabels", "LabelManifestError", "class_labels", "match_labels", "read_manifest"]
 
 #: Key columns, most specific first.
 KEY_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID")
@@ -84,7 +84,9 @@ def read_manifest(path: Path, *, label_column: str = "label") -> list[_ROW]:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise LabelManifestError(f"label manifest {Path(path).name} cannot be read ({type(exc).__name__}); save it as UTF-8 CSV") from None
+        raise LabelManifestError(
+            f"label manifest {Path(path).name} cannot be read ({type(exc).__name__}); save it as UTF-8 CSV"
+        ) from None
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:
@@ -93,7 +95,9 @@ def read_manifest(path: Path, *, label_column: str = "label") -> list[_ROW]:
     try:
         header = next(reader)
     except StopIteration:
-        raise LabelManifestError(f"label manifest {Path(path).name} is empty; it needs a header row with '{label_column}' and a key column") from None
+        raise LabelManifestError(
+            f"label manifest {Path(path).name} is empty; it needs a header row with '{label_column}' and a key column"
+        ) from None
     columns = {_norm(h): i for i, h in enumerate(header)}
     if _norm(label_column) not in columns:
         raise LabelManifestError(
@@ -155,7 +159,13 @@ def match_labels(rows: Sequence[_ROW], series: Sequence[SeriesRecord]) -> ClassL
         else:
             ambiguous.append(s.series_hash)
     unmatched = sum(1 for level, key, _ in rows if level >= 0 and (level, key) not in used)
-    return ClassLabels(labels=labels, unlabelled=sorted(unlabelled), ambiguous=sorted(ambiguous), unmatched_rows=unmatched, rows_without_label=skipped)
+    return ClassLabels(
+        labels=labels,
+        unlabelled=sorted(unlabelled),
+        ambiguous=sorted(ambiguous),
+        unmatched_rows=unmatched,
+        rows_without_label=skipped,
+    )
 
 
 def class_labels(path: Path, series: Sequence[SeriesRecord], *, label_column: str = "label") -> ClassLabels:

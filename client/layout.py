@@ -15,7 +15,7 @@ simulated-site generator) takes these names from here.
 
 from __future__ import annotations
 
-__all__ = ["SITE_FILE", "LABELS_DIR", "LABELS_CSV", "CACHE_DIR", "LEDGER_DIR", "RESERVED", "sim_site_name"]
+__all__ = ["CACHE_DIR", "LABELS_CSV", "LABELS_DIR", "LEDGER_DIR", "RESERVED", "SITE_FILE", "sim_site_name"]
 
 SITE_FILE = "site.json"
 LABELS_DIR = "labels"

@@ -16,9 +16,10 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.config import RunConfig
 from common.privacy import (
@@ -31,7 +32,7 @@ from common.privacy import (
 )
 from common.task import Batchable, TrainResult
 
-__all__ = ["LedgerError", "PrivacyLedger", "ledger_for", "private_round", "PrivateRound", "current_epsilon"]
+__all__ = ["LedgerError", "PrivacyLedger", "PrivateRound", "current_epsilon", "ledger_for", "private_round"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -120,7 +121,11 @@ def _plan(cfg: RunConfig, n_train: int, *, epochs: int, batch_size: int) -> tupl
     if p.target_epsilon > 0:
         # Noise such that this run's planned rounds together spend the target epsilon.
         sigma = noise_for_target(
-            p.target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps * cfg.num_server_rounds, accountant=p.accountant
+            p.target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps * cfg.num_server_rounds,
+            accountant=p.accountant,
         )
     else:
         sigma = p.noise_multiplier
@@ -181,7 +186,9 @@ def private_round(
     history = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
     budget = cfg.privacy.max_epsilon
     if budget > 0:
-        projected = epsilon_spent(history + [(sigma, sample_rate, steps)], delta=delta, accountant=cfg.privacy.accountant)
+        projected = epsilon_spent(
+            history + [(sigma, sample_rate, steps)], delta=delta, accountant=cfg.privacy.accountant
+        )
         if projected > budget:
             spent = epsilon_spent(history, delta=delta, accountant=cfg.privacy.accountant)
             raise PrivacyBudgetExceeded(
@@ -190,10 +197,22 @@ def private_round(
                 "Raise the budget only if the site's governance allows it"
             )
     out = train_private(
-        model, data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, noise_multiplier=sigma,
-        max_grad_norm=cfg.privacy.max_grad_norm, history=history, accountant=cfg.privacy.accountant,
-        grad_sample_mode=cfg.privacy.grad_sample_mode, proximal_mu=proximal_mu, seed=seed, device=device,
-        task=task, weights=weights,
+        model,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        history=history,
+        accountant=cfg.privacy.accountant,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+        proximal_mu=proximal_mu,
+        seed=seed,
+        device=device,
+        task=task,
+        weights=weights,
     )
     # What was really released: the optimizer steps taken at the loader's sample rate.
     new = {
@@ -209,5 +228,7 @@ def private_round(
     entries = entries + [new]
     ledger.write(entries)
     eps, _ = current_epsilon(entries, cfg, n)
-    log.info("privacy: round %d spent; site epsilon now %.3g at delta %.2g (noise %.3g)", server_round, eps, delta, sigma)
+    log.info(
+        "privacy: round %d spent; site epsilon now %.3g at delta %.2g (noise %.3g)", server_round, eps, delta, sigma
+    )
     return PrivateRound(result=out.result, entries=entries, epsilon=eps, delta=delta, noise_multiplier=sigma)

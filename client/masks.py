@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from client.dicom import VOLUME_SUFFIXES, DicomError, SeriesRecord, quiet_dicom, series_affine
 from client.volumes import image_affine, volume_stem
 
-__all__ = ["SEG_SOP_CLASS", "MaskIndex", "index_masks", "read_mask", "place_on_grid"]
+__all__ = ["SEG_SOP_CLASS", "MaskIndex", "index_masks", "place_on_grid", "read_mask"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -73,22 +73,37 @@ def index_masks(labels_dir: Path) -> MaskIndex:
             with quiet_dicom():
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 sop = str(ds.get("SOPClassUID", ""))
-                refs = [str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item]
-        except Exception:  # noqa: BLE001 - any unreadable file is a problem, not a crash
-            index.problems.append((path, "not a mask: neither NIfTI/NRRD (.nii.gz, .nii, .nrrd) nor a readable DICOM SEG"))
+                refs = [
+                    str(item.SeriesInstanceUID)
+                    for item in ds.get("ReferencedSeriesSequence", [])
+                    if "SeriesInstanceUID" in item
+                ]
+        except Exception:
+            index.problems.append(
+                (path, "not a mask: neither NIfTI/NRRD (.nii.gz, .nii, .nrrd) nor a readable DICOM SEG")
+            )
             continue
         if sop != SEG_SOP_CLASS:
             index.problems.append((path, "DICOM file in labels/ that is not a Segmentation (SEG)"))
             continue
         if not refs:
-            index.problems.append((path, "DICOM SEG without ReferencedSeriesSequence: it does not say which series it labels"))
+            index.problems.append(
+                (path, "DICOM SEG without ReferencedSeriesSequence: it does not say which series it labels")
+            )
             continue
         for uid in dict.fromkeys(refs):
             index.by_key.setdefault(uid, []).append(path)
     return index
 
 
-def place_on_grid(mask_xyz: np.ndarray, mask_affine: np.ndarray, image_affine_: np.ndarray, image_shape_xyz: tuple[int, int, int], *, partial: bool) -> np.ndarray:
+def place_on_grid(
+    mask_xyz: np.ndarray,
+    mask_affine: np.ndarray,
+    image_affine_: np.ndarray,
+    image_shape_xyz: tuple[int, int, int],
+    *,
+    partial: bool,
+) -> np.ndarray:
     """Re-index a mask onto an image grid, exactly (axis swaps and flips only).
 
     Args:
@@ -107,8 +122,14 @@ def place_on_grid(mask_xyz: np.ndarray, mask_affine: np.ndarray, image_affine_: 
     m = np.linalg.inv(image_affine_) @ mask_affine
     rot, shift = m[:3, :3], m[:3, 3]
     perm = np.round(rot)
-    if not np.allclose(rot, perm, atol=_AXIS_TOL) or sorted(np.abs(perm).sum(axis=0).tolist()) != [1, 1, 1] or sorted(np.abs(perm).sum(axis=1).tolist()) != [1, 1, 1]:
-        raise DicomError("mask grid differs from the image's (other spacing or orientation); write the mask on the image's grid")
+    if (
+        not np.allclose(rot, perm, atol=_AXIS_TOL)
+        or sorted(np.abs(perm).sum(axis=0).tolist()) != [1, 1, 1]
+        or sorted(np.abs(perm).sum(axis=1).tolist()) != [1, 1, 1]
+    ):
+        raise DicomError(
+            "mask grid differs from the image's (other spacing or orientation); write the mask on the image's grid"
+        )
     if not np.allclose(shift, np.round(shift), atol=_VOXEL_TOL):
         raise DicomError("mask voxels are shifted against the image's voxels (origin off the image grid)")
     out = np.zeros(image_shape_xyz, dtype=mask_xyz.dtype)
@@ -124,18 +145,28 @@ def place_on_grid(mask_xyz: np.ndarray, mask_affine: np.ndarray, image_affine_: 
         else:
             start = int(round(shift[j]))
         if start < 0 or start + n > image_shape_xyz[j]:
-            raise DicomError(f"mask extends beyond the image (axis {'xyz'[j]}: voxels {start}..{start + n - 1} of 0..{image_shape_xyz[j] - 1})")
+            raise DicomError(
+                f"mask extends beyond the image (axis {'xyz'[j]}: voxels {start}..{start + n - 1} of 0..{image_shape_xyz[j] - 1})"
+            )
         starts.append(start)
     if not partial and (any(starts) or moved.shape != tuple(image_shape_xyz)):
-        raise DicomError(f"mask size {moved.shape[::-1]} does not match the series {tuple(image_shape_xyz)[::-1]} (Z, Y, X)")
-    out[starts[0] : starts[0] + moved.shape[0], starts[1] : starts[1] + moved.shape[1], starts[2] : starts[2] + moved.shape[2]] = moved
+        raise DicomError(
+            f"mask size {moved.shape[::-1]} does not match the series {tuple(image_shape_xyz)[::-1]} (Z, Y, X)"
+        )
+    out[
+        starts[0] : starts[0] + moved.shape[0],
+        starts[1] : starts[1] + moved.shape[1],
+        starts[2] : starts[2] + moved.shape[2],
+    ] = moved
     return out
 
 
 def _binary(arr: np.ndarray) -> np.ndarray:
     values = np.unique(arr)
     if not set(values.tolist()) <= {0, 1}:
-        raise DicomError(f"mask holds values other than 0 and 1 ({values[:5].tolist()}); the task reads binary lesion masks")
+        raise DicomError(
+            f"mask holds values other than 0 and 1 ({values[:5].tolist()}); the task reads binary lesion masks"
+        )
     return arr.astype(np.uint8)
 
 
@@ -147,7 +178,9 @@ def _one_slice_fix(mask_affine: np.ndarray, image_aff: np.ndarray, mask_nz: int,
     return mask_affine
 
 
-def _read_volume_mask(path: Path, series: SeriesRecord, image_aff: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
+def _read_volume_mask(
+    path: Path, series: SeriesRecord, image_aff: np.ndarray, shape_xyz: tuple[int, int, int]
+) -> np.ndarray:
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError:
@@ -163,7 +196,9 @@ def _read_volume_mask(path: Path, series: SeriesRecord, image_aff: np.ndarray, s
     return place_on_grid(mask_xyz, affine, image_aff, shape_xyz, partial=False)
 
 
-def _read_seg_mask(path: Path, series: SeriesRecord, image_aff: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
+def _read_seg_mask(
+    path: Path, series: SeriesRecord, image_aff: np.ndarray, shape_xyz: tuple[int, int, int]
+) -> np.ndarray:
     import highdicom as hd
 
     try:
@@ -171,12 +206,16 @@ def _read_seg_mask(path: Path, series: SeriesRecord, image_aff: np.ndarray, shap
             seg = hd.seg.segread(str(path))
             n = int(seg.number_of_segments)
             if n != 1:
-                raise DicomError(f"DICOM SEG holds {n} segments; the task reads one lesion segment per series (split it)")
+                raise DicomError(
+                    f"DICOM SEG holds {n} segments; the task reads one lesion segment per series (split it)"
+                )
             volume = seg.get_volume(combine_segments=True)
     except DicomError:
         raise
-    except Exception as exc:  # noqa: BLE001 - highdicom raises many types on unusual SEGs
-        raise DicomError(f"DICOM SEG cannot be read as a volume ({type(exc).__name__}); its frames may not form a regular grid") from None
+    except Exception as exc:
+        raise DicomError(
+            f"DICOM SEG cannot be read as a volume ({type(exc).__name__}); its frames may not form a regular grid"
+        ) from None
     arr = np.asarray(volume.array)  # (slices, rows, columns)
     affine = np.asarray(volume.affine, dtype=float)[:, [2, 1, 0, 3]]  # -> (x, y, z) index order
     mask_xyz = _binary(arr).transpose(2, 1, 0)
@@ -204,7 +243,9 @@ def read_mask(path: Path, series: SeriesRecord, shape: tuple[int, int, int]) -> 
     if series.kind == "projection":
         # No patient coordinates to compare: the mask must have the image's size.
         if not path.name.lower().endswith(VOLUME_SUFFIXES):
-            raise DicomError("a DICOM SEG needs an image with patient geometry; give projection images NIfTI/NRRD masks")
+            raise DicomError(
+                "a DICOM SEG needs an image with patient geometry; give projection images NIfTI/NRRD masks"
+            )
         try:
             arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         except RuntimeError:

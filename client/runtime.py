@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from common.config import DataConfig, ModelConfig, RunConfig, TaskConfig
 from common.model import build_model
 from common.task import Batchable, stack_samples
 
-__all__ = ["prewarm", "LoadedSite", "resolve_site_dir", "loaded_site", "model_for", "site_seed", "apply_threads"]
+__all__ = ["LoadedSite", "apply_threads", "loaded_site", "model_for", "prewarm", "resolve_site_dir", "site_seed"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -82,19 +83,29 @@ def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
 
 
 @lru_cache(maxsize=16)
-def _load(site_dir: str, data_cfg: DataConfig, seed: int, audit_fraction: float, task: TaskConfig = TaskConfig()) -> LoadedSite:
+def _load(
+    site_dir: str, data_cfg: DataConfig, seed: int, audit_fraction: float, task: TaskConfig = TaskConfig()
+) -> LoadedSite:
     data = load_site(Path(site_dir), data_cfg, seed=seed, task=task)
     train, audit = list(data.train), None
     if audit_fraction > 0 and len(train) >= 4:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(site_seed(seed, data.name, -1))).tolist()
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(site_seed(seed, data.name, -1))
+        ).tolist()
         n_audit = max(1, int(round(audit_fraction * len(train))))
         held = set(order[:n_audit])
         audit = stack_samples([s for i, s in enumerate(train) if i in held])
         train = [s for i, s in enumerate(train) if i not in held]
     log.info(
         "site %s: %d train / %d validation slices from %d/%d patients, %d audit slices, %d series used, %d files or series rejected",
-        data.name, len(train), len(data.val), data.train_patients, data.val_patients, 0 if audit is None else len(audit),
-        data.series_used, len(data.rejected),
+        data.name,
+        len(train),
+        len(data.val),
+        data.train_patients,
+        data.val_patients,
+        0 if audit is None else len(audit),
+        data.series_used,
+        len(data.rejected),
     )
     return LoadedSite(data=data, train=stack_samples(train), val=stack_samples(data.val), audit=audit)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from client.dicom import DicomError, Scan, scan_images
 
-__all__ = ["RESERVED", "site_name_of", "split_by_patient", "site_split_seed", "scan_site"]
+__all__ = ["RESERVED", "scan_site", "site_name_of", "site_split_seed", "split_by_patient"]
 
 log = logging.getLogger("fedsite.client")
 
@@ -55,7 +55,9 @@ def split_by_patient(patients: list[str], *, val_fraction: float, seed: int) -> 
     """
     unique = sorted(set(patients))
     if len(unique) < 2:
-        raise DicomError(f"the site has {len(unique)} labelled patient(s); at least 2 are needed to split train/validation")
+        raise DicomError(
+            f"the site has {len(unique)} labelled patient(s); at least 2 are needed to split train/validation"
+        )
     rng = random.Random(seed)
     rng.shuffle(unique)
     n_val = min(max(1, math.ceil(val_fraction * len(unique))), len(unique) - 1)

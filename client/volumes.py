@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from client.dicom import VOLUME_SUFFIXES, DicomError, SeriesRecord, SliceRef, hash_id
 
-__all__ = ["is_volume_file", "volume_stem", "read_volume_header", "read_volume", "image_affine"]
+__all__ = ["image_affine", "is_volume_file", "read_volume", "read_volume_header", "volume_stem"]
 
 # ITK prints warnings (with file paths, which may hold patient names) straight to stderr.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -36,7 +36,9 @@ def volume_stem(path: Path | str) -> str:
     return name
 
 
-def _geometry(size: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...], direction: tuple[float, ...]):
+def _geometry(
+    size: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...], direction: tuple[float, ...]
+):
     """3-D (size, spacing, origin, direction 3x3) of a 2-D or 3-D image."""
     if len(size) == 2:
         d = np.eye(3)
@@ -45,9 +47,11 @@ def _geometry(size: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[f
     return tuple(size), tuple(spacing), tuple(origin), np.asarray(direction, dtype=float).reshape(3, 3)
 
 
-def image_affine(img_or_reader) -> tuple[np.ndarray, tuple[int, int, int]]:  # noqa: ANN001 - sitk Image or ImageFileReader
+def image_affine(img_or_reader) -> tuple[np.ndarray, tuple[int, int, int]]:
     """(4x4 affine from voxel indices ``(x, y, z)`` to LPS mm, size ``(x, y, z)``) of a SimpleITK image."""
-    size, spacing, origin, d = _geometry(img_or_reader.GetSize(), img_or_reader.GetSpacing(), img_or_reader.GetOrigin(), img_or_reader.GetDirection())
+    size, spacing, origin, d = _geometry(
+        img_or_reader.GetSize(), img_or_reader.GetSpacing(), img_or_reader.GetOrigin(), img_or_reader.GetDirection()
+    )
     affine = np.eye(4)
     affine[:3, :3] = d * np.asarray(spacing, dtype=float)[None, :]
     affine[:3, 3] = origin
@@ -77,14 +81,20 @@ def read_volume_header(path: Path, rel: str) -> SeriesRecord:
     if dim not in (2, 3):
         raise DicomError(f"{dim}-D volume (time series or several channels); the task reads 2-D or 3-D volumes")
     if reader.GetNumberOfComponents() != 1:
-        raise DicomError(f"volume with {reader.GetNumberOfComponents()} components per voxel (colour or vector); the task reads scalar images")
-    size, spacing, origin, d = _geometry(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+        raise DicomError(
+            f"volume with {reader.GetNumberOfComponents()} components per voxel (colour or vector); the task reads scalar images"
+        )
+    size, spacing, origin, d = _geometry(
+        reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    )
     if min(size) < 1 or min(spacing) <= 0:
         raise DicomError("volume with an empty size or a non-positive spacing")
     row_dir, col_dir, slice_dir = d[:, 0], d[:, 1], d[:, 2]
     normal = np.cross(row_dir, col_dir)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3) or abs(float(np.dot(slice_dir, normal))) < 0.999:
-        raise DicomError("volume grid is sheared or its directions are not orthonormal; resample it to an orthogonal grid")
+        raise DicomError(
+            "volume grid is sheared or its directions are not orthonormal; resample it to an orthogonal grid"
+        )
     ipps = [np.asarray(origin) + k * spacing[2] * slice_dir for k in range(size[2])]
     refs = sorted(
         (SliceRef(path, float(np.dot(p, normal)), None, k, tuple(float(v) for v in p)) for k, p in enumerate(ipps)),  # type: ignore[arg-type]
@@ -128,7 +138,9 @@ def read_volume(series: SeriesRecord) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.shape[1:] != (series.rows, series.columns) or arr.shape[0] < len(series.slices):
-        raise DicomError(f"series {series.series_hash}: volume has shape {arr.shape}, its header said otherwise", file=path)
+        raise DicomError(
+            f"series {series.series_hash}: volume has shape {arr.shape}, its header said otherwise", file=path
+        )
     out = arr[[s.frame or 0 for s in series.slices]].astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise DicomError(f"series {series.series_hash}: volume holds NaN or infinite values", file=path)

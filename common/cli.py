@@ -16,12 +16,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from common.config import ConfigError, RunConfig, flatten, parse_run_config
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _parse_kv(items: Sequence[str]) -> dict[str, object]:
@@ -50,29 +50,65 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, help="number of sites (default 3)")
     sim.add_argument("--rounds", type=int, help="federated rounds (default 3)")
     sim.add_argument("--local-epochs", type=int, help="local epochs per round (default 3)")
-    sim.add_argument("--strategy", choices=["fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"], help="aggregation strategy (default fedavg)")
+    sim.add_argument(
+        "--strategy",
+        choices=["fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"],
+        help="aggregation strategy (default fedavg)",
+    )
     sim.add_argument("--seed", type=int, help="run seed (data, split, init, shuffling)")
     sim.add_argument("--out", type=Path, help="output folder (default ./fedsite-runs/<time>)")
     sim.add_argument("--data-root", type=Path, help="folder of the simulated sites (written if missing)")
-    sim.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'", help="any key of [tool.flwr.app.config]")
+    sim.add_argument(
+        "--run-config", action="append", default=[], metavar="'KEY=VALUE ...'", help="any key of [tool.flwr.app.config]"
+    )
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
-    study = sub.add_parser("study", help="compare several federations on the same sites and seeds").add_subparsers(dest="study_command", required=True)
-    priv = study.add_parser("privacy", help="no DP, clip-only, epsilon 8/3/1: utility, epsilon spent, membership attack AUC")
-    priv.add_argument("--out", type=Path, required=True, help="study folder (privacy.json, privacy.png, one run per setting)")
-    priv.add_argument("--quick", action="store_true", help="3 sites, 3 rounds x 3 local epochs: about 4 minutes on 2 cores")
+    study = sub.add_parser("study", help="compare several federations on the same sites and seeds").add_subparsers(
+        dest="study_command", required=True
+    )
+    priv = study.add_parser(
+        "privacy", help="no DP, clip-only, epsilon 8/3/1: utility, epsilon spent, membership attack AUC"
+    )
+    priv.add_argument(
+        "--out", type=Path, required=True, help="study folder (privacy.json, privacy.png, one run per setting)"
+    )
+    priv.add_argument(
+        "--quick", action="store_true", help="3 sites, 3 rounds x 3 local epochs: about 4 minutes on 2 cores"
+    )
     priv.add_argument("--sites", type=int)
     priv.add_argument("--rounds", type=int)
     priv.add_argument("--seed", type=int)
     priv.add_argument("--data-root", type=Path)
     priv.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'")
 
-    shift = study.add_parser("shift", help="domain shift across scanner sites: local-only, pooled and federated methods, cross-site matrix, unseen scanner")
-    shift.add_argument("--out", type=Path, required=True, help="study folder (shift.json, report.md and its figures, one run per method)")
-    shift.add_argument("--quick", action="store_true", help="3 sites, 3 rounds x 2 local epochs, 32x32 images: a few minutes on 2 cores")
-    shift.add_argument("--source", type=Path, help="a MedMNIST-layout .npz of labelled images (e.g. chest X-rays) written as CR/DX sites; classification")
-    shift.add_argument("--methods", help=f"comma-separated, from {','.join(('local-only', 'pooled', 'fedavg', 'fedprox', 'fedbn', 'fedadam', 'fedyogi'))} (default: quick set, or all without --quick)")
-    shift.add_argument("--unseen", help="federated methods to run leave-one-site-out (default fedavg with --quick, else fedavg,fedbn; 'none' to skip)")
+    shift = study.add_parser(
+        "shift",
+        help="domain shift across scanner sites: local-only, pooled and federated methods, cross-site matrix, unseen scanner",
+    )
+    shift.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="study folder (shift.json, report.md and its figures, one run per method)",
+    )
+    shift.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 sites, 3 rounds x 2 local epochs, 32x32 images: a few minutes on 2 cores",
+    )
+    shift.add_argument(
+        "--source",
+        type=Path,
+        help="a MedMNIST-layout .npz of labelled images (e.g. chest X-rays) written as CR/DX sites; classification",
+    )
+    shift.add_argument(
+        "--methods",
+        help=f"comma-separated, from {','.join(('local-only', 'pooled', 'fedavg', 'fedprox', 'fedbn', 'fedadam', 'fedyogi'))} (default: quick set, or all without --quick)",
+    )
+    shift.add_argument(
+        "--unseen",
+        help="federated methods to run leave-one-site-out (default fedavg with --quick, else fedavg,fedbn; 'none' to skip)",
+    )
     shift.add_argument("--sites", type=int)
     shift.add_argument("--rounds", type=int)
     shift.add_argument("--seed", type=int)
@@ -87,16 +123,48 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=RunConfig().sim.patients, help="patients per site")
     synth.add_argument("--slices", type=int, default=RunConfig().sim.slices, help="slices per patient")
     synth.add_argument(
-        "--transfer-syntax", choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
+        "--transfer-syntax",
+        choices=["explicit", "rle", "jpeg-ls", "jpeg2000", "deflate"],
         help="store every site in this lossless transfer syntax (default: each scanner profile's own)",
     )
-    synth.add_argument("--photometric", choices=["MONOCHROME1", "MONOCHROME2"], help="store every site with this photometric interpretation")
-    synth.add_argument("--modality", choices=["MR", "CT", "CR", "DX", "auto"], help="MR or CT phantoms (default MR); with --source CR, DX or auto (CR and DX mixed, the default)")
-    synth.add_argument("--source", type=Path, metavar="PATH.npz", help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites from it")
-    synth.add_argument("--task", choices=["segmentation", "classification"], help="segmentation (phantoms) or classification (needs --source); default: classification with --source")
-    synth.add_argument("--label-skew", type=float, default=0.0, help="0 = every site the global class mix / lesion burden; > 0 = stronger per-site imbalance")
-    synth.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal site sizes; > 0 = lognormal site sizes around --patients (at least 4)")
-    synth.add_argument("--classes", metavar="A,B", help="class names of the source's labels 0, 1, ... (default from the file name, e.g. normal,pneumonia)")
+    synth.add_argument(
+        "--photometric",
+        choices=["MONOCHROME1", "MONOCHROME2"],
+        help="store every site with this photometric interpretation",
+    )
+    synth.add_argument(
+        "--modality",
+        choices=["MR", "CT", "CR", "DX", "auto"],
+        help="MR or CT phantoms (default MR); with --source CR, DX or auto (CR and DX mixed, the default)",
+    )
+    synth.add_argument(
+        "--source",
+        type=Path,
+        metavar="PATH.npz",
+        help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites from it",
+    )
+    synth.add_argument(
+        "--task",
+        choices=["segmentation", "classification"],
+        help="segmentation (phantoms) or classification (needs --source); default: classification with --source",
+    )
+    synth.add_argument(
+        "--label-skew",
+        type=float,
+        default=0.0,
+        help="0 = every site the global class mix / lesion burden; > 0 = stronger per-site imbalance",
+    )
+    synth.add_argument(
+        "--quantity-skew",
+        type=float,
+        default=0.0,
+        help="0 = equal site sizes; > 0 = lognormal site sizes around --patients (at least 4)",
+    )
+    synth.add_argument(
+        "--classes",
+        metavar="A,B",
+        help="class names of the source's labels 0, 1, ... (default from the file name, e.g. normal,pneumonia)",
+    )
     synth.set_defaults(synth_parser=synth)
 
     from client.cli import (
@@ -156,21 +224,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_study_privacy(args: argparse.Namespace) -> int:
     from simulations.studies import privacy_study
 
-    quick = {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
+    quick = (
+        {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
+    )
     cfg = _simulate_config(args, quick)
-    print(f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}", flush=True)
+    print(
+        f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}",
+        flush=True,
+    )
     report = privacy_study(cfg, args.out, progress=lambda m: print(m, flush=True))
     rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC")]
     for s in report["settings"]:
         eps = list(s["epsilon_spent"].values())
         eps_txt = "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}")
-        rows.append((s["name"], f"{s['utility']['mean'].get('dice', float('nan')):.3f}", f"{s['utility']['worst'].get('dice', float('nan')):.3f}", eps_txt, f"{s['attack_auc'].get('mean', float('nan')):.3f}"))
+        rows.append(
+            (
+                s["name"],
+                f"{s['utility']['mean'].get('dice', float('nan')):.3f}",
+                f"{s['utility']['worst'].get('dice', float('nan')):.3f}",
+                eps_txt,
+                f"{s['attack_auc'].get('mean', float('nan')):.3f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     if "utility_cost_eps8" in report:
         c = report["utility_cost_eps8"]
-        print(f"utility cost at epsilon 8: mean Dice {c['dice_no_dp']:.3f} without DP -> {c['dice_eps8']:.3f} ({c['dice_drop']:+.3f} drop)")
+        print(
+            f"utility cost at epsilon 8: mean Dice {c['dice_no_dp']:.3f} without DP -> {c['dice_eps8']:.3f} ({c['dice_drop']:+.3f} drop)"
+        )
     print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
     return 0
 
@@ -188,8 +271,12 @@ def _cmd_study_shift(args: argparse.Namespace) -> int:
     defaults: dict[str, object] = {}
     if args.source is not None:
         if not args.source.is_file():
-            raise ConfigError(f"--source {args.source} is not a file; give a MedMNIST-layout .npz, e.g. ../shared/data/pneumoniamnist/pneumoniamnist_merged.npz")
-        defaults.update({"task.name": "classification", "sim.source": str(args.source.resolve()), "sim.modality": "auto"})
+            raise ConfigError(
+                f"--source {args.source} is not a file; give a MedMNIST-layout .npz, e.g. ../shared/data/pneumoniamnist/pneumoniamnist_merged.npz"
+            )
+        defaults.update(
+            {"task.name": "classification", "sim.source": str(args.source.resolve()), "sim.modality": "auto"}
+        )
     task = str(defaults.get("task.name", _parse_kv(args.run_config).get("task.name", "segmentation")))
     if args.quick:
         defaults.update(quick_defaults(task))
@@ -208,7 +295,9 @@ def _cmd_study_shift(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        doc = shift_study(cfg, args.out, methods=methods, unseen=unseen, quick=args.quick, progress=lambda m: print(m, flush=True))
+        doc = shift_study(
+            cfg, args.out, methods=methods, unseen=unseen, quick=args.quick, progress=lambda m: print(m, flush=True)
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(format_table(doc))
@@ -233,10 +322,18 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         paths = write_sites(
-            args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices, progress=print,
-            transfer_syntax=args.transfer_syntax, photometric=args.photometric,
-            modality=args.modality or ("auto" if args.source is not None else "MR"), source=args.source,
-            label_skew=args.label_skew, quantity_skew=args.quantity_skew,
+            args.out,
+            sites=args.sites,
+            seed=args.seed,
+            patients=args.patients,
+            slices=args.slices,
+            progress=print,
+            transfer_syntax=args.transfer_syntax,
+            photometric=args.photometric,
+            modality=args.modality or ("auto" if args.source is not None else "MR"),
+            source=args.source,
+            label_skew=args.label_skew,
+            quantity_skew=args.quantity_skew,
             class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
         )
     except ValueError as exc:  # a bad value or an unusable --source: reported like a config error
@@ -264,11 +361,11 @@ class _StdoutHandler(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    def stream(self):
         return sys.stdout
 
     @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
+    def stream(self, _value) -> None:
         pass
 
 

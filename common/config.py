@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "ConfigError",
     "DataConfig",
-    "TaskConfig",
     "ModelConfig",
-    "TrainConfig",
-    "StrategyConfig",
-    "PrivacyConfig",
-    "SimConfig",
     "OutputConfig",
+    "PrivacyConfig",
     "RunConfig",
-    "parse_run_config",
-    "flatten",
+    "SimConfig",
+    "StrategyConfig",
+    "TaskConfig",
+    "TrainConfig",
     "default_flat_config",
+    "flatten",
+    "parse_run_config",
 ]
 
 
@@ -63,8 +64,16 @@ class TaskConfig:
     """What the network learns: lesion segmentation (pixels) or image classification."""
 
     name: str = field(default="segmentation", metadata=_choice(*TASKS))
-    classes: str = field(default="normal,pneumonia", metadata={"help": "classification: comma-separated class names (labels.csv values); the last is the positive class"})
-    class_weighted: bool = field(default=True, metadata={"help": "classification: weight the loss by inverse class frequency of the site's training split"})
+    classes: str = field(
+        default="normal,pneumonia",
+        metadata={
+            "help": "classification: comma-separated class names (labels.csv values); the last is the positive class"
+        },
+    )
+    class_weighted: bool = field(
+        default=True,
+        metadata={"help": "classification: weight the loss by inverse class frequency of the site's training split"},
+    )
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -81,7 +90,13 @@ class TaskConfig:
 class ModelConfig:
     """The MONAI network every site trains (same on every site)."""
 
-    name: str = field(default="auto", metadata={**_choice("auto", "unet", "resnet", "densenet121"), "help": "auto = unet for segmentation, resnet for classification"})
+    name: str = field(
+        default="auto",
+        metadata={
+            **_choice("auto", "unet", "resnet", "densenet121"),
+            "help": "auto = unet for segmentation, resnet for classification",
+        },
+    )
     channels: str = field(default="16,32,64,128", metadata={"help": "comma-separated feature sizes"})
     num_res_units: int = field(default=1, metadata=_range(0, 8))
     norm: str = field(default="instance", metadata=_choice("instance", "batch", "group"))
@@ -100,7 +115,9 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata=_range(1, 4_096))
     lr: float = field(default=3e-3, metadata=_range(0.0, 10.0, lo_open=True))
     optimizer: str = field(default="adam", metadata=_choice("adam", "sgd"))
-    threads: int = field(default=0, metadata={**_range(0, 256), "help": "torch threads per site process (0 = what the runtime gives)"})
+    threads: int = field(
+        default=0, metadata={**_range(0, 256), "help": "torch threads per site process (0 = what the runtime gives)"}
+    )
 
 
 @dataclass(frozen=True)
@@ -112,8 +129,20 @@ class StrategyConfig:
 
     name: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi"))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
-    server_lr: float = field(default=0.0, metadata={**_range(0.0, 10.0), "help": "FedAdam/FedYogi server step; 0 = measured default: FedAdam 0.03, FedYogi 0.01 (Flower's 0.1 collapses on small sites)"})
-    tau: float = field(default=0.01, metadata={**_range(0.0, 1.0, lo_open=True), "help": "FedAdam/FedYogi adaptivity: updates smaller than tau move about as in FedAvg, larger ones at most about server-lr"})
+    server_lr: float = field(
+        default=0.0,
+        metadata={
+            **_range(0.0, 10.0),
+            "help": "FedAdam/FedYogi server step; 0 = measured default: FedAdam 0.03, FedYogi 0.01 (Flower's 0.1 collapses on small sites)",
+        },
+    )
+    tau: float = field(
+        default=0.01,
+        metadata={
+            **_range(0.0, 1.0, lo_open=True),
+            "help": "FedAdam/FedYogi adaptivity: updates smaller than tau move about as in FedAvg, larger ones at most about server-lr",
+        },
+    )
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_sites: int = field(default=2, metadata=_range(1, 100_000))
@@ -129,8 +158,12 @@ class PrivacyConfig:
     """Sample-level differential privacy at each site (DP-SGD), its budget and its audit."""
 
     dp: bool = False
-    target_epsilon: float = field(default=0.0, metadata={**_range(0.0, 1e6), "help": "> 0: pick the noise so this run spends about this epsilon"})
-    noise_multiplier: float = field(default=0.0, metadata={**_range(0.0, 1e3), "help": "used when target-epsilon = 0; 0 = clip only (no guarantee)"})
+    target_epsilon: float = field(
+        default=0.0, metadata={**_range(0.0, 1e6), "help": "> 0: pick the noise so this run spends about this epsilon"}
+    )
+    noise_multiplier: float = field(
+        default=0.0, metadata={**_range(0.0, 1e3), "help": "used when target-epsilon = 0; 0 = clip only (no guarantee)"}
+    )
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0, 1e6, lo_open=True))
     delta: float = field(default=0.0, metadata={**_range(0.0, 1.0), "help": "0 = 1/(10 x site training samples)"})
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
@@ -139,23 +172,45 @@ class PrivacyConfig:
     ledger_dir: str = field(default="", metadata={"help": "'' = <site>/.fedsite-privacy"})
     grad_sample_mode: str = field(default="hooks", metadata=_choice("hooks", "functorch", "ghost"))
     central_dp: bool = False
-    central_noise: float = field(default=1.0, metadata={**_range(0.0, 1e3, lo_open=True), "help": "central DP: noise multiplier on the clipped site updates"})
-    central_clip: float = field(default=1.0, metadata={**_range(0.0, 1e6, lo_open=True), "help": "central DP: L2 norm each site's update is clipped to"})
+    central_noise: float = field(
+        default=1.0,
+        metadata={**_range(0.0, 1e3, lo_open=True), "help": "central DP: noise multiplier on the clipped site updates"},
+    )
+    central_clip: float = field(
+        default=1.0,
+        metadata={**_range(0.0, 1e6, lo_open=True), "help": "central DP: L2 norm each site's update is clipped to"},
+    )
     audit: bool = False
-    audit_fraction: float = field(default=0.2, metadata={**_range(0.0, 0.5, lo_open=True), "help": "training slices held out for the audit"})
+    audit_fraction: float = field(
+        default=0.2, metadata={**_range(0.0, 0.5, lo_open=True), "help": "training slices held out for the audit"}
+    )
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """The one-machine simulation and its site generator (never read by a deployed site)."""
 
-    root: str = field(default="", metadata={"help": "folder holding site-01, site-02, ... ('' = ~/.cache/fedsite/sites/<generator settings>)"})
+    root: str = field(
+        default="",
+        metadata={"help": "folder holding site-01, site-02, ... ('' = ~/.cache/fedsite/sites/<generator settings>)"},
+    )
     patients: int = field(default=8, metadata=_range(2, 10_000))
     slices: int = field(default=12, metadata=_range(1, 1_000))
-    source: str = field(default="", metadata={"help": "a MedMNIST-layout .npz of labelled images written as X-ray sites ('' = synthetic phantoms)"})
-    modality: str = field(default="MR", metadata={**_choice("MR", "CT", "CR", "DX", "auto"), "help": "scanner modality of the generated sites"})
-    label_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "per-site label imbalance (0 = every site has the global mix)"})
-    quantity_skew: float = field(default=0.0, metadata={**_range(0.0, 100.0), "help": "spread of site sizes (0 = equal sizes)"})
+    source: str = field(
+        default="",
+        metadata={"help": "a MedMNIST-layout .npz of labelled images written as X-ray sites ('' = synthetic phantoms)"},
+    )
+    modality: str = field(
+        default="MR",
+        metadata={**_choice("MR", "CT", "CR", "DX", "auto"), "help": "scanner modality of the generated sites"},
+    )
+    label_skew: float = field(
+        default=0.0,
+        metadata={**_range(0.0, 100.0), "help": "per-site label imbalance (0 = every site has the global mix)"},
+    )
+    quantity_skew: float = field(
+        default=0.0, metadata={**_range(0.0, 100.0), "help": "spread of site sizes (0 = equal sizes)"}
+    )
     sites: int = field(default=3, metadata=_range(1, 1_000))
     cpus_per_site: float = field(default=1.0, metadata=_range(0.0, 256.0, lo_open=True))
 
@@ -165,7 +220,9 @@ class OutputConfig:
     """Where the server writes results, the final model and the MLflow store."""
 
     dir: str = field(default="", metadata={"help": "'' = ./fedsite-runs/<timestamp>"})
-    tracking_uri: str = field(default="", metadata={"help": "MLflow tracking URI ('' = sqlite store in the output folder)"})
+    tracking_uri: str = field(
+        default="", metadata={"help": "MLflow tracking URI ('' = sqlite store in the output folder)"}
+    )
     experiment: str = "fedsite"
 
 
@@ -257,9 +314,7 @@ def parse_run_config(raw: Mapping[str, Any] | None) -> RunConfig:
         k = unknown[0]
         close = difflib.get_close_matches(k, list(_LEAVES), n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigError(
-            f"unknown config key '{k}'{hint} Known keys: {', '.join(sorted(_LEAVES))}"
-        )
+        raise ConfigError(f"unknown config key '{k}'{hint} Known keys: {', '.join(sorted(_LEAVES))}")
     groups: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for key, value in raw.items():
@@ -297,16 +352,22 @@ def _check_cross_field(cfg: RunConfig) -> None:
                 f"config key 'task.classes' = {cfg.task.classes!r}: name at least two different classes, e.g. 'normal,pneumonia'"
             )
         if cfg.model.name == "unet":
-            raise ConfigError("config key 'model.name' = 'unet' is a segmentation network; for 'task.name' = 'classification' use 'resnet', 'densenet121' or 'auto'")
+            raise ConfigError(
+                "config key 'model.name' = 'unet' is a segmentation network; for 'task.name' = 'classification' use 'resnet', 'densenet121' or 'auto'"
+            )
     elif cfg.model.name in ("resnet", "densenet121"):
-        raise ConfigError(f"config key 'model.name' = {cfg.model.name!r} is a classification network; for 'task.name' = 'segmentation' use 'unet' or 'auto'")
+        raise ConfigError(
+            f"config key 'model.name' = {cfg.model.name!r} is a classification network; for 'task.name' = 'segmentation' use 'unet' or 'auto'"
+        )
     elif cfg.sim.source:
         raise ConfigError(
             f"config key 'sim.source' = {cfg.sim.source!r} gives class-labelled images; set 'task.name' = 'classification' "
             "(segmentation sites are the synthetic phantoms: 'sim.source' = '')"
         )
     if cfg.task.name == "segmentation" and cfg.sim.modality not in ("MR", "CT"):
-        raise ConfigError(f"config key 'sim.modality' = {cfg.sim.modality!r}: the segmentation phantoms are 'MR' or 'CT'")
+        raise ConfigError(
+            f"config key 'sim.modality' = {cfg.sim.modality!r}: the segmentation phantoms are 'MR' or 'CT'"
+        )
     try:
         channels = cfg.model.channel_tuple
     except ValueError:

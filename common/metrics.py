@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["average_ranks", "classification_metrics", "expected_calibration_error", "roc_auc", "summarize_sites", "HIGHER_IS_WORSE"]
+__all__ = [
+    "HIGHER_IS_WORSE",
+    "average_ranks",
+    "classification_metrics",
+    "expected_calibration_error",
+    "roc_auc",
+    "summarize_sites",
+]
 
 #: Metrics whose worst site is the highest value (any key containing "loss" too).
 HIGHER_IS_WORSE = frozenset({"ece", "mia-auc", "mia-auc-initial"})
@@ -98,10 +105,14 @@ def roc_auc(scores: Any, labels01: Any) -> float:
     if s.shape != y.shape:
         raise ValueError(f"roc_auc: scores has {s.size} entries but labels01 has {y.size}; pass one label per score")
     if not np.all(np.isfinite(s)):
-        raise ValueError(f"roc_auc: scores hold {int(np.sum(~np.isfinite(s)))} NaN/infinite values; check the model output")
+        raise ValueError(
+            f"roc_auc: scores hold {int(np.sum(~np.isfinite(s)))} NaN/infinite values; check the model output"
+        )
     bad = ~np.isin(y, (0, 1))
     if np.any(bad):
-        raise ValueError(f"roc_auc: labels01 must be 0 or 1, got {np.unique(y[bad])[:5].tolist()}; binarise the labels (labels == positive)")
+        raise ValueError(
+            f"roc_auc: labels01 must be 0 or 1, got {np.unique(y[bad])[:5].tolist()}; binarise the labels (labels == positive)"
+        )
     pos = y.astype(bool)
     n_pos = int(pos.sum())
     n_neg = int(pos.size - n_pos)
@@ -132,7 +143,9 @@ def _check_probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
     y = y.astype(np.int64)
     out = (y < 0) | (y >= p.shape[1])
     if np.any(out):
-        raise ValueError(f"labels must lie in [0, {p.shape[1]}) for {p.shape[1]} classes, got {np.unique(y[out])[:5].tolist()}")
+        raise ValueError(
+            f"labels must lie in [0, {p.shape[1]}) for {p.shape[1]} classes, got {np.unique(y[out])[:5].tolist()}"
+        )
     return p, y
 
 

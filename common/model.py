@@ -7,7 +7,7 @@ from monai.networks.nets import DenseNet121, ResNet, UNet
 
 from common.config import ModelConfig, TaskConfig
 
-__all__ = ["build_model", "architecture", "pick_device", "norm_keys", "NUM_CLASSES"]
+__all__ = ["NUM_CLASSES", "architecture", "build_model", "norm_keys", "pick_device"]
 
 _NORM_TYPES = (
     torch.nn.modules.batchnorm._BatchNorm,
@@ -28,6 +28,7 @@ def norm_keys(model: torch.nn.Module) -> list[str]:
             prefix = f"{name}." if name else ""
             keys.extend(prefix + k for k in module.state_dict())
     return sorted(keys)
+
 
 NUM_CLASSES = 2
 """Segmentation classes: 0 background, 1 lesion."""

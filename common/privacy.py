@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,15 +25,15 @@ import torch.nn.functional as F
 from common.task import Batchable, TrainResult, loss_function, make_optimizer
 
 __all__ = [
-    "PrivacyBudgetExceeded",
     "HistoryEntry",
-    "epsilon_spent",
-    "noise_for_target",
+    "PrivacyBudgetExceeded",
     "default_delta",
-    "train_private",
-    "membership_auc",
+    "epsilon_spent",
     "loss_attack_auc",
+    "membership_auc",
+    "noise_for_target",
     "per_sample_losses",
+    "train_private",
 ]
 
 HistoryEntry = tuple[float, float, int]
@@ -49,7 +49,7 @@ def default_delta(n_train: int) -> float:
     return 1.0 / (10.0 * max(n_train, 1))
 
 
-def _accountant(name: str):  # noqa: ANN202 - Opacus accountant
+def _accountant(name: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if name == "prv":
@@ -79,7 +79,9 @@ def epsilon_spent(history: Sequence[HistoryEntry], *, delta: float, accountant: 
         return float(acc.get_epsilon(delta=delta))
 
 
-def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def noise_for_target(
+    target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
     """The noise multiplier at which ``steps`` DP-SGD steps spend ``target_epsilon``."""
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -87,7 +89,11 @@ def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float,
         warnings.simplefilter("ignore")
         return float(
             get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
             )
         )
 
@@ -183,13 +189,24 @@ def train_private(
         engine.accountant.history = [tuple(h) for h in history]  # the site's accountant, restored
         if grad_sample_mode == "ghost":
             dp_model, dp_opt, dp_loss, dp_loader = engine.make_private(
-                module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, grad_sample_mode="ghost", criterion=loss_fn, poisson_sampling=True,
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                grad_sample_mode="ghost",
+                criterion=loss_fn,
+                poisson_sampling=True,
             )
         else:
             dp_model, dp_opt, dp_loader = engine.make_private(
-                module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode, poisson_sampling=True,
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                grad_sample_mode=grad_sample_mode,
+                poisson_sampling=True,
             )
             dp_loss = loss_fn
     sample_rate = 1.0 / len(loader)  # Opacus' Poisson loader: each sample joins a batch with this rate
@@ -226,13 +243,19 @@ def train_private(
                 p.grad_sample = None
     new_history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
     result = TrainResult(
-        num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start, samples_seen=samples_seen
+        num_examples=len(data),
+        steps=steps,
+        loss=epoch_loss,
+        seconds=time.perf_counter() - start,
+        samples_seen=samples_seen,
     )
     return PrivateTrainResult(result=result, history=new_history, sample_rate=sample_rate, steps=steps)
 
 
 @torch.no_grad()
-def per_sample_losses(model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+def per_sample_losses(
+    model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Cross-entropy per sample (mean over its pixels): what a loss-threshold attacker observes."""
     model.to(device).eval()
     out = []
@@ -264,7 +287,9 @@ def loss_attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) ->
     return _auc(-np.asarray(member_losses), -np.asarray(non_member_losses))
 
 
-def membership_auc(model: torch.nn.Module, members: Batchable, non_members: Batchable, *, device: torch.device | str = "cpu") -> float:
+def membership_auc(
+    model: torch.nn.Module, members: Batchable, non_members: Batchable, *, device: torch.device | str = "cpu"
+) -> float:
     """AUC of a loss-threshold membership-inference attack that a site runs on its own data.
 
     The attacker guesses "member" when a sample's loss is below a threshold; the AUC sweeps every
@@ -273,4 +298,6 @@ def membership_auc(model: torch.nn.Module, members: Batchable, non_members: Batc
     distribution as members (the site holds out slices of its training patients for this), or
     the attack measures how patients differ instead of what the model memorised.
     """
-    return loss_attack_auc(per_sample_losses(model, members, device=device), per_sample_losses(model, non_members, device=device))
+    return loss_attack_auc(
+        per_sample_losses(model, members, device=device), per_sample_losses(model, non_members, device=device)
+    )

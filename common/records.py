@@ -6,13 +6,14 @@ training and model code never see a record.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-__all__ = ["RecordError", "to_arrays", "load_arrays", "check_arrays"]
+__all__ = ["RecordError", "check_arrays", "load_arrays", "to_arrays"]
 
 
 class RecordError(ValueError):
@@ -24,7 +25,9 @@ def to_arrays(model: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def check_arrays(arrays: ArrayRecord, reference: Mapping[str, Any], *, what: str = "the model") -> dict[str, np.ndarray]:
+def check_arrays(
+    arrays: ArrayRecord, reference: Mapping[str, Any], *, what: str = "the model"
+) -> dict[str, np.ndarray]:
     """Check that ``arrays`` has exactly the reference's keys and shapes and only finite values.
 
     Used by both sides: a site checks the global weights it receives, the server checks each
@@ -71,5 +74,6 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     """
     reference = model.state_dict()
     checked = check_arrays(arrays, reference)
-    model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)).to(reference[k].dtype) for k, v in checked.items()})
-
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(v, copy=True)).to(reference[k].dtype) for k, v in checked.items()}
+    )

@@ -55,7 +55,9 @@ def intensity_histogram(images: Any, *, bins: int = 64, value_range: tuple[float
         raise ValueError(f"bins must be a positive integer, got {bins!r}; 64 is the default")
     lo, hi = float(value_range[0]), float(value_range[1])
     if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}; model inputs use (0.0, 1.0)")
+        raise ValueError(
+            f"value_range must be (low, high) with low < high, got {value_range!r}; model inputs use (0.0, 1.0)"
+        )
     counts, _ = np.histogram(np.clip(x, lo, hi), bins=int(bins), range=(lo, hi))
     return counts.astype(np.float64) / counts.sum()
 

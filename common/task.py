@@ -13,8 +13,8 @@ after the first reads memory, not dicts.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,16 +23,16 @@ from monai.losses import DiceCELoss
 from common.metrics import classification_metrics
 
 __all__ = [
+    "TASKS",
     "Batchable",
-    "stack_samples",
-    "train",
-    "evaluate",
     "TrainResult",
+    "class_weights",
     "dice_from_counts",
+    "evaluate",
     "loss_function",
     "make_optimizer",
-    "class_weights",
-    "TASKS",
+    "stack_samples",
+    "train",
 ]
 
 TASKS = ("segmentation", "classification")
@@ -64,8 +64,10 @@ def stack_samples(samples: Sequence[Mapping[str, object]]) -> Batchable:
     images = torch.stack([torch.as_tensor(s["image"], dtype=torch.float32) for s in samples])
     labels = torch.stack([torch.as_tensor(s["label"]).long() for s in samples])
     # MetaTensor -> plain tensor: metadata is not needed in the training loop.
-    return Batchable(images.as_tensor() if hasattr(images, "as_tensor") else images,
-                     labels.as_tensor() if hasattr(labels, "as_tensor") else labels)
+    return Batchable(
+        images.as_tensor() if hasattr(images, "as_tensor") else images,
+        labels.as_tensor() if hasattr(labels, "as_tensor") else labels,
+    )
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,11 @@ def train(
             seen += len(idx)
         epoch_loss = total / max(seen, 1)
     return TrainResult(
-        num_examples=len(data), steps=steps, loss=epoch_loss, seconds=time.perf_counter() - start, samples_seen=samples_seen
+        num_examples=len(data),
+        steps=steps,
+        loss=epoch_loss,
+        seconds=time.perf_counter() - start,
+        samples_seen=samples_seen,
     )
 
 
@@ -268,15 +274,22 @@ def evaluate(
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+def predict_proba(
+    model: torch.nn.Module, data: Batchable, *, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Softmax class probabilities ``(N, C)`` of a classification model on ``data``."""
     device = torch.device(device)
     model.to(device).eval()
-    out = [torch.softmax(model(data.images[idx].to(device)).float(), dim=1).cpu() for idx in _batches(len(data), batch_size, None)]
+    out = [
+        torch.softmax(model(data.images[idx].to(device)).float(), dim=1).cpu()
+        for idx in _batches(len(data), batch_size, None)
+    ]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
 
 
-def _evaluate_classification(model: torch.nn.Module, data: Batchable, *, batch_size: int, device: torch.device) -> dict[str, float]:
+def _evaluate_classification(
+    model: torch.nn.Module, data: Batchable, *, batch_size: int, device: torch.device
+) -> dict[str, float]:
     probs = predict_proba(model, data, batch_size=batch_size, device=device)
     labels = data.labels.reshape(-1).numpy()
     scores = classification_metrics(probs, labels, positive=probs.shape[1] - 1)

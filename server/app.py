@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ def output_dir(cfg: RunConfig) -> Path:
     """The run's output folder: ``output.dir`` or ``./fedsite-runs/<UTC time>``."""
     if cfg.output.dir:
         return Path(cfg.output.dir).expanduser().resolve()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path("fedsite-runs", stamp).resolve()
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from server.strategies import RoundRecord, summarize
 
-__all__ = ["round_entry", "build_results", "write_json", "site_table", "round_metrics"]
+__all__ = ["build_results", "round_entry", "round_metrics", "site_table", "write_json"]
 
 
 def round_entry(rec: RoundRecord) -> dict[str, Any]:
@@ -30,16 +30,25 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
     }
 
 
-def build_results(config: dict[str, Any], records: list[RoundRecord], *, total_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_results(
+    config: dict[str, Any], records: list[RoundRecord], *, total_s: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Assemble ``results.json``: config, rounds, final (last evaluated round) and timing."""
     rounds = [round_entry(r) for r in records]
     last = next((r for r in reversed(records) if r.per_site), None)
-    final_sites = {s: {k: v for k, v in m.items() if k != "num-examples"} for s, m in (last.per_site if last else {}).items()}
+    final_sites = {
+        s: {k: v for k, v in m.items() if k != "num-examples"} for s, m in (last.per_site if last else {}).items()
+    }
     mean, worst = summarize(final_sites)
     privacy: dict[str, Any] = {}
     for r in records:  # each site's latest epsilon, whether it trained or refused
         privacy.update(r.privacy)
-    final: dict[str, Any] = {"round": last.round if last else None, "per_site": final_sites, "mean": mean, "worst": worst}
+    final: dict[str, Any] = {
+        "round": last.round if last else None,
+        "per_site": final_sites,
+        "mean": mean,
+        "worst": worst,
+    }
     if privacy:
         final["privacy"] = privacy
     central = [r.central_privacy for r in records if r.central_privacy]
@@ -112,7 +121,15 @@ def site_table(results: dict[str, Any], *, metric: str = "dice") -> str:
         )
     for label in ("mean", "worst"):
         fv = first[label].get(metric)
-        rows.append((label, f"{fv:.3f}" if fv is not None else "-", f"{final[label].get(metric, float('nan')):.3f}", f"{final[label].get('loss', float('nan')):.3f}", ""))
+        rows.append(
+            (
+                label,
+                f"{fv:.3f}" if fv is not None else "-",
+                f"{final[label].get(metric, float('nan')):.3f}",
+                f"{final[label].get('loss', float('nan')):.3f}",
+                "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

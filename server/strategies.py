@@ -13,8 +13,8 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -38,7 +38,20 @@ from common.config import RunConfig
 from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
 
-__all__ = ["SiteFedBN", "SiteFedAdam", "SiteFedYogi", "CentralDP", "recorder_of", "StopFederation", "RoundRecord", "SiteRecording", "SiteFedAvg", "SiteFedProx", "make_strategy", "summarize"]
+__all__ = [
+    "CentralDP",
+    "RoundRecord",
+    "SiteFedAdam",
+    "SiteFedAvg",
+    "SiteFedBN",
+    "SiteFedProx",
+    "SiteFedYogi",
+    "SiteRecording",
+    "StopFederation",
+    "make_strategy",
+    "recorder_of",
+    "summarize",
+]
 
 log = logging.getLogger("fedsite.server")
 
@@ -72,7 +85,17 @@ summarize = summarize_sites
 
 
 #: Scores a site may report; each must lie in [0, 1].
-_UNIT_SCORES = ("dice", "auc", "accuracy", "sensitivity", "specificity", "balanced-accuracy", "ece", "mia-auc", "mia-auc-initial")
+_UNIT_SCORES = (
+    "dice",
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "balanced-accuracy",
+    "ece",
+    "mia-auc",
+    "mia-auc-initial",
+)
 _REPORTED_EVAL = (*_UNIT_SCORES, "loss", "num-examples")
 _REPORTED_TRAIN = ("num-examples", "samples-seen", "train-loss", "steps", "compute-s", "handler-s", "threads")
 #: The metric an evaluation reply must carry, per task (a classification site whose validation
@@ -108,7 +131,11 @@ class SiteRecording:
     _global_ref: dict[str, np.ndarray]
 
     def init_recording(
-        self, on_round: Callable[[RoundRecord], None] | None = None, *, stop_on_budget: bool = False, metric: str = "dice"
+        self,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        *,
+        stop_on_budget: bool = False,
+        metric: str = "dice",
     ) -> None:
         self._records = {}
         self.metric = metric
@@ -180,7 +207,9 @@ class SiteRecording:
                     return site, f"{key} must be in [0, 1], got {value!r}"
         return site, None
 
-    def _filter(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> tuple[list[Message], dict[str, Message]]:
+    def _filter(
+        self, server_round: int, replies: Iterable[Message], *, is_train: bool
+    ) -> tuple[list[Message], dict[str, Message]]:
         rec = self._record(server_round)
         good: list[Message] = []
         by_site: dict[str, Message] = {}
@@ -199,14 +228,18 @@ class SiteRecording:
         return good, by_site
 
     # --- strategy hooks -----------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         self._global_ref = {k: v.numpy() for k, v in arrays.items()}
         self.latest_arrays = arrays
         self._record(server_round)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good, by_site = self._filter(server_round, replies, is_train=True)
         rec = self._record(server_round)
         for site, msg in by_site.items():
@@ -214,10 +247,14 @@ class SiteRecording:
             rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
             if "epsilon" in m:
                 rec.privacy[site] = {"epsilon": _epsilon(m["epsilon"]), "delta": float(m.get("delta", 0.0))}
-        refused = [r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")]
+        refused = [
+            r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")
+        ]
         if refused and self._stop_on_budget:
             sites = ", ".join(r["site"] for r in refused)
-            raise StopFederation(server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation")
+            raise StopFederation(
+                server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation"
+            )
         if not good:
             log.warning("round %d: no usable training replies; the global model is unchanged", server_round)
             return None, None
@@ -272,16 +309,22 @@ class SiteFedBN(SiteFedAvg):
         self.local_keys = list(local_keys)
         self._previous: ArrayRecord | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._previous = arrays
         config["fedbn"] = True
         return super().configure_train(server_round, arrays, config, grid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config["fedbn"] = True
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._previous is not None:
             for key in self.local_keys:
@@ -302,7 +345,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     recording overrides it, so the accountant is composed here after each noisy aggregation.
     """
 
-    def __init__(self, inner: SiteRecording, *, noise_multiplier: float, clipping_norm: float, num_sites: int, delta: float) -> None:
+    def __init__(
+        self, inner: SiteRecording, *, noise_multiplier: float, clipping_norm: float, num_sites: int, delta: float
+    ) -> None:
         super().__init__(inner, noise_multiplier, clipping_norm, num_sites)  # type: ignore[arg-type]
         self.recorder = inner
         self._num_sites = num_sites
@@ -315,7 +360,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             )
         )
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         rec = self.recorder._record(server_round)
         usable = []
@@ -328,7 +375,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             if not any(np.any(u) for u in update):
                 # Flower's clipping divides by the update's norm; an all-zero update cannot be clipped.
                 site = self.recorder._site_of(msg) or f"node-{msg.metadata.src_node_id}"
-                rec.rejected.append({"site": site, "phase": "train", "reason": "update is exactly zero (nothing learnt)"})
+                rec.rejected.append(
+                    {"site": site, "phase": "train", "reason": "update is exactly zero (nothing learnt)"}
+                )
                 continue
             usable.append(msg)
         with_arrays = [m for m in usable if not m.has_error() and "arrays" in m.content.array_records]
@@ -336,17 +385,24 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             # The noise is scaled for num_sites updates; fewer would make each count more than accounted.
             log.warning(
                 "round %d: central DP needs all %d sites' updates, got %d; the global model is unchanged",
-                server_round, self._num_sites, len(with_arrays),
+                server_round,
+                self._num_sites,
+                len(with_arrays),
             )
             self.recorder.aggregate_train(server_round, [])  # record the round without aggregating
             return None, None
         arrays, metrics = super().aggregate_train(server_round, usable)
         if arrays is not None:
             self._accountant.compose(
-                GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier, sample_size=self._num_sites, population_size=self._num_sites)
+                GaussianPrivacyEvent(
+                    noise_multiplier=self.noise_multiplier, sample_size=self._num_sites, population_size=self._num_sites
+                )
             )
             spent = self._accountant.get_privacy_spent()
-            self.recorder._record(server_round).central_privacy = {"epsilon": float(spent.epsilon), "delta": float(spent.delta)}
+            self.recorder._record(server_round).central_privacy = {
+                "epsilon": float(spent.epsilon),
+                "delta": float(spent.delta),
+            }
             self.recorder.latest_arrays = arrays
         return arrays, metrics
 
@@ -389,7 +445,9 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
         strategy = SiteFedYogi(eta=s.effective_server_lr, eta_l=cfg.train.lr, tau=s.tau, **common)
     else:
         strategy = SiteFedAvg(**common)
-    strategy.init_recording(on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop", metric=cfg.task.metric)
+    strategy.init_recording(
+        on_round, stop_on_budget=cfg.privacy.dp and cfg.privacy.on_budget == "stop", metric=cfg.task.metric
+    )
     if cfg.privacy.central_dp:
         return CentralDP(  # type: ignore[return-value]
             strategy,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["Tracker", "ui_hint", "library_versions"]
+__all__ = ["Tracker", "library_versions", "ui_hint"]
 
 log = logging.getLogger("fedsite.server")
 
@@ -46,7 +47,9 @@ class Tracker:
         run_name: Name of the MLflow run.
     """
 
-    def __init__(self, out_dir: Path, *, tracking_uri: str = "", experiment: str = "fedsite", run_name: str = "") -> None:
+    def __init__(
+        self, out_dir: Path, *, tracking_uri: str = "", experiment: str = "fedsite", run_name: str = ""
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.tracking_uri = tracking_uri or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
         self.experiment = experiment
@@ -63,7 +66,9 @@ class Tracker:
         waits for it.
         """
         if background:
-            self._starting = threading.Thread(target=self._start, args=(dict(params),), name="mlflow-start", daemon=True)
+            self._starting = threading.Thread(
+                target=self._start, args=(dict(params),), name="mlflow-start", daemon=True
+            )
             self._starting.start()
         else:
             self._start(params)

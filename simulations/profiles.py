@@ -643,7 +643,11 @@ def profile_for_site(index: int, modality: str = "MR") -> ScannerProfile:
         noise = float(np.clip(base.noise_level * rng.uniform(0.7, 1.4), 0.01, 0.3))
         gamma = float(np.clip(base.contrast_gamma * rng.uniform(0.8, 1.25), 0.4, 2.5))
         bias = float(np.clip(base.bias_field + rng.uniform(-0.15, 0.25), 0.0, 0.8))
-        changes: dict[str, Any] = {"noise_level": round(noise, 4), "contrast_gamma": round(gamma, 4), "bias_field": round(bias, 4)}
+        changes: dict[str, Any] = {
+            "noise_level": round(noise, 4),
+            "contrast_gamma": round(gamma, 4),
+            "bias_field": round(bias, 4),
+        }
     elif modality == "CT":
         rng = np.random.default_rng([0xFED5, index, 0xC7])
         noise = float(np.clip(base.noise_level * rng.uniform(0.75, 1.35), 0.004, 0.05))
@@ -657,9 +661,14 @@ def profile_for_site(index: int, modality: str = "MR") -> ScannerProfile:
         noise = float(np.clip(base.noise_level * rng.uniform(0.7, 1.4), 0.001, 0.1))
         blur = float(np.clip(base.blur_mm * rng.uniform(0.8, 1.25), 0.0, 8.0))
         changes = {
-            "exposure": round(exposure, 3), "contrast_gamma": round(gamma, 4), "noise_level": round(noise, 4), "blur_mm": round(blur, 3),
+            "exposure": round(exposure, 3),
+            "contrast_gamma": round(gamma, 4),
+            "noise_level": round(noise, 4),
+            "blur_mm": round(blur, 3),
         }
-    return dataclasses.replace(base, name=f"{base.name}-v{cycle + 1}", model_name=f"{base.model_name} v{cycle + 1}", **changes)
+    return dataclasses.replace(
+        base, name=f"{base.name}-v{cycle + 1}", model_name=f"{base.model_name} v{cycle + 1}", **changes
+    )
 
 
 def profile_to_dict(profile: ScannerProfile) -> dict[str, Any]:

@@ -121,7 +121,10 @@ def _md_table(header: list[str], rows: list[list[str]], *, left: int = 1) -> str
     def esc(s: str) -> str:
         return s.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join([":---"] * left + ["---:"] * (len(header) - left)) + "|"]
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join([":---"] * left + ["---:"] * (len(header) - left)) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -162,9 +165,11 @@ def _plot_montage(path: Path, sites: list[str], examples: Mapping[str, Any], pro
         img = np.asarray(examples[site], dtype=np.float64)
         img = np.squeeze(img)
         if img.ndim != 2:
-            raise ValueError(f"examples[{site!r}] must be a 2-D image (H, W), got shape {np.shape(examples[site])}; pass one slice")
+            raise ValueError(
+                f"examples[{site!r}] must be a 2-D image (H, W), got shape {np.shape(examples[site])}; pass one slice"
+            )
         finite = img[np.isfinite(img)]
-        lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+        lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
         if not hi > lo:
             lo, hi = lo - 0.5, hi + 0.5
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="antialiased")
@@ -186,7 +191,9 @@ def _plot_histograms(path: Path, sites: list[str], hists: Mapping[str, Any], pro
         h = hists[site] or {}
         density = np.asarray([_num(v) for v in h.get("density") or []], dtype=np.float64)
         edges = h.get("edges")
-        edges = np.asarray([_num(v) for v in edges], dtype=np.float64) if edges else np.linspace(0.0, 1.0, density.size + 1)
+        edges = (
+            np.asarray([_num(v) for v in edges], dtype=np.float64) if edges else np.linspace(0.0, 1.0, density.size + 1)
+        )
         if density.size and edges.size == density.size + 1 and np.isfinite(edges).all():
             curves.append((site, density, edges))
     if not curves:
@@ -290,12 +297,21 @@ def _plot_shift(path: Path, shift: Mapping[str, Any], metric: str) -> bool:
     if ok.sum() <= 16:
         for p, x, y, good in zip(pairs, xs, ys, ok):
             if good:
-                ax.annotate(f"{p.get('train_site')}→{p.get('test_site')}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    f"{p.get('train_site')}→{p.get('test_site')}",
+                    (x, y),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     ax.axhline(0.0, color="gray", lw=0.8, ls=":")
     measure = str(shift.get("measure") or "histogram distance")
     ax.set_xlabel(measure)
     ax.set_ylabel(f"{metric} lost (own site − other site)")
-    ax.set_title(f"does the shared-histogram distance predict the loss?  Spearman ρ = {_fmt(shift.get('spearman'), 2)}", fontsize=10)
+    ax.set_title(
+        f"does the shared-histogram distance predict the loss?  Spearman ρ = {_fmt(shift.get('spearman'), 2)}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
@@ -427,17 +443,30 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         md.append("")
         md.append(
             f"Mean: average of the per-site validation {metric}; worst: the lowest site."
-            + (" Unseen: each site scored by a model trained without it (leave-one-site-out), averaged." if has_unseen else "")
+            + (
+                " Unseen: each site scored by a model trained without it (leave-one-site-out), averaged."
+                if has_unseen
+                else ""
+            )
         )
         md.append("")
         others = [k for k in _OTHER_METRICS if any(k in (e.get("mean") or {}) for e in methods.values())]
         if others:
-            md.append(f"Every metric, mean over sites (worst site in brackets; for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):")
+            md.append(
+                f"Every metric, mean over sites (worst site in brackets; for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):"
+            )
             md.append("")
             md.append(
                 _md_table(
                     ["method"] + others,
-                    [[name] + [f"{_fmt((e.get('mean') or {}).get(k))} ({_fmt((e.get('worst') or {}).get(k))})" for k in others] for name, e in methods.items()],
+                    [
+                        [name]
+                        + [
+                            f"{_fmt((e.get('mean') or {}).get(k))} ({_fmt((e.get('worst') or {}).get(k))})"
+                            for k in others
+                        ]
+                        for name, e in methods.items()
+                    ],
                 )
             )
             md.append("")
@@ -452,7 +481,11 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         cols = [s for s in sites if any(s in (r or {}) for r in rows_cs.values())]
         cols += [s for r in rows_cs.values() for s in (r or {}) if s not in cols]
         md.extend([f"## Cross-site {cmetric}", "", "Rows: the model; columns: the site it is evaluated on.", ""])
-        md.append(_md_table(["model"] + cols, [[name] + [_fmt((r or {}).get(c)) for c in cols] for name, r in rows_cs.items()]))
+        md.append(
+            _md_table(
+                ["model"] + cols, [[name] + [_fmt((r or {}).get(c)) for c in cols] for name, r in rows_cs.items()]
+            )
+        )
         md.append("")
         figure("cross_site.png", "cross-site heatmap")
 
@@ -468,7 +501,17 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         md.append(
             _md_table(
                 ["site", "own", "away", "visitors", "row gap", "column gap"],
-                [[site, _fmt(v.get("own")), _fmt(v.get("away")), _fmt(v.get("visitors")), _fmt(v.get("row_gap")), _fmt(v.get("column_gap"))] for site, v in home["per_site"].items()],
+                [
+                    [
+                        site,
+                        _fmt(v.get("own")),
+                        _fmt(v.get("away")),
+                        _fmt(v.get("visitors")),
+                        _fmt(v.get("row_gap")),
+                        _fmt(v.get("column_gap")),
+                    ]
+                    for site, v in home["per_site"].items()
+                ],
             )
         )
         md.append("")
@@ -491,12 +534,22 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
             md.append(
                 _md_table(
                     ["train site", "test site", "distance", f"{metric} loss"],
-                    [[str(p.get("train_site", DASH)), str(p.get("test_site", DASH)), _fmt(p.get("distance")), _fmt(p.get("loss"))] for p in pairs],
+                    [
+                        [
+                            str(p.get("train_site", DASH)),
+                            str(p.get("test_site", DASH)),
+                            _fmt(p.get("distance")),
+                            _fmt(p.get("loss")),
+                        ]
+                        for p in pairs
+                    ],
                     left=2,
                 )
             )
             md.append("")
-        md.append(f"Spearman rank correlation between distance and loss: **ρ = {_fmt(shift.get('spearman'))}** ({len(pairs)} pairs).")
+        md.append(
+            f"Spearman rank correlation between distance and loss: **ρ = {_fmt(shift.get('spearman'))}** ({len(pairs)} pairs)."
+        )
         md.append("")
         figure("shift.png", "distance versus loss")
 
@@ -509,9 +562,17 @@ def _paragraph(doc: Mapping[str, Any], sites: list[str], profiles: Mapping[str, 
     n = len(sites) if sites else len({s for e in _methods(doc).values() for s in (e.get("per_site") or {})})
     site_list = ", ".join(f"{s} ({profiles[s]})" if profiles.get(s) else s for s in sites)
     rounds, epochs = doc.get("rounds"), doc.get("local_epochs")
-    schedule = f"{_fmt(rounds, 0)} rounds × {_fmt(epochs, 0)} local epochs" if rounds is not None or epochs is not None else "schedule not recorded"
+    schedule = (
+        f"{_fmt(rounds, 0)} rounds × {_fmt(epochs, 0)} local epochs"
+        if rounds is not None or epochs is not None
+        else "schedule not recorded"
+    )
     quick = doc.get("quick")
-    mode = "a quick run (reduced sizes; numbers are indicative only)" if quick else ("a full run" if quick is not None else "run size not recorded")
+    mode = (
+        "a quick run (reduced sizes; numbers are indicative only)"
+        if quick
+        else ("a full run" if quick is not None else "run size not recorded")
+    )
     return (
         f"Task: {task}, primary metric {metric} (higher is better). "
         f"{n} simulated scanner sites{': ' + site_list if site_list else ''}. "

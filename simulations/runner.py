@@ -16,14 +16,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.config import RunConfig, flatten
 from simulations.synth import GENERATOR_VERSION
 
-__all__ = ["simulate", "app_dir", "prepare", "SimulationError", "start_ray", "default_sites_root", "synth_options"]
+__all__ = ["SimulationError", "app_dir", "default_sites_root", "prepare", "simulate", "start_ray", "synth_options"]
 
 log = logging.getLogger("fedsite.sim")
 
@@ -79,7 +80,9 @@ def app_dir() -> Path:
     return root
 
 
-def prepare(cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, synthesize: bool = True) -> RunConfig:
+def prepare(
+    cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, synthesize: bool = True
+) -> RunConfig:
     """Resolve folders and write missing synthetic sites; returns the config the run will use.
 
     Args:
@@ -148,7 +151,12 @@ def start_ray(*, quiet: bool) -> bool:
 
 
 def simulate(
-    cfg: RunConfig, out: Path, *, progress: Callable[[str], None] | None = None, quiet: bool = True, synthesize: bool = True
+    cfg: RunConfig,
+    out: Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    quiet: bool = True,
+    synthesize: bool = True,
 ) -> dict[str, Any]:
     """Run the federation described by ``cfg`` and return its ``results.json`` content.
 

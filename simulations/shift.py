@@ -46,18 +46,18 @@ from common.metrics import summarize_sites
 
 __all__ = [
     "FEDERATED",
-    "QUICK_METHODS",
     "FULL_METHODS",
+    "QUICK_METHODS",
     "SiteSplits",
-    "train_rounds",
+    "check_plan",
     "cross_site_matrix",
     "federated_budget",
-    "check_plan",
-    "shift_pairs",
-    "home_advantage",
-    "shift_study",
-    "quick_defaults",
     "goals",
+    "home_advantage",
+    "quick_defaults",
+    "shift_pairs",
+    "shift_study",
+    "train_rounds",
 ]
 
 log = logging.getLogger("fedsite.sim")
@@ -132,8 +132,15 @@ def train_rounds(
     metric = cfg.task.metric
     for r in range(1, cfg.num_server_rounds + 1):
         res = task.train(
-            model, data, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-            optimizer=cfg.train.optimizer, seed=site_seed(cfg.seed, seed_name, r), task=cfg.task.name, weights=weights,
+            model,
+            data,
+            epochs=cfg.train.local_epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            optimizer=cfg.train.optimizer,
+            seed=site_seed(cfg.seed, seed_name, r),
+            task=cfg.task.name,
+            weights=weights,
         )
         samples += res.samples_seen
         if evaluate_on:
@@ -150,7 +157,9 @@ def _evaluate(model: torch.nn.Module, data: Any, cfg: RunConfig) -> dict[str, fl
     return scores
 
 
-def cross_site_matrix(models: Mapping[str, torch.nn.Module], vals: Mapping[str, Any], cfg: RunConfig) -> dict[str, dict[str, dict[str, float]]]:
+def cross_site_matrix(
+    models: Mapping[str, torch.nn.Module], vals: Mapping[str, Any], cfg: RunConfig
+) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate every model on every site's validation split.
 
     Args:
@@ -189,11 +198,20 @@ def shift_pairs(
         for b in sites:
             if a == b or own is None or metric not in row.get(b, {}):
                 continue
-            pairs.append({"train_site": a, "test_site": b, "distance": float(distances[a][b]), "loss": float(own - row[b][metric])})
+            pairs.append(
+                {
+                    "train_site": a,
+                    "test_site": b,
+                    "distance": float(distances[a][b]),
+                    "loss": float(own - row[b][metric]),
+                }
+            )
     return pairs
 
 
-def home_advantage(matrix: Mapping[str, Mapping[str, Mapping[str, float]]], sites: Sequence[str], metric: str) -> dict[str, Any]:
+def home_advantage(
+    matrix: Mapping[str, Mapping[str, Mapping[str, float]]], sites: Sequence[str], metric: str
+) -> dict[str, Any]:
     """Is the shift real? Each local-only model at home against the same model away, and against the visitors.
 
     Per site ``a``: ``own`` = local model of ``a`` on ``a``; ``away`` = the same model's mean on the
@@ -214,7 +232,11 @@ def home_advantage(matrix: Mapping[str, Mapping[str, Mapping[str, float]]], site
             continue
         own = row[a][metric]
         away = [row[b][metric] for b in sites if b != a and metric in row.get(b, {})]
-        visitors = [matrix[f"local:{b}"][a][metric] for b in sites if b != a and metric in matrix.get(f"local:{b}", {}).get(a, {})]
+        visitors = [
+            matrix[f"local:{b}"][a][metric]
+            for b in sites
+            if b != a and metric in matrix.get(f"local:{b}", {}).get(a, {})
+        ]
         if not away or not visitors:
             continue
         per_site[a] = {
@@ -226,7 +248,12 @@ def home_advantage(matrix: Mapping[str, Mapping[str, Mapping[str, float]]], site
         }
         rows_best += int(own > max(away))
         cols_best += int(own > max(visitors))
-    out: dict[str, Any] = {"per_site": per_site, "rows_home_best": rows_best, "columns_home_best": cols_best, "sites": len(per_site)}
+    out: dict[str, Any] = {
+        "per_site": per_site,
+        "rows_home_best": rows_best,
+        "columns_home_best": cols_best,
+        "sites": len(per_site),
+    }
     if per_site:
         out["mean_row_gap"] = float(np.mean([v["row_gap"] for v in per_site.values()]))
         out["mean_column_gap"] = float(np.mean([v["column_gap"] for v in per_site.values()]))
@@ -242,7 +269,14 @@ def _load_sites(cfg: RunConfig) -> list[SiteSplits]:
     for i in range(cfg.sim.sites):
         folder = Path(cfg.sim.root) / site_name(i)
         data = load_site(folder, cfg.data, seed=cfg.seed, task=cfg.task)
-        out.append(SiteSplits(name=data.name, train=stack_samples(data.train), val=stack_samples(data.val), profile=_profile_name(folder)))
+        out.append(
+            SiteSplits(
+                name=data.name,
+                train=stack_samples(data.train),
+                val=stack_samples(data.val),
+                profile=_profile_name(folder),
+            )
+        )
     return out
 
 
@@ -296,12 +330,23 @@ def _curve(results: Mapping[str, Any], metric: str) -> list[dict[str, float]]:
     return curve
 
 
-def _method_entry(per_site: dict[str, dict[str, float]], *, sample_steps: int, seconds: float, curve: list[dict[str, float]]) -> dict[str, Any]:
+def _method_entry(
+    per_site: dict[str, dict[str, float]], *, sample_steps: int, seconds: float, curve: list[dict[str, float]]
+) -> dict[str, Any]:
     mean, worst = summarize_sites(per_site)
-    return {"per_site": per_site, "mean": mean, "worst": worst, "curve": curve, "sample_steps": int(sample_steps), "seconds": seconds}
+    return {
+        "per_site": per_site,
+        "mean": mean,
+        "worst": worst,
+        "curve": curve,
+        "sample_steps": int(sample_steps),
+        "seconds": seconds,
+    }
 
 
-def _federated_config(cfg: RunConfig, method: str, out: Path, *, sites_root: Path | None = None, sites: int | None = None) -> RunConfig:
+def _federated_config(
+    cfg: RunConfig, method: str, out: Path, *, sites_root: Path | None = None, sites: int | None = None
+) -> RunConfig:
     data = cfg.data if sites_root is None else replace(cfg.data, root=str(sites_root))
     return replace(
         cfg,
@@ -329,7 +374,9 @@ def check_plan(methods: Sequence[str], unseen: Sequence[str], sites: int) -> Non
         raise ValueError("no methods to run; name at least one")
     if sites < 2 or (unseen and sites < 3):
         need = 3 if unseen else 2
-        hint = "use --sites 3 or more, or --unseen none to skip leave-one-site-out" if unseen else "use --sites 2 or more"
+        hint = (
+            "use --sites 3 or more, or --unseen none to skip leave-one-site-out" if unseen else "use --sites 2 or more"
+        )
         raise ValueError(f"the shift study needs at least {need} sites, got {sites}: {hint}")
 
 
@@ -371,7 +418,13 @@ def shift_study(
 
 
 def _study(
-    base: RunConfig, out: Path, *, methods: Sequence[str], unseen: Sequence[str], quick: bool, progress: Callable[[str], None]
+    base: RunConfig,
+    out: Path,
+    *,
+    methods: Sequence[str],
+    unseen: Sequence[str],
+    quick: bool,
+    progress: Callable[[str], None],
 ) -> dict[str, Any]:
     from common.model import build_model
     from common.shift import distance_matrix, intensity_histogram, spearman
@@ -410,9 +463,13 @@ def _study(
         per_site: dict[str, dict[str, float]] = {}
         curves: list[list[dict[str, float]]] = []
         for s in sites:
-            progress(f"local-only: {s.name} trains alone ({len(s.train)} samples, {cfg.num_server_rounds} x {cfg.train.local_epochs} epochs)")
+            progress(
+                f"local-only: {s.name} trains alone ({len(s.train)} samples, {cfg.num_server_rounds} x {cfg.train.local_epochs} epochs)"
+            )
             model = fresh_model()
-            steps, curve = train_rounds(model, s.train, cfg, seed_name=s.name, evaluate_on={s.name: s.val}, weights=weights_of(s.train))
+            steps, curve = train_rounds(
+                model, s.train, cfg, seed_name=s.name, evaluate_on={s.name: s.val}, weights=weights_of(s.train)
+            )
             steps_total += steps
             curves.append(curve)
             matrix_models[f"local:{s.name}"] = model
@@ -420,10 +477,16 @@ def _study(
         for s in sites:
             per_site[s.name] = rows[f"local:{s.name}"][s.name]
         curve = [
-            {"round": c[0]["round"], "mean": float(np.mean([x["mean"] for x in c])), "worst": float(np.min([x["worst"] for x in c]))}
+            {
+                "round": c[0]["round"],
+                "mean": float(np.mean([x["mean"] for x in c])),
+                "worst": float(np.min([x["worst"] for x in c])),
+            }
             for c in zip(*curves)
         ]
-        method_entries["local-only"] = _method_entry(per_site, sample_steps=steps_total, seconds=time.perf_counter() - t0, curve=curve)
+        method_entries["local-only"] = _method_entry(
+            per_site, sample_steps=steps_total, seconds=time.perf_counter() - t0, curve=curve
+        )
         _say(progress, "local-only", method_entries["local-only"], metric)
     if "pooled" in methods:
         from common.task import Batchable
@@ -432,18 +495,30 @@ def _study(
         progress(f"pooled: one model on all {sum(len(s.train) for s in sites)} training samples")
         pooled = Batchable(torch.cat([s.train.images for s in sites]), torch.cat([s.train.labels for s in sites]))
         model = fresh_model()
-        steps, curve = train_rounds(model, pooled, cfg, seed_name="pooled", evaluate_on=vals, weights=weights_of(pooled))
+        steps, curve = train_rounds(
+            model, pooled, cfg, seed_name="pooled", evaluate_on=vals, weights=weights_of(pooled)
+        )
         rows.update(cross_site_matrix({"pooled": model}, vals, cfg))
-        method_entries["pooled"] = _method_entry(dict(rows["pooled"]), sample_steps=steps, seconds=time.perf_counter() - t0, curve=curve)
+        method_entries["pooled"] = _method_entry(
+            dict(rows["pooled"]), sample_steps=steps, seconds=time.perf_counter() - t0, curve=curve
+        )
         _say(progress, "pooled", method_entries["pooled"], metric)
     for method in [m for m in methods if m in FEDERATED]:
         t0 = time.perf_counter()
         progress(f"{method}: federation of {n} sites, {cfg.num_server_rounds} rounds (Flower simulation)")
         run_out = out / "runs" / method
         results = simulate(_federated_config(cfg, method, run_out), run_out, quiet=True)
-        per_site = {site: {k: v for k, v in m.items() if k != "num-examples"} for site, m in results["final"]["per_site"].items()}
+        per_site = {
+            site: {k: v for k, v in m.items() if k != "num-examples"}
+            for site, m in results["final"]["per_site"].items()
+        }
         rows[method] = per_site
-        entry = _method_entry(per_site, sample_steps=federated_budget(results), seconds=time.perf_counter() - t0, curve=_curve(results, metric))
+        entry = _method_entry(
+            per_site,
+            sample_steps=federated_budget(results),
+            seconds=time.perf_counter() - t0,
+            curve=_curve(results, metric),
+        )
         if results["final"]["per_site"].keys() != set(names):
             entry["missing_sites"] = sorted(set(names) - set(results["final"]["per_site"]))
         method_entries[method] = entry
@@ -475,7 +550,9 @@ def _study(
         "measure": "Jensen-Shannon distance (base 2) between the sites' histograms of model-input intensities (64 bins on [0, 1])",
         "distances": distances,
         "pairs": pairs,
-        "spearman": spearman([p["distance"] for p in pairs], [p["loss"] for p in pairs]) if len(pairs) >= 3 else math.nan,
+        "spearman": spearman([p["distance"] for p in pairs], [p["loss"] for p in pairs])
+        if len(pairs) >= 3
+        else math.nan,
         "histograms": {site: {"edges": edges.tolist(), "density": h.tolist()} for site, h in hists.items()},
         "home": home_advantage(rows, names, metric),
     }
@@ -489,7 +566,10 @@ def _study(
         "local_epochs": cfg.train.local_epochs,
         "samples": {s.name: {"train": len(s.train), "val": len(s.val)} for s in sites},
         "methods": method_entries,
-        "cross_site": {"metric": metric, "rows": {row: {site: v.get(metric, math.nan) for site, v in cells.items()} for row, cells in rows.items()}},
+        "cross_site": {
+            "metric": metric,
+            "rows": {row: {site: v.get(metric, math.nan) for site, v in cells.items()} for row, cells in rows.items()},
+        },
         "cross_site_all": rows,
         "shift": shift,
         "goals": goals(method_entries, metric),
@@ -497,7 +577,9 @@ def _study(
     }
     doc["seconds"] = time.perf_counter() - started
     (out / "shift.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
-    examples = {s.name: img for s in sites if (img := _example_image(sites_root / site_name(names.index(s.name)))) is not None}
+    examples = {
+        s.name: img for s in sites if (img := _example_image(sites_root / site_name(names.index(s.name)))) is not None
+    }
     report = write_report(out, _finite(doc), examples=examples)
     progress(f"wrote {out / 'shift.json'} and {report} in {doc['seconds']:.0f}s")
     return doc

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.config import RunConfig
 
-__all__ = ["PrivacySetting", "PRIVACY_SETTINGS", "privacy_study", "summarize_privacy_run", "plot_privacy"]
+__all__ = ["PRIVACY_SETTINGS", "PrivacySetting", "plot_privacy", "privacy_study", "summarize_privacy_run"]
 
 log = logging.getLogger("fedsite.sim")
 
@@ -143,13 +144,17 @@ def privacy_study(
     started = time.perf_counter()
     entries = []
     for i, setting in enumerate(settings, 1):
-        progress(f"[{i}/{len(settings)}] {setting.name}: running {base.num_server_rounds} rounds on {base.sim.sites} sites")
+        progress(
+            f"[{i}/{len(settings)}] {setting.name}: running {base.num_server_rounds} rounds on {base.sim.sites} sites"
+        )
         cfg = _setting_config(base, setting, out / setting.name / "ledger")
         results = simulate(cfg, out / setting.name, quiet=True)
         entry = summarize_privacy_run(setting, results)
         entries.append(entry)
         eps = [e for e in entry["epsilon_spent"].values() if e is not None]
-        eps_txt = "-" if not setting.dp else ("unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}")
+        eps_txt = (
+            "-" if not setting.dp else ("unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}")
+        )
         progress(
             f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
             f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
@@ -160,7 +165,11 @@ def privacy_study(
         base_dice = by_name["no-dp"]["utility"]["mean"].get("dice")
         dp_dice = by_name["eps-8"]["utility"]["mean"].get("dice")
         if base_dice is not None and dp_dice is not None:
-            report["utility_cost_eps8"] = {"dice_no_dp": base_dice, "dice_eps8": dp_dice, "dice_drop": base_dice - dp_dice}
+            report["utility_cost_eps8"] = {
+                "dice_no_dp": base_dice,
+                "dice_eps8": dp_dice,
+                "dice_drop": base_dice - dp_dice,
+            }
     (out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_privacy(entries, out / "privacy.png")
     return report

@@ -336,8 +336,17 @@ def write_site(
         _check_int("sites", sites, low=1, high=9_999)
         src = xray.load_source(source, class_names=class_names)
         path, _ = xray.write_xray_site(
-            root, index, src=src, seed=seed, patients=patients, sites=sites, profile=profile, storage=storage,
-            modality=modality, label_skew=label_skew, quantity_skew=quantity_skew,
+            root,
+            index,
+            src=src,
+            seed=seed,
+            patients=patients,
+            sites=sites,
+            profile=profile,
+            storage=storage,
+            modality=modality,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
         )
         return path
     _check_phantom_modality(modality)
@@ -345,8 +354,15 @@ def write_site(
         raise ValueError("class_names=... names the labels of an image source: pass source=... or drop class_names")
     profile = profile if profile is not None else profile_for_site(index, modality)
     path, _ = _write_site(
-        root, index, seed=seed, patients=patients, slices=slices, profile=_with_storage(_checked_profile(profile, modality), storage),
-        modality=modality, label_skew=label_skew, quantity_skew=quantity_skew,
+        root,
+        index,
+        seed=seed,
+        patients=patients,
+        slices=slices,
+        profile=_with_storage(_checked_profile(profile, modality), storage),
+        modality=modality,
+        label_skew=label_skew,
+        quantity_skew=quantity_skew,
     )
     return path
 
@@ -404,8 +420,17 @@ def write_sites(
         from simulations import xray
 
         return xray.write_xray_sites(
-            out, sites=sites, seed=seed, patients=patients, progress=progress, storage=storage, modality=modality,
-            source=source, label_skew=label_skew, quantity_skew=quantity_skew, class_names=class_names,
+            out,
+            sites=sites,
+            seed=seed,
+            patients=patients,
+            progress=progress,
+            storage=storage,
+            modality=modality,
+            source=source,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
+            class_names=class_names,
         )
     _check_phantom_modality(modality)
     if class_names is not None:
@@ -417,8 +442,15 @@ def write_sites(
     for index in range(sites):
         profile = _with_storage(profile_for_site(index, modality), storage)
         path, created = _write_site(
-            out, index, seed=seed, patients=patients, slices=slices, profile=profile, modality=modality,
-            label_skew=label_skew, quantity_skew=quantity_skew,
+            out,
+            index,
+            seed=seed,
+            patients=patients,
+            slices=slices,
+            profile=profile,
+            modality=modality,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
         )
         paths.append(path)
         if progress is not None:
@@ -445,7 +477,9 @@ def write_sites(
     return paths
 
 
-def storage_overrides(out: Path, *, transfer_syntax: str | None = None, photometric: str | None = None) -> dict[str, str]:
+def storage_overrides(
+    out: Path, *, transfer_syntax: str | None = None, photometric: str | None = None
+) -> dict[str, str]:
     """The storage overrides for the sites under ``out``: the arguments, else what its index recorded.
 
     Args:
@@ -491,8 +525,11 @@ def _with_storage(profile: ScannerProfile, storage: dict[str, str]) -> ScannerPr
 
 
 def _check_int(key: str, value: Any, *, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-        high is not None and value > high
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < low
+        or (high is not None and value > high)
     ):
         allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
         raise ValueError(f"{key}={value!r} is invalid: use {allowed}")
@@ -537,8 +574,16 @@ def _checked_profile(profile: Any, modality: str) -> ScannerProfile:
 
 
 def _phantom_doc(
-    name: str, index: int, *, seed: int, patients: int, slices: int, profile: ScannerProfile, modality: str,
-    label_skew: float, quantity_skew: float,
+    name: str,
+    index: int,
+    *,
+    seed: int,
+    patients: int,
+    slices: int,
+    profile: ScannerProfile,
+    modality: str,
+    label_skew: float,
+    quantity_skew: float,
 ) -> dict[str, Any]:
     n = site_patients(index, seed=seed, patients=patients, quantity_skew=quantity_skew)
     burden = lesion_burden(index, seed=seed, label_skew=label_skew)
@@ -570,8 +615,16 @@ def _patient_id(index: int, patient: int, n_patients: int, *, min_width: int = 3
 
 
 def _write_site(
-    root: Path, index: int, *, seed: int, patients: int, slices: int, profile: ScannerProfile | None,
-    modality: str = "MR", label_skew: float = 0.0, quantity_skew: float = 0.0,
+    root: Path,
+    index: int,
+    *,
+    seed: int,
+    patients: int,
+    slices: int,
+    profile: ScannerProfile | None,
+    modality: str = "MR",
+    label_skew: float = 0.0,
+    quantity_skew: float = 0.0,
 ) -> tuple[Path, bool]:
     """:func:`write_site` for a phantom site, also telling whether the folder was created (True) or reused."""
     name = site_name(index)
@@ -580,8 +633,15 @@ def _write_site(
     _check_phantom_modality(modality)
     profile = _checked_profile(profile if profile is not None else profile_for_site(index, modality), modality)
     doc = _phantom_doc(
-        name, index, seed=seed, patients=patients, slices=slices, profile=profile, modality=modality,
-        label_skew=label_skew, quantity_skew=quantity_skew,
+        name,
+        index,
+        seed=seed,
+        patients=patients,
+        slices=slices,
+        profile=profile,
+        modality=modality,
+        label_skew=label_skew,
+        quantity_skew=quantity_skew,
     )
     return _write_folder(root, name, doc, lambda tmp: _build_site(tmp, index, doc, profile))
 
@@ -626,13 +686,14 @@ def _check_existing(folder: Path, doc: dict[str, Any]) -> None:
         found = None
     if not isinstance(found, dict):
         raise FileExistsError(
-            f"{folder} exists but has no readable {SITE_FILE}, so it is not a finished site of this "
-            f"generator: {fix}"
+            f"{folder} exists but has no readable {SITE_FILE}, so it is not a finished site of this generator: {fix}"
         )
     diffs: list[str] = []
     if found.get("generator_version") != doc["generator_version"]:
         # Everything else may differ too; the version says it all.
-        diffs.append(f"generator_version {found.get('generator_version')!r} on disk, {doc['generator_version']!r} requested")
+        diffs.append(
+            f"generator_version {found.get('generator_version')!r} on disk, {doc['generator_version']!r} requested"
+        )
     else:
         first = [k for k in ("seed", "task", "modality", "source", "patients", "slices") if k in doc or k in found]
         for key in first + sorted((set(doc) | set(found)) - set(first) - {"name", "profile", "generator_version"}):
@@ -779,7 +840,9 @@ def _draw_meta(rng: np.random.Generator, seed: int, *, age_years: tuple[int, int
     )
 
 
-def _draw_phantom(rng: np.random.Generator, z_rel: np.ndarray, thickness: float, *, lesion_scale: float = 1.0) -> _Phantom:
+def _draw_phantom(
+    rng: np.random.Generator, z_rel: np.ndarray, thickness: float, *, lesion_scale: float = 1.0
+) -> _Phantom:
     """Draw one patient's anatomy; ``z_rel`` are the slice positions relative to the slab centre.
 
     ``lesion_scale`` multiplies the lesion radii (label skew); 1.0 draws exactly what it always did.
@@ -824,7 +887,13 @@ def _draw_phantom(rng: np.random.Generator, z_rel: np.ndarray, thickness: float,
 
 
 def _draw_lesions(
-    rng: np.random.Generator, organ: _Ellipse, organ_signal: float, z_rel: np.ndarray, thickness: float, *, scale: float = 1.0
+    rng: np.random.Generator,
+    organ: _Ellipse,
+    organ_signal: float,
+    z_rel: np.ndarray,
+    thickness: float,
+    *,
+    scale: float = 1.0,
 ) -> tuple[_Lesion, ...]:
     """1-3 ellipsoids inside the organ, spread in z so most slices of the slab show lesion."""
     slab = len(z_rel) * thickness
@@ -922,7 +991,9 @@ def _render(
     return signal, mask
 
 
-def _render_ct(ph: _Phantom, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray, thickness: float) -> tuple[np.ndarray, np.ndarray]:
+def _render_ct(
+    ph: _Phantom, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray, thickness: float
+) -> tuple[np.ndarray, np.ndarray]:
     """HU ``(Z, Y, X)`` float32 averaged over each slice's thickness, and the mask at the slice centres."""
     hu, mask = _render(ph, x, y, z_rel, _CT_TISSUES)
     offsets = (np.arange(_CT_SUBSLICES) - (_CT_SUBSLICES - 1) / 2.0) * (thickness / _CT_SUBSLICES)
@@ -956,7 +1027,12 @@ def _truncate_kspace(s: np.ndarray, keep: float) -> np.ndarray:
 
 
 def _acquire(
-    signal: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z_rel: np.ndarray
+    signal: np.ndarray,
+    profile: ScannerProfile,
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    z_rel: np.ndarray,
 ) -> np.ndarray:
     """MR tissue signal -> stored pixel values ``(Z, Y, X)`` (uint16 or int16) for ``profile``."""
     s = np.power(signal, np.float32(profile.contrast_gamma), dtype=np.float32)
@@ -1082,9 +1158,7 @@ def _build_site(folder: Path, index: int, doc: dict[str, Any], profile: ScannerP
         series_uid = _uid(site_key, p, "series")
         series_dir = folder / "dicom" / patient_id / f"SE{meta.series_number:04d}"
         series_dir.mkdir(parents=True)
-        instances = (
-            list(range(slices, 0, -1)) if p == REVERSED_PATIENT else list(range(1, slices + 1))
-        )
+        instances = list(range(slices, 0, -1)) if p == REVERSED_PATIENT else list(range(1, slices + 1))
         common = _series_dataset(
             profile,
             meta,
@@ -1106,7 +1180,9 @@ def _build_site(folder: Path, index: int, doc: dict[str, Any], profile: ScannerP
                 position=(x0, x0, float(z[k])),
                 pixels=stored[k],
             )
-        _write_mask(folder / "labels" / f"{series_uid}.nii.gz", mask, origin=(x0, x0, float(z[0])), spacing=(dx, dx, thk))
+        _write_mask(
+            folder / "labels" / f"{series_uid}.nii.gz", mask, origin=(x0, x0, float(z[0])), spacing=(dx, dx, thk)
+        )
     (folder / SITE_FILE).write_text(_json_text(doc), encoding="utf-8")
 
 
@@ -1172,8 +1248,15 @@ def _series_dataset(
     """The attributes shared by every slice of one MR or CT series."""
     ct = profile.modality == "CT"
     ds = _patient_dataset(
-        profile, meta, sop_class=CTImageStorage if ct else MRImageStorage, site_index=site_index,
-        patient_index=patient_index, patient_id=patient_id, seed=seed, study_uid=study_uid, series_uid=series_uid,
+        profile,
+        meta,
+        sop_class=CTImageStorage if ct else MRImageStorage,
+        site_index=site_index,
+        patient_index=patient_index,
+        patient_id=patient_id,
+        seed=seed,
+        study_uid=study_uid,
+        series_uid=series_uid,
     )
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.BodyPartExamined = "ABDOMEN"
@@ -1291,7 +1374,9 @@ def _rle_plugin() -> str:
     return _RLE_PLUGIN
 
 
-def _write_mask(path: Path, mask: np.ndarray, *, origin: tuple[float, float, float], spacing: tuple[float, float, float]) -> None:
+def _write_mask(
+    path: Path, mask: np.ndarray, *, origin: tuple[float, float, float], spacing: tuple[float, float, float]
+) -> None:
     img = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))  # (Z, Y, X) -> (x, y, z)
     img.SetOrigin(origin)
     img.SetSpacing(spacing)
@@ -1303,31 +1388,67 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m simulations.synth``: write simulated sites (phantoms, or X-ray sites from an image set)."""
     from common.config import RunConfig
 
-    p = argparse.ArgumentParser(prog="python -m simulations.synth", description="Write simulated scanner sites (DICOM + masks or labels).")
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.synth", description="Write simulated scanner sites (DICOM + masks or labels)."
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for the site folders")
     p.add_argument("--sites", type=int, default=3)
     defaults = RunConfig()
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--patients", type=int, default=defaults.sim.patients, help="patients (images for --source) per site")
+    p.add_argument(
+        "--patients", type=int, default=defaults.sim.patients, help="patients (images for --source) per site"
+    )
     p.add_argument("--slices", type=int, default=defaults.sim.slices, help="slices per patient (phantoms only)")
-    p.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAX_NAMES), help="write every site with this lossless transfer syntax")
+    p.add_argument(
+        "--transfer-syntax",
+        choices=sorted(TRANSFER_SYNTAX_NAMES),
+        help="write every site with this lossless transfer syntax",
+    )
     p.add_argument("--photometric", choices=PHOTOMETRICS, help="write every site with this photometric interpretation")
-    p.add_argument("--modality", choices=SITE_MODALITIES, help="MR or CT phantoms (default MR); CR, DX or auto (mixed, default) with --source")
-    p.add_argument("--source", type=Path, metavar="PATH.npz", help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites")
-    p.add_argument("--task", choices=TASKS, help="segmentation (phantoms) or classification (needs --source); default from --source")
-    p.add_argument("--label-skew", type=float, default=0.0, help="0 = same class mix / lesion burden on every site; > 0 = per-site skew")
+    p.add_argument(
+        "--modality",
+        choices=SITE_MODALITIES,
+        help="MR or CT phantoms (default MR); CR, DX or auto (mixed, default) with --source",
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        metavar="PATH.npz",
+        help="a MedMNIST-layout .npz of labelled images: write X-ray classification sites",
+    )
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        help="segmentation (phantoms) or classification (needs --source); default from --source",
+    )
+    p.add_argument(
+        "--label-skew",
+        type=float,
+        default=0.0,
+        help="0 = same class mix / lesion burden on every site; > 0 = per-site skew",
+    )
     p.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal site sizes; > 0 = lognormal site sizes")
-    p.add_argument("--classes", help="comma-separated class names of the source's labels 0, 1, ... (default from the file name)")
+    p.add_argument(
+        "--classes", help="comma-separated class names of the source's labels 0, 1, ... (default from the file name)"
+    )
     args = p.parse_args(argv)
     problem = synth_arguments_error(task=args.task, source=args.source, modality=args.modality, classes=args.classes)
     if problem:
         p.error(problem)
     try:
         paths = write_sites(
-            args.out, sites=args.sites, seed=args.seed, patients=args.patients, slices=args.slices,
-            transfer_syntax=args.transfer_syntax, photometric=args.photometric, progress=print,
-            modality=args.modality or ("auto" if args.source is not None else "MR"), source=args.source,
-            label_skew=args.label_skew, quantity_skew=args.quantity_skew,
+            args.out,
+            sites=args.sites,
+            seed=args.seed,
+            patients=args.patients,
+            slices=args.slices,
+            transfer_syntax=args.transfer_syntax,
+            photometric=args.photometric,
+            progress=print,
+            modality=args.modality or ("auto" if args.source is not None else "MR"),
+            source=args.source,
+            label_skew=args.label_skew,
+            quantity_skew=args.quantity_skew,
             class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -227,7 +227,13 @@ def _class_names(file_name: str, labels: np.ndarray, given: Sequence[str] | None
 
 
 def allocate(
-    labels: np.ndarray, *, seed: int, sites: int, patients: int, label_skew: float = 0.0, quantity_skew: float = 0.0,
+    labels: np.ndarray,
+    *,
+    seed: int,
+    sites: int,
+    patients: int,
+    label_skew: float = 0.0,
+    quantity_skew: float = 0.0,
     upto: int | None = None,
 ) -> list[np.ndarray]:
     """Partition images disjointly across sites (see the module docstring).
@@ -257,7 +263,9 @@ def allocate(
             "sites or patients, or use a larger source"
         )
     classes = np.unique(labels)
-    queues = [np.random.default_rng([seed, _STREAM_POOL, int(c)]).permutation(np.flatnonzero(labels == c)) for c in classes]
+    queues = [
+        np.random.default_rng([seed, _STREAM_POOL, int(c)]).permutation(np.flatnonzero(labels == c)) for c in classes
+    ]
     left = np.array([len(q) for q in queues], dtype=np.int64)
     used = np.zeros(len(classes), dtype=np.int64)
     mix = left / left.sum()
@@ -315,7 +323,9 @@ def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
         return w
     edges = np.arange(n_out + 1) * (n_in / n_out)
     cols = np.arange(n_in)
-    overlap = np.clip(np.minimum(edges[1:, None], cols[None, :] + 1.0) - np.maximum(edges[:-1, None], cols[None, :]), 0.0, None)
+    overlap = np.clip(
+        np.minimum(edges[1:, None], cols[None, :] + 1.0) - np.maximum(edges[:-1, None], cols[None, :]), 0.0, None
+    )
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
@@ -338,7 +348,13 @@ def expose(image: np.ndarray, profile: ScannerProfile, rng: np.random.Generator)
         ``(matrix, matrix)`` uint16 stored values (see the module docstring).
     """
     m = profile.matrix
-    obj = np.clip(_resample_matrix(image.shape[0], m) @ np.asarray(image, dtype=np.float64) @ _resample_matrix(image.shape[1], m).T, 0.0, 1.0)
+    obj = np.clip(
+        _resample_matrix(image.shape[0], m)
+        @ np.asarray(image, dtype=np.float64)
+        @ _resample_matrix(image.shape[1], m).T,
+        0.0,
+        1.0,
+    )
     n0 = QUANTA_PER_MM2 * profile.exposure * profile.pixel_spacing_mm**2
     counts = rng.poisson(n0 * np.exp(-ATTENUATION * obj)).astype(np.float64)
     if profile.blur_mm > 0:
@@ -415,12 +431,27 @@ def write_xray_site(
     _check_common(seed, patients, label_skew, quantity_skew)
     synth._check_int("index", index, low=0, high=sites - 1)
     picks = allocate(
-        src.labels, seed=seed, sites=sites, patients=patients, label_skew=label_skew, quantity_skew=quantity_skew, upto=index + 1
+        src.labels,
+        seed=seed,
+        sites=sites,
+        patients=patients,
+        label_skew=label_skew,
+        quantity_skew=quantity_skew,
+        upto=index + 1,
     )[index]
     chosen = profile if profile is not None else profile_for_site(index, modality)
     chosen = synth._with_storage(_checked_xray_profile(chosen, modality), storage)
-    return _write(root, index, src=src, picks=picks, seed=seed, patients=patients, profile=chosen,
-                  label_skew=label_skew, quantity_skew=quantity_skew)
+    return _write(
+        root,
+        index,
+        src=src,
+        picks=picks,
+        seed=seed,
+        patients=patients,
+        profile=chosen,
+        label_skew=label_skew,
+        quantity_skew=quantity_skew,
+    )
 
 
 def write_xray_sites(
@@ -441,14 +472,25 @@ def write_xray_sites(
     modality = _source_modality(modality)
     _check_common(seed, patients, label_skew, quantity_skew)
     src = load_source(source, class_names=class_names)
-    parts = allocate(src.labels, seed=seed, sites=sites, patients=patients, label_skew=label_skew, quantity_skew=quantity_skew)
+    parts = allocate(
+        src.labels, seed=seed, sites=sites, patients=patients, label_skew=label_skew, quantity_skew=quantity_skew
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index in range(sites):
         profile = synth._with_storage(profile_for_site(index, modality), storage)
-        path, created = _write(out, index, src=src, picks=parts[index], seed=seed, patients=patients, profile=profile,
-                               label_skew=label_skew, quantity_skew=quantity_skew)
+        path, created = _write(
+            out,
+            index,
+            src=src,
+            picks=parts[index],
+            seed=seed,
+            patients=patients,
+            profile=profile,
+            label_skew=label_skew,
+            quantity_skew=quantity_skew,
+        )
         paths.append(path)
         if progress is not None:
             what = "wrote" if created else "already present,"
@@ -484,8 +526,16 @@ def _check_common(seed: int, patients: int, label_skew: float, quantity_skew: fl
 
 
 def _write(
-    root: Path, index: int, *, src: ImageSource, picks: np.ndarray, seed: int, patients: int, profile: ScannerProfile,
-    label_skew: float, quantity_skew: float,
+    root: Path,
+    index: int,
+    *,
+    src: ImageSource,
+    picks: np.ndarray,
+    seed: int,
+    patients: int,
+    profile: ScannerProfile,
+    label_skew: float,
+    quantity_skew: float,
 ) -> tuple[Path, bool]:
     name = synth.site_name(index)
     labels = src.labels[picks]
@@ -507,12 +557,20 @@ def _write(
         "profile": profile_to_dict(profile),
     }
     return synth._write_folder(
-        Path(root), name, doc, lambda tmp: _build_xray_site(tmp, index, doc, profile, src.images[picks], labels, src.class_names)
+        Path(root),
+        name,
+        doc,
+        lambda tmp: _build_xray_site(tmp, index, doc, profile, src.images[picks], labels, src.class_names),
     )
 
 
 def _build_xray_site(
-    folder: Path, index: int, doc: dict[str, Any], profile: ScannerProfile, images: np.ndarray, labels: np.ndarray,
+    folder: Path,
+    index: int,
+    doc: dict[str, Any],
+    profile: ScannerProfile,
+    images: np.ndarray,
+    labels: np.ndarray,
     class_names: Sequence[str],
 ) -> None:
     seed, n = doc["seed"], len(images)
@@ -528,13 +586,27 @@ def _build_xray_site(
         meta = synth._draw_meta(rng, seed, age_years=ages)
         stored = expose(images[j].astype(np.float64) / 255.0, profile, rng)
         ds = _xray_dataset(
-            profile, meta, site_index=index, patient_index=j, patient_id=patient_id, seed=seed, chest=chest, source=source,
-            study_uid=synth._uid(site_key, j, "study"), series_uid=synth._uid(site_key, j, "series"),
+            profile,
+            meta,
+            site_index=index,
+            patient_index=j,
+            patient_id=patient_id,
+            seed=seed,
+            chest=chest,
+            source=source,
+            study_uid=synth._uid(site_key, j, "study"),
+            series_uid=synth._uid(site_key, j, "series"),
         )
         series_dir = folder / "dicom" / patient_id / "SE0001"
         series_dir.mkdir(parents=True)
         synth._write_slice(
-            series_dir / "IM0001.dcm", ds, profile, sop_uid=synth._uid(site_key, j, "sop"), instance=1, position=None, pixels=stored
+            series_dir / "IM0001.dcm",
+            ds,
+            profile,
+            sop_uid=synth._uid(site_key, j, "sop"),
+            instance=1,
+            position=None,
+            pixels=stored,
         )
         rows.append(f"{patient_id},{class_names[int(labels[j])]}")
     (folder / LABELS_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -557,8 +629,15 @@ def _xray_dataset(
     """The attributes of one CR or DX (For Presentation) image."""
     cr = profile.modality == "CR"
     ds = synth._patient_dataset(
-        profile, meta, sop_class=_SOP_CLASSES[profile.modality], site_index=site_index, patient_index=patient_index,
-        patient_id=patient_id, seed=seed, study_uid=study_uid, series_uid=series_uid,
+        profile,
+        meta,
+        sop_class=_SOP_CLASSES[profile.modality],
+        site_index=site_index,
+        patient_index=patient_index,
+        patient_id=patient_id,
+        seed=seed,
+        study_uid=study_uid,
+        series_uid=series_uid,
     )
     ds.SeriesNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
@@ -568,7 +647,9 @@ def _xray_dataset(
         ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "AP"
     ds.PatientOrientation = ["L", "F"]
-    ds.DerivationDescription = f"Simulated {profile.modality} acquisition of an image of a public labelled set ({source})"[:1024]
+    ds.DerivationDescription = (
+        f"Simulated {profile.modality} acquisition of an image of a public labelled set ({source})"[:1024]
+    )
     if profile.kvp is not None:
         ds.KVP = synth._ds(profile.kvp)
     ds.DistanceSourceToDetector = "1000"

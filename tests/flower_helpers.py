@@ -10,7 +10,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from common.config import flatten, parse_run_config
 
 
-def site_context(site_dir: Path, config: Mapping[str, object], *, node_id: int = 7, run_id: int = 1, state: RecordDict | None = None) -> Context:
+def site_context(
+    site_dir: Path, config: Mapping[str, object], *, node_id: int = 7, run_id: int = 1, state: RecordDict | None = None
+) -> Context:
     """The Context a SuperNode gives the ClientApp: the validated run config and ``data-dir``."""
     return Context(
         run_id=run_id,
@@ -23,4 +25,6 @@ def site_context(site_dir: Path, config: Mapping[str, object], *, node_id: int =
 
 def site_message(arrays: ArrayRecord, kind: str, *, node_id: int = 7, **config: object) -> Message:
     """A train or evaluate message carrying the global ``arrays`` and this round's ``config``."""
-    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=node_id, message_type=kind)
+    return Message(
+        content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=node_id, message_type=kind
+    )

@@ -73,7 +73,9 @@ def test_a_site_without_labels_csv_is_told_what_to_add(xray_sites: Path, tmp_pat
         load_site(site, cfg.data, seed=cfg.seed, task=cfg.task, use_cache=False)
 
 
-def test_an_image_whose_label_is_not_a_configured_class_is_rejected_with_the_reason(xray_sites: Path, tmp_path: Path) -> None:
+def test_an_image_whose_label_is_not_a_configured_class_is_rejected_with_the_reason(
+    xray_sites: Path, tmp_path: Path
+) -> None:
     from client.dataset import load_site
 
     site = tmp_path / "site"
@@ -84,7 +86,9 @@ def test_an_image_whose_label_is_not_a_configured_class_is_rejected_with_the_rea
     cfg = parse_run_config(CLS)
     data = load_site(site, cfg.data, seed=cfg.seed, task=cfg.task, use_cache=False)
     assert len(data.train) + len(data.val) == 23
-    assert len(data.rejected) == 1 and "'covid'" in data.rejected[0].reason and "task.classes" in data.rejected[0].reason
+    assert (
+        len(data.rejected) == 1 and "'covid'" in data.rejected[0].reason and "task.classes" in data.rejected[0].reason
+    )
     assert rows[0][0] not in data.rejected[0].reason  # the PatientID is not reported
 
 
@@ -95,7 +99,9 @@ def _context(site: Path, **overrides: object) -> Context:
 _message = site_message
 
 
-def test_classification_handlers_train_and_report_auc_sensitivity_specificity_and_calibration(xray_sites: Path, task_identity: None) -> None:
+def test_classification_handlers_train_and_report_auc_sensitivity_specificity_and_calibration(
+    xray_sites: Path, task_identity: None
+) -> None:
     from client.app import evaluate, train
 
     cfg = parse_run_config(CLS)
@@ -149,15 +155,33 @@ def test_an_existing_folder_of_xray_sites_is_used_as_it_is(xray_sites: Path, tmp
 
 
 @pytest.mark.slow
-def test_a_classification_federation_runs_end_to_end_in_flower(xray_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_classification_federation_runs_end_to_end_in_flower(
+    xray_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """X-ray DICOM sites -> Flower simulation -> per-site AUC, sensitivity, specificity and ECE in results.json."""
     import json
 
     from common.cli import main
 
     out = tmp_path / "run"
-    overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CLS.items() if k != "sim.source")
-    code = main(["simulate", "--sites", "3", "--rounds", "2", "--out", str(out), "--data-root", str(xray_sites), "--run-config", overrides])
+    overrides = " ".join(
+        f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CLS.items() if k != "sim.source"
+    )
+    code = main(
+        [
+            "simulate",
+            "--sites",
+            "3",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--data-root",
+            str(xray_sites),
+            "--run-config",
+            overrides,
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     final = results["final"]["per_site"]

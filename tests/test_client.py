@@ -47,7 +47,7 @@ def test_site_samples_are_split_by_patient_with_no_overlap(small_sites: Path) ->
     assert len(site.train) + len(site.val) == 4 * 6
     sample = site.train[0]
     assert tuple(sample["image"].shape) == (1, 32, 32) and tuple(sample["label"].shape) == (1, 32, 32)
-    assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
+    assert float(sample["image"].min()) >= 0.0 and float(sample["image"].max()) <= 1.0
     assert set(torch.unique(torch.stack([s["label"] for s in site.train])).tolist()) == {0, 1}
 
 
@@ -57,7 +57,9 @@ def test_slices_are_ordered_by_position_not_instance_number(small_sites: Path) -
         positions = [sl.position for sl in s.slices]
         assert positions == sorted(positions)
     instance_orders = [[sl.instance_number for sl in s.slices] for s in series]
-    assert any(order != sorted(order) for order in instance_orders), "generator should shuffle InstanceNumbers for one patient"
+    assert any(order != sorted(order) for order in instance_orders), (
+        "generator should shuffle InstanceNumbers for one patient"
+    )
 
 
 def _context(site_dir: Path, **overrides: object) -> Context:
@@ -89,8 +91,12 @@ def test_train_handler_runs_the_local_epochs_the_server_asks(small_sites: Path, 
 
     ctx = _context(small_sites / "site-02")
     arrays = to_arrays(build_model(parse_run_config(FAST).model))
-    one = train(_message(arrays, MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1}), ctx).content["metrics"]["steps"]
-    three = train(_message(arrays, MessageType.TRAIN, **{"server-round": 1, "local-epochs": 3}), ctx).content["metrics"]["steps"]
+    one = train(_message(arrays, MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1}), ctx).content["metrics"][
+        "steps"
+    ]
+    three = train(_message(arrays, MessageType.TRAIN, **{"server-round": 1, "local-epochs": 3}), ctx).content[
+        "metrics"
+    ]["steps"]
     assert three == 3 * one
 
 
@@ -148,7 +154,9 @@ def test_simulation_partition_maps_to_its_site_folder(small_sites: Path) -> None
     assert resolve_site_dir({"partition-id": 2, "num-partitions": 3}, cfg) == small_sites / "site-03"
 
 
-def test_second_read_of_a_site_comes_from_its_disk_cache(small_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_read_of_a_site_comes_from_its_disk_cache(
+    small_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     import client.dataset as ds
@@ -199,7 +207,9 @@ def test_a_simulated_site_uses_the_cores_ray_gave_it_not_every_core() -> None:
         torch.set_num_threads(before)
 
 
-def test_a_library_error_reaches_the_server_without_its_message(small_sites: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_library_error_reaches_the_server_without_its_message(
+    small_sites: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Library errors can carry file paths (folder names are often PatientIDs): only the type goes out."""
     import client.app as capp
 
@@ -209,20 +219,27 @@ def test_a_library_error_reaches_the_server_without_its_message(small_sites: Pat
     monkeypatch.setattr(capp, "loaded_site", broken)
     ctx = _context(small_sites / "site-01")
     with pytest.raises(capp.SiteError) as info:
-        capp.train(_message(to_arrays(build_model(parse_run_config(FAST).model)), MessageType.TRAIN, **{"server-round": 1}), ctx)
+        capp.train(
+            _message(to_arrays(build_model(parse_run_config(FAST).model)), MessageType.TRAIN, **{"server-round": 1}),
+            ctx,
+        )
     assert "PHIID123456" not in str(info.value) and "FileNotFoundError" in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "group"])
-def test_fedbn_site_keeps_its_normalization_layers_across_rounds(small_sites: Path, task_identity: None, norm: str) -> None:
+def test_fedbn_site_keeps_its_normalization_layers_across_rounds(
+    small_sites: Path, task_identity: None, norm: str
+) -> None:
     from client.app import evaluate, train
     from common.model import norm_keys
 
     ctx = _context(small_sites / "site-01", **{"model.norm": norm})
     model = build_model(parse_run_config({**FAST, "model.norm": norm}).model)
     keys = norm_keys(model)
-    r1 = train(_message(to_arrays(model), MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1, "fedbn": True}), ctx)
+    r1 = train(
+        _message(to_arrays(model), MessageType.TRAIN, **{"server-round": 1, "local-epochs": 1, "fedbn": True}), ctx
+    )
     kept = ctx.state.array_records["fedbn-local"].to_torch_state_dict()
     assert set(kept) == set(keys)
     # the server sends norm layers it never averaged (here: deliberately wrong values)
@@ -230,11 +247,15 @@ def test_fedbn_site_keeps_its_normalization_layers_across_rounds(small_sites: Pa
     poisoned = {k: (torch.full_like(v, 7.0) if k in keys else v) for k, v in glob.items()}
     from flwr.app import ArrayRecord
 
-    r2 = train(_message(ArrayRecord(poisoned), MessageType.TRAIN, **{"server-round": 2, "local-epochs": 1, "fedbn": True}), ctx)
+    r2 = train(
+        _message(ArrayRecord(poisoned), MessageType.TRAIN, **{"server-round": 2, "local-epochs": 1, "fedbn": True}), ctx
+    )
     sent = r2.content["arrays"].to_torch_state_dict()
     for k in keys:
         assert not torch.allclose(sent[k], torch.full_like(sent[k], 7.0)), k  # trained from the site's own values
     # evaluation uses the site's own layers too: same score with or without the poisoned globals
-    e_poisoned = evaluate(_message(ArrayRecord(poisoned), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"]["loss"]
+    e_poisoned = evaluate(_message(ArrayRecord(poisoned), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"][
+        "loss"
+    ]
     e_clean = evaluate(_message(ArrayRecord(glob), MessageType.EVALUATE, fedbn=True), ctx).content["metrics"]["loss"]
     assert e_poisoned == pytest.approx(e_clean)

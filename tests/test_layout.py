@@ -22,10 +22,11 @@ def test_pyproject_names_the_flower_components() -> None:
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     comps = data["tool"]["flwr"]["app"]["components"]
     assert comps == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    from client.app import app as client_app
-    from server.app import app as server_app
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
+
+    from client.app import app as client_app
+    from server.app import app as server_app
 
     assert isinstance(client_app, ClientApp) and isinstance(server_app, ServerApp)
 
@@ -45,7 +46,18 @@ def test_client_and_server_never_import_each_other() -> None:
     assert "client" not in _imports("server")
 
 
-@pytest.mark.parametrize("module", ["common/task.py", "common/model.py", "common/config.py", "client/dataset.py", "client/dicom.py", "simulations/synth.py", "simulations/profiles.py"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "common/task.py",
+        "common/model.py",
+        "common/config.py",
+        "client/dataset.py",
+        "client/dicom.py",
+        "simulations/synth.py",
+        "simulations/profiles.py",
+    ],
+)
 def test_training_data_and_model_code_do_not_import_flower(module: str) -> None:
     text = (REPO / module).read_text()
     assert "import flwr" not in text and "from flwr" not in text

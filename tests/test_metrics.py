@@ -150,7 +150,9 @@ def test_ece_with_one_bin_is_the_gap_between_mean_confidence_and_accuracy() -> N
         (np.full((2, 2), 0.5), np.array([0, 2]), r"\[0, 2\)"),
     ],
 )
-def test_bad_input_raises_a_value_error_that_names_the_problem(probs: np.ndarray, labels: np.ndarray, match: str) -> None:
+def test_bad_input_raises_a_value_error_that_names_the_problem(
+    probs: np.ndarray, labels: np.ndarray, match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         classification_metrics(probs, labels)
 

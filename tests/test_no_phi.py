@@ -31,7 +31,10 @@ def _plant(site: Path) -> None:
 
 
 def _needles() -> list[bytes]:
-    return [v.encode() for v in ("Plantedname", "Johanna", "PHIID778899", "1971020", "ACC5544332", "Planted Memorial", "1971-02-0")]
+    return [
+        v.encode()
+        for v in ("Plantedname", "Johanna", "PHIID778899", "1971020", "ACC5544332", "Planted Memorial", "1971-02-0")
+    ]
 
 
 @pytest.mark.slow
@@ -41,16 +44,31 @@ def test_planted_identifiers_never_leave_the_site(
 ) -> None:
     root = tmp_path / "sites"
     for name in ("site-01", "site-02"):
-        shutil.copytree(small_sites / name, root / name, ignore=shutil.ignore_patterns(".fedsite-cache", ".fedsite-privacy"))
+        shutil.copytree(
+            small_sites / name, root / name, ignore=shutil.ignore_patterns(".fedsite-cache", ".fedsite-privacy")
+        )
         _plant(root / name)
     out = tmp_path / "run"
     caplog.set_level(logging.INFO)
     code = main(
         [
-            "simulate", "--sites", "2", "--rounds", "1", "--local-epochs", "1", "--seed", "7",
-            "--out", str(out), "--data-root", str(root),
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 sim.patients=4 sim.slices=6 model.channels='8,16,32'",
-            "--run-config", f"privacy.dp={'true' if dp else 'false'} privacy.noise-multiplier=1.0",
+            "simulate",
+            "--sites",
+            "2",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+            "--data-root",
+            str(root),
+            "--run-config",
+            "data.image-size=32 data.spacing-mm=7.5 sim.patients=4 sim.slices=6 model.channels='8,16,32'",
+            "--run-config",
+            f"privacy.dp={'true' if dp else 'false'} privacy.noise-multiplier=1.0",
         ]
     )
     assert code == 0

@@ -41,8 +41,12 @@ def test_noise_for_a_target_epsilon_spends_that_epsilon() -> None:
     assert epsilon_spent([(sigma, 0.1, 300)], delta=1e-3) == pytest.approx(3.0, abs=0.05)
 
 
-def _ctx(site_dir: Path, ledger_dir: Path, run_id: int, state: RecordDict | None = None, **overrides: object) -> Context:
-    return site_context(site_dir, {**DP, "privacy.ledger-dir": str(ledger_dir), **overrides}, node_id=3, run_id=run_id, state=state)
+def _ctx(
+    site_dir: Path, ledger_dir: Path, run_id: int, state: RecordDict | None = None, **overrides: object
+) -> Context:
+    return site_context(
+        site_dir, {**DP, "privacy.ledger-dir": str(ledger_dir), **overrides}, node_id=3, run_id=run_id, state=state
+    )
 
 
 def _train_msg(server_round: int) -> Message:
@@ -68,7 +72,9 @@ def test_epsilon_grows_round_by_round_and_across_runs(small_sites: Path, tmp_pat
     assert [(e["run"], e["round"]) for e in entries] == [(1, 1), (1, 2), (2, 1)]
 
 
-def test_weights_sent_after_dp_training_are_plain_and_the_model_trains_again(small_sites: Path, tmp_path: Path, task_identity: None) -> None:
+def test_weights_sent_after_dp_training_are_plain_and_the_model_trains_again(
+    small_sites: Path, tmp_path: Path, task_identity: None
+) -> None:
     from client.app import train
 
     ctx = _ctx(small_sites / "site-02", tmp_path, run_id=1)
@@ -80,7 +86,9 @@ def test_weights_sent_after_dp_training_are_plain_and_the_model_trains_again(sma
     assert again.content["metrics"]["steps"] > 0
 
 
-def test_a_site_whose_budget_is_spent_refuses_and_says_why(small_sites: Path, tmp_path: Path, task_identity: None) -> None:
+def test_a_site_whose_budget_is_spent_refuses_and_says_why(
+    small_sites: Path, tmp_path: Path, task_identity: None
+) -> None:
     from client.app import train
 
     ctx = _ctx(small_sites / "site-03", tmp_path, run_id=1, **{"privacy.max-epsilon": 1e-3})
@@ -92,7 +100,9 @@ def test_a_site_whose_budget_is_spent_refuses_and_says_why(small_sites: Path, tm
     assert PrivacyLedger(tmp_path / "site-03.json").entries() == []  # nothing was spent
 
 
-def test_the_server_stops_or_goes_on_without_a_refusing_site_per_config(small_sites: Path, tmp_path: Path, task_identity: None) -> None:
+def test_the_server_stops_or_goes_on_without_a_refusing_site_per_config(
+    small_sites: Path, tmp_path: Path, task_identity: None
+) -> None:
     from client.app import train
     from server.strategies import StopFederation, make_strategy
 
@@ -151,7 +161,9 @@ def test_dp_training_clips_without_noise_when_asked() -> None:
     torch.manual_seed(0)
     cfg = parse_run_config(FAST)
     data = Batchable(torch.rand(16, 1, 32, 32), (torch.rand(16, 1, 32, 32) > 0.7).long())
-    out = train_private(build_model(cfg.model), data, epochs=1, batch_size=4, lr=1e-3, noise_multiplier=0.0, max_grad_norm=1.0)
+    out = train_private(
+        build_model(cfg.model), data, epochs=1, batch_size=4, lr=1e-3, noise_multiplier=0.0, max_grad_norm=1.0
+    )
     assert out.steps > 0 and out.sample_rate == pytest.approx(0.25)
     assert epsilon_spent(out.history, delta=1e-3) == float("inf")
 

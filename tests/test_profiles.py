@@ -50,8 +50,12 @@ MR_SMALL = dataclasses.replace(
 CT_SMALL = dataclasses.replace(CT_PROFILES[0], matrix=64, pixel_spacing_mm=3.5, noise_level=0.0, kernel_sharpness=0.0)
 
 
-def _site(tmp: Path, profile: ScannerProfile, *, tag: str, seed: int = SEED, patients: int = 2, slices: int = 3, **kw: object) -> Path:
-    return write_site(tmp / tag, 0, seed=seed, patients=patients, slices=slices, profile=profile, modality=profile.modality, **kw)
+def _site(
+    tmp: Path, profile: ScannerProfile, *, tag: str, seed: int = SEED, patients: int = 2, slices: int = 3, **kw: object
+) -> Path:
+    return write_site(
+        tmp / tag, 0, seed=seed, patients=patients, slices=slices, profile=profile, modality=profile.modality, **kw
+    )
 
 
 def _volumes(site: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -67,12 +71,22 @@ def _volumes(site: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _high_freq(volume: np.ndarray) -> float:
     """Mean squared 4-neighbour Laplacian: the image's high-frequency energy."""
-    lap = 4 * volume[:, 1:-1, 1:-1] - volume[:, :-2, 1:-1] - volume[:, 2:, 1:-1] - volume[:, 1:-1, :-2] - volume[:, 1:-1, 2:]
+    lap = (
+        4 * volume[:, 1:-1, 1:-1]
+        - volume[:, :-2, 1:-1]
+        - volume[:, 2:, 1:-1]
+        - volume[:, 1:-1, :-2]
+        - volume[:, 1:-1, 2:]
+    )
     return float(np.mean(lap.astype(np.float64) ** 2))
 
 
@@ -136,7 +150,9 @@ def test_mr_contrast_gamma_changes_lesion_to_surround_contrast(tmp_path: Path) -
     """signal ** gamma: gamma < 1 compresses the lesion-to-organ contrast, gamma > 1 expands it."""
     ratios = []
     for gamma in (0.6, 1.0, 1.6):
-        volume, mask = _volumes(_site(tmp_path, dataclasses.replace(MR_SMALL, contrast_gamma=gamma), tag=f"g{gamma}"))[0]
+        volume, mask = _volumes(_site(tmp_path, dataclasses.replace(MR_SMALL, contrast_gamma=gamma), tag=f"g{gamma}"))[
+            0
+        ]
         ring = _ring(mask, 1) & (volume > 0)
         ratios.append(float(np.median(volume[mask]) / np.median(volume[ring])))
     assert ratios[0] < ratios[1] < ratios[2]
@@ -181,7 +197,9 @@ def test_ct_sharp_kernel_enhances_edges_and_noise_smooth_kernel_blurs_them(tmp_p
     noisy = dataclasses.replace(CT_PROFILES[0], matrix=128, pixel_spacing_mm=2.0, noise_level=0.01)
     energy, noise = [], []
     for k in (-1.0, 0.0, 1.0):
-        (volume, _), *_ = _volumes(_site(tmp_path, dataclasses.replace(noisy, kernel_sharpness=k), tag=f"k{k}", patients=1))
+        (volume, _), *_ = _volumes(
+            _site(tmp_path, dataclasses.replace(noisy, kernel_sharpness=k), tag=f"k{k}", patients=1)
+        )
         energy.append(_high_freq(volume))
         noise.append(float(volume[:, :10, :10].std()))
     assert energy[0] < energy[1] < energy[2]
@@ -211,14 +229,19 @@ def test_ct_sites_are_deterministic_per_seed(tmp_path: Path) -> None:
     write_sites(tmp_path / "c", sites=2, seed=SEED + 1, patients=2, slices=2, modality="CT")
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
     first = _hashes(tmp_path / "a" / site_name(0))
-    assert not {v for k, v in first.items() if k.endswith(".dcm")} & set(_hashes(tmp_path / "c" / site_name(0)).values())
+    assert not {v for k, v in first.items() if k.endswith(".dcm")} & set(
+        _hashes(tmp_path / "c" / site_name(0)).values()
+    )
     index = json.loads((tmp_path / "a" / INDEX_FILE).read_text())
     assert index["modality"] == "CT" and index["generator_version"] == GENERATOR_VERSION
 
 
 def test_matrix_sets_rows_columns_and_pixel_spacing(tmp_path: Path) -> None:
     """Rows/Columns are the matrix and PixelSpacing the profile's spacing, for MR and CT."""
-    for profile in (dataclasses.replace(MR_SMALL, matrix=80, pixel_spacing_mm=3.0), dataclasses.replace(CT_SMALL, matrix=96, pixel_spacing_mm=2.5)):
+    for profile in (
+        dataclasses.replace(MR_SMALL, matrix=80, pixel_spacing_mm=3.0),
+        dataclasses.replace(CT_SMALL, matrix=96, pixel_spacing_mm=2.5),
+    ):
         site = _site(tmp_path, profile, tag=profile.modality, patients=1, slices=1)
         (series,), _ = discover_series(site / "dicom")
         assert (series.rows, series.columns) == (profile.matrix, profile.matrix)
@@ -232,8 +255,14 @@ def test_vendor_headers_are_written_per_modality(tmp_path: Path) -> None:
     assert float(ds.MagneticFieldStrength) == 3.0 and "KVP" not in ds and "ConvolutionKernel" not in ds
     for profile in CT_PROFILES:
         small = dataclasses.replace(profile, matrix=64, pixel_spacing_mm=3.5)
-        ds = pydicom.dcmread(next((_site(tmp_path, small, tag=profile.name, patients=1, slices=1) / "dicom").rglob("*.dcm")))
-        assert (ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel) == (profile.manufacturer, profile.model_name, profile.convolution_kernel)
+        ds = pydicom.dcmread(
+            next((_site(tmp_path, small, tag=profile.name, patients=1, slices=1) / "dicom").rglob("*.dcm"))
+        )
+        assert (ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel) == (
+            profile.manufacturer,
+            profile.model_name,
+            profile.convolution_kernel,
+        )
         assert float(ds.KVP) == profile.kvp and "MagneticFieldStrength" not in ds
 
 
@@ -247,9 +276,15 @@ def test_phantom_label_skew_varies_lesion_burden_between_sites(tmp_path: Path) -
     for index in range(4):
         site = write_site(tmp_path / "skew", index, seed=1, patients=6, slices=3, profile=MR_SMALL, label_skew=1.5)
         doc = json.loads((site / "site.json").read_text())
-        assert doc["label_skew"] == 1.5 and doc["lesion_burden"] == pytest.approx(lesion_burden(index, seed=1, label_skew=1.5), rel=1e-5)
+        assert doc["label_skew"] == 1.5 and doc["lesion_burden"] == pytest.approx(
+            lesion_burden(index, seed=1, label_skew=1.5), rel=1e-5
+        )
         volumes = _volumes(site)
-        empty = [v for v, (_, mask) in zip(sorted(p.name for p in (site / "dicom").iterdir()), volumes, strict=True) if not mask.any()]
+        empty = [
+            v
+            for v, (_, mask) in zip(sorted(p.name for p in (site / "dicom").iterdir()), volumes, strict=True)
+            if not mask.any()
+        ]
         assert empty == doc["lesion_free_patients"]
         assert len(empty) < 6  # at least one patient keeps lesions
         free.append(len(empty))
@@ -257,7 +292,11 @@ def test_phantom_label_skew_varies_lesion_burden_between_sites(tmp_path: Path) -
     assert max(free) >= 2 and min(free) == 0
     assert max(fractions) > 4 * min(fractions)
     for index in range(4):
-        doc = json.loads((write_site(tmp_path / "plain", index, seed=1, patients=6, slices=3, profile=MR_SMALL) / "site.json").read_text())
+        doc = json.loads(
+            (
+                write_site(tmp_path / "plain", index, seed=1, patients=6, slices=3, profile=MR_SMALL) / "site.json"
+            ).read_text()
+        )
         assert doc["lesion_burden"] == 1.0 and doc["lesion_free_patients"] == []
 
 
@@ -267,7 +306,11 @@ def test_phantom_quantity_skew_varies_patients_per_site(tmp_path: Path) -> None:
     for index in range(5):
         site = write_site(tmp_path, index, seed=2, patients=6, slices=1, profile=MR_SMALL, quantity_skew=0.8)
         n = len(list((site / "dicom").iterdir()))
-        assert n == json.loads((site / "site.json").read_text())["site_patients"] == site_patients(index, seed=2, patients=6, quantity_skew=0.8)
+        assert (
+            n
+            == json.loads((site / "site.json").read_text())["site_patients"]
+            == site_patients(index, seed=2, patients=6, quantity_skew=0.8)
+        )
         sizes.append(n)
     assert len(set(sizes)) >= 3 and min(sizes) >= MIN_SKEWED_PATIENTS
     assert {site_patients(i, seed=2, patients=6) for i in range(20)} == {6}
@@ -310,7 +353,10 @@ def test_profile_sets_differ_in_the_physics_they_model() -> None:
     assert sum(p.gibbs > 0 for p in MR_PROFILES) == 2
     assert min(p.kernel_sharpness for p in CT_PROFILES) < 0 < max(p.kernel_sharpness for p in CT_PROFILES)
     assert len({p.hu_offset for p in CT_PROFILES}) >= 3 and len({p.convolution_kernel for p in CT_PROFILES}) == 4
-    assert {p.modality for p in XRAY_PROFILES} == {"CR", "DX"} and {p.photometric for p in XRAY_PROFILES} == {"MONOCHROME1", "MONOCHROME2"}
+    assert {p.modality for p in XRAY_PROFILES} == {"CR", "DX"} and {p.photometric for p in XRAY_PROFILES} == {
+        "MONOCHROME1",
+        "MONOCHROME2",
+    }
     assert {p.bits_stored for p in XRAY_PROFILES} == {10, 12, 14, 16}
     for p in XRAY_PROFILES:
         assert 48 <= p.matrix <= 96 and p.matrix * p.pixel_spacing_mm == pytest.approx(XRAY_FOV_MM)

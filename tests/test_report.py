@@ -153,7 +153,10 @@ def test_a_document_with_nan_values_and_no_optional_parts_still_renders(tmp_path
     doc["methods"]["fedavg"]["mean"]["dice"] = float("nan")
     doc["methods"]["fedprox"]["worst"] = {}
     doc["cross_site"]["rows"]["pooled"]["site-02"] = float("nan")
-    doc["shift"] = {"pairs": [{"train_site": "site-01", "test_site": "site-02", "distance": 0.2, "loss": float("nan")}], "spearman": float("nan")}
+    doc["shift"] = {
+        "pairs": [{"train_site": "site-01", "test_site": "site-02", "distance": 0.2, "loss": float("nan")}],
+        "spearman": float("nan"),
+    }
     for key in ("profiles", "quick", "seconds", "rounds", "local_epochs"):
         doc.pop(key)
     # NaN survives a JSON round trip as the study writes it
@@ -172,7 +175,9 @@ def test_a_document_with_nan_values_and_no_optional_parts_still_renders(tmp_path
 
 
 def test_a_minimal_document_renders_a_report_without_figures(tmp_path: Path) -> None:
-    md = write_report(tmp_path / "new" / "folder", {"task": "classification", "metric": "auc", "methods": {}}).read_text()
+    md = write_report(
+        tmp_path / "new" / "folder", {"task": "classification", "metric": "auc", "methods": {}}
+    ).read_text()
     assert "classification" in md and "No methods" in md
     assert _image_links(md) == []
 

@@ -55,7 +55,9 @@ def test_pooled_training_gets_the_same_sample_steps_as_the_sites_together() -> N
         steps, _ = train_rounds(build_model(cfg.model, cfg.task), data, cfg, seed_name=f"site-0{i + 1}")
         local += steps
     pooled = Batchable(torch.cat([s.images for s in sites]), torch.cat([s.labels for s in sites]))
-    pooled_steps, curve = train_rounds(build_model(cfg.model, cfg.task), pooled, cfg, seed_name="pooled", evaluate_on={"a": sites[0], "b": sites[1]})
+    pooled_steps, curve = train_rounds(
+        build_model(cfg.model, cfg.task), pooled, cfg, seed_name="pooled", evaluate_on={"a": sites[0], "b": sites[1]}
+    )
     expected = cfg.num_server_rounds * cfg.train.local_epochs * sum(len(s) for s in sites)
     assert local == pooled_steps == expected
     assert [c["round"] for c in curve] == [1, 2]
@@ -104,21 +106,46 @@ def test_shift_pairs_report_how_much_each_local_model_loses_away_from_home() -> 
 
 
 def test_worst_site_is_the_lowest_score_and_the_highest_loss_or_calibration_error() -> None:
-    mean, worst = summarize_sites({"a": {"auc": 0.9, "loss": 0.2, "ece": 0.05}, "b": {"auc": 0.7, "loss": 0.6, "ece": 0.2}, "c": {"loss": 0.1, "ece": 0.01}})
+    mean, worst = summarize_sites(
+        {
+            "a": {"auc": 0.9, "loss": 0.2, "ece": 0.05},
+            "b": {"auc": 0.7, "loss": 0.6, "ece": 0.2},
+            "c": {"loss": 0.1, "ece": 0.01},
+        }
+    )
     assert worst == {"auc": 0.7, "loss": 0.6, "ece": 0.2}
     assert mean["auc"] == pytest.approx(0.8)  # a site without AUC (one class) does not count as 0
 
 
 def test_goals_compare_fedavg_with_pooled_the_best_worst_site_with_local_and_unseen_with_seen() -> None:
     methods = {
-        "local-only": {"per_site": {"a": {"dice": 0.8}, "b": {"dice": 0.5}}, "mean": {"dice": 0.65}, "worst": {"dice": 0.5}},
+        "local-only": {
+            "per_site": {"a": {"dice": 0.8}, "b": {"dice": 0.5}},
+            "mean": {"dice": 0.65},
+            "worst": {"dice": 0.5},
+        },
         "pooled": {"mean": {"dice": 0.8}, "worst": {"dice": 0.7}},
-        "fedavg": {"per_site": {"a": {"dice": 0.75}, "b": {"dice": 0.6}}, "mean": {"dice": 0.675}, "worst": {"dice": 0.6}, "unseen_mean": {"dice": 0.54}},
-        "fedbn": {"per_site": {"a": {"dice": 0.85}, "b": {"dice": 0.65}}, "mean": {"dice": 0.75}, "worst": {"dice": 0.65}},
+        "fedavg": {
+            "per_site": {"a": {"dice": 0.75}, "b": {"dice": 0.6}},
+            "mean": {"dice": 0.675},
+            "worst": {"dice": 0.6},
+            "unseen_mean": {"dice": 0.54},
+        },
+        "fedbn": {
+            "per_site": {"a": {"dice": 0.85}, "b": {"dice": 0.65}},
+            "mean": {"dice": 0.75},
+            "worst": {"dice": 0.65},
+        },
     }
     g = goals(methods, "dice")
     assert g["fedavg_over_pooled"] == pytest.approx(0.675 / 0.8)
-    assert g["best_worst_site"] == {"method": "fedbn", "worst_site": "b", "value": 0.65, "local_only_on_that_site": 0.5, "at_least_local": True}
+    assert g["best_worst_site"] == {
+        "method": "fedbn",
+        "worst_site": "b",
+        "value": 0.65,
+        "local_only_on_that_site": 0.5,
+        "at_least_local": True,
+    }
     assert g["unseen_over_seen"] == {"fedavg": pytest.approx(0.8)}
 
 
@@ -147,7 +174,9 @@ def test_home_advantage_separates_a_hard_site_from_a_shifted_one() -> None:
         (["fedavg"], [], 1, "--sites 2 or more"),
     ],
 )
-def test_a_study_that_cannot_run_is_refused_before_any_work_with_the_fix(methods: list, unseen: list, sites: int, message: str) -> None:
+def test_a_study_that_cannot_run_is_refused_before_any_work_with_the_fix(
+    methods: list, unseen: list, sites: int, message: str
+) -> None:
     from simulations.shift import check_plan
 
     with pytest.raises(ValueError, match=message):
@@ -155,7 +184,9 @@ def test_a_study_that_cannot_run_is_refused_before_any_work_with_the_fix(methods
 
 
 @pytest.mark.slow
-def test_fedsite_study_shift_writes_shift_json_and_a_report_with_its_pictures(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fedsite_study_shift_writes_shift_json_and_a_report_with_its_pictures(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The command end to end on tiny sites: local-only, pooled, FedAvg (Flower) and FedAvg left-one-site-out."""
     import json
 
@@ -164,9 +195,22 @@ def test_fedsite_study_shift_writes_shift_json_and_a_report_with_its_pictures(tm
     out = tmp_path / "study"
     code = main(
         [
-            "study", "shift", "--out", str(out), "--sites", "3", "--rounds", "1", "--data-root", str(tmp_path / "sites"),
-            "--methods", "local-only,pooled,fedavg", "--unseen", "fedavg",
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=4 model.channels='8,16,32' train.local-epochs=1",
+            "study",
+            "shift",
+            "--out",
+            str(out),
+            "--sites",
+            "3",
+            "--rounds",
+            "1",
+            "--data-root",
+            str(tmp_path / "sites"),
+            "--methods",
+            "local-only,pooled,fedavg",
+            "--unseen",
+            "fedavg",
+            "--run-config",
+            "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=4 model.channels='8,16,32' train.local-epochs=1",
         ]
     )
     assert code == 0

@@ -12,14 +12,29 @@ from common.cli import main
 
 
 @pytest.mark.slow
-def test_fedsite_simulate_runs_a_federation_and_keeps_results_per_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fedsite_simulate_runs_a_federation_and_keeps_results_per_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     code = main(
         [
-            "simulate", "--sites", "2", "--rounds", "2", "--local-epochs", "2", "--seed", "3",
-            "--out", str(out), "--data-root", str(tmp_path / "sites"),
-            "--run-config", "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=6",
-            "--run-config", "model.channels='8,16,32' strategy.name='fedprox'",
+            "simulate",
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--data-root",
+            str(tmp_path / "sites"),
+            "--run-config",
+            "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=6",
+            "--run-config",
+            "model.channels='8,16,32' strategy.name='fedprox'",
         ]
     )
     printed = capsys.readouterr().out

@@ -18,7 +18,16 @@ from client.dicom import DicomError, discover_series, hash_id, read_series
 from common.cli import main
 from tests.dicom_fixtures import pydicom_file, pydicom_test_files, pydicom_tree
 
-REPORT_KEYS = ("files_total", "files_accepted", "files_rejected", "series_total", "series_usable", "by_modality", "by_manufacturer", "rejected")
+REPORT_KEYS = (
+    "files_total",
+    "files_accepted",
+    "files_rejected",
+    "series_total",
+    "series_usable",
+    "by_modality",
+    "by_manufacturer",
+    "rejected",
+)
 FAST = {"data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.batch-size": 8}
 
 
@@ -35,7 +44,10 @@ def test_every_pydicom_and_pydicom_data_file_is_accepted_or_rejected_with_a_reas
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "common.cli", "site", "check", str(tree), "--json", str(report_path)],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
     )
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr
@@ -52,7 +64,9 @@ def test_every_pydicom_and_pydicom_data_file_is_accepted_or_rejected_with_a_reas
     assert "rejected files by reason:" in proc.stdout and f"{report['files_total']} files" in proc.stdout
 
 
-def test_a_folder_without_usable_series_exits_non_zero_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_without_usable_series_exits_non_zero_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     shutil.copy(pydicom_file("reportsi.dcm"), tmp_path / "report.dcm")
     assert main(["site", "check", str(tmp_path)]) == 1
@@ -62,7 +76,9 @@ def test_a_folder_without_usable_series_exits_non_zero_with_the_reason(tmp_path:
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_the_report_counts_series_labels_and_the_split_of_a_site(small_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_report_counts_series_labels_and_the_split_of_a_site(
+    small_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report_path = tmp_path / "r.json"
     assert main(["site", "check", str(small_sites / "site-03"), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
@@ -220,7 +236,7 @@ def _plant(site: Path) -> list[str]:
     return sorted(set(needles))
 
 
-def _record_texts(content) -> list[str]:  # noqa: ANN001 - a Flower RecordDict
+def _record_texts(content) -> list[str]:
     from flwr.app import ArrayRecord
 
     out = []
@@ -231,7 +247,11 @@ def _record_texts(content) -> list[str]:  # noqa: ANN001 - a Flower RecordDict
 
 
 def test_planted_patient_values_appear_nowhere_the_site_prints_logs_sends_or_writes(
-    small_sites: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, task_identity: None
+    small_sites: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    task_identity: None,
 ) -> None:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -255,8 +275,22 @@ def test_planted_patient_values_appear_nowhere_the_site_prints_logs_sends_or_wri
     ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(site)}, state=RecordDict(), run_config=flatten(cfg))
     arrays = to_arrays(build_model(cfg.model))
     replies = [
-        train(Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "local-epochs": 1})}), dst_node_id=7, message_type=MessageType.TRAIN), ctx),
-        evaluate(Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.EVALUATE), ctx),
+        train(
+            Message(
+                content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "local-epochs": 1})}),
+                dst_node_id=7,
+                message_type=MessageType.TRAIN,
+            ),
+            ctx,
+        ),
+        evaluate(
+            Message(
+                content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                dst_node_id=7,
+                message_type=MessageType.EVALUATE,
+            ),
+            ctx,
+        ),
     ]
     assert replies[0].content["metrics"]["num-examples"] > 0
 
@@ -264,7 +298,11 @@ def test_planted_patient_values_appear_nowhere_the_site_prints_logs_sends_or_wri
     texts = {"stdout": printed.out, "stderr": printed.err, "log": caplog.text}
     for i, reply in enumerate(replies):
         texts[f"reply {i}"] = "\n".join(_record_texts(reply.content))
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and ".fedsite-cache" not in p.parts and before.get(p) != p.stat().st_mtime_ns]
+    written = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file() and ".fedsite-cache" not in p.parts and before.get(p) != p.stat().st_mtime_ns
+    ]
     written = [p for p in written if p not in before]  # inputs that were not touched are not output
     assert report_path in written
     for p in written:

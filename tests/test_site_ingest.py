@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from tests.dicom_fixtures import SHARED_DATA, one_file_folder, pydicom_file, write_series
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from client.dataset import CANONICAL_AXCODES, canonical_slices, canonical_volume
 from client.dicom import IMAGE_SOP_CLASSES, discover_series, read_series, series_affine
 from client.site import RESERVED
+from tests.dicom_fixtures import SHARED_DATA, one_file_folder, pydicom_file, write_series
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
@@ -29,7 +29,7 @@ def _read_alone(path: Path, tmp: Path, **kwargs: object) -> np.ndarray:
     return read_series(_only_series(one_file_folder(path, tmp), **kwargs))
 
 
-def _canonical(volume: np.ndarray, series) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def _canonical(volume: np.ndarray, series) -> tuple[np.ndarray, np.ndarray]:
     out = canonical_volume(volume, np.zeros(volume.shape, np.uint8), series)
     return out["image"].numpy()[0], out["image"].affine.numpy()
 
@@ -82,7 +82,9 @@ LOSSY_PAIRS = [
 
 
 @pytest.mark.parametrize(("compressed", "reference"), LOSSLESS_PAIRS, ids=[p[0] for p in LOSSLESS_PAIRS])
-def test_losslessly_compressed_files_decode_exactly_like_their_reference(compressed: str, reference: str, tmp_path: Path) -> None:
+def test_losslessly_compressed_files_decode_exactly_like_their_reference(
+    compressed: str, reference: str, tmp_path: Path
+) -> None:
     pytest.importorskip("data_store", reason="pydicom-data is not installed: pip install -e '.[test]'")
     a = _read_alone(pydicom_file(compressed), tmp_path / "a")
     b = _read_alone(pydicom_file(reference), tmp_path / "b")
@@ -99,7 +101,15 @@ def test_lossy_files_decode_close_to_their_reference(compressed: str, reference:
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("name", ["emri_small_RLE.dcm", "emri_small_big_endian.dcm", "emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emri_small_RLE.dcm",
+        "emri_small_big_endian.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+    ],
+)
 def test_multi_frame_files_decode_every_frame_like_the_uncompressed_file(name: str, tmp_path: Path) -> None:
     """emri_small has no functional groups, so it is read as a stack of frames (projection kind) here."""
     pytest.importorskip("data_store", reason="pydicom-data is not installed: pip install -e '.[test]'")
@@ -115,7 +125,9 @@ def test_truncated_multi_frame_pixel_data_is_rejected_not_read(tmp_path: Path) -
     from client.dicom import DicomError
 
     as_frames = {**IMAGE_SOP_CLASSES, ENHANCED_MR: "projection"}
-    series = _only_series(one_file_folder(pydicom_file("emri_small_jpeg_2k_lossless_too_short.dcm"), tmp_path), sop_classes=as_frames)
+    series = _only_series(
+        one_file_folder(pydicom_file("emri_small_jpeg_2k_lossless_too_short.dcm"), tmp_path), sop_classes=as_frames
+    )
     with pytest.raises(DicomError, match="cannot be decoded|shape"):
         read_series(series)
 
@@ -130,7 +142,9 @@ def test_enhanced_ct_frames_become_slices_with_their_own_positions_and_rescale(t
     ds = pydicom.dcmread(path)
     iop = np.asarray(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
-    ipps = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in ds.PerFrameFunctionalGroupsSequence]
+    ipps = [
+        np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in ds.PerFrameFunctionalGroupsSequence
+    ]
     positions = [float(np.dot(p, normal)) for p in ipps]
     assert [s.position for s in series.slices] == sorted(positions)
     assert [s.ipp for s in series.slices] == [tuple(ipps[i]) for i in np.argsort(positions)]
@@ -154,7 +168,7 @@ def test_cr_gets_its_window_and_monochrome1_is_inverted_after_it(tmp_path: Path)
     got = _read_alone(path, tmp_path)[0]
     display = apply_voi_lut(ds.pixel_array, ds) / (2**15 - 1)  # window 15000/30000 into the 15-bit range
     np.testing.assert_allclose(got, 1.0 - display, atol=1e-6)
-    assert 0.0 <= got.min() and got.max() <= 1.0
+    assert got.min() >= 0.0 and got.max() <= 1.0
     stored = ds.pixel_array
     assert got[stored == stored.max()].mean() < got[stored == stored.min()].mean()  # MONOCHROME1: high stored = dark
 
@@ -162,7 +176,9 @@ def test_cr_gets_its_window_and_monochrome1_is_inverted_after_it(tmp_path: Path)
 def test_a_modality_lut_sequence_is_applied(tmp_path: Path) -> None:
     path = pydicom_file("mlut_18.dcm")
     ds = pydicom.dcmread(path)
-    np.testing.assert_array_equal(_read_alone(path, tmp_path)[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+    np.testing.assert_array_equal(
+        _read_alone(path, tmp_path)[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    )
 
 
 def test_bits_above_bits_stored_are_masked_and_signed_values_sign_extended(tmp_path: Path) -> None:
@@ -177,7 +193,14 @@ def test_monochrome1_and_rescale_give_modality_values_where_bright_is_high(tmp_p
     values = np.arange(12, dtype=np.float64).reshape(1, 3, 4) * 10 + 100  # modality values
     slope, intercept, bits = 2.0, -50.0, 12
     stored = (values - intercept) / slope
-    write_series(tmp_path, ((2**bits - 1) - stored).astype(np.uint16), photometric="MONOCHROME1", bits_stored=bits, slope=slope, intercept=intercept)
+    write_series(
+        tmp_path,
+        ((2**bits - 1) - stored).astype(np.uint16),
+        photometric="MONOCHROME1",
+        bits_stored=bits,
+        slope=slope,
+        intercept=intercept,
+    )
     np.testing.assert_allclose(read_series(_only_series(tmp_path)), values)
 
 
@@ -236,7 +259,9 @@ def test_two_copies_of_one_image_are_used_once_with_a_reason_for_the_other(tmp_p
     shutil.copy(paths[1], tmp_path / "a" / "copy.dcm")
     series, rejected = discover_series(tmp_path)
     assert len(series) == 1 and len(series[0].slices) == 3
-    assert [r.reason for r in rejected] == ["duplicate of another file of the same image (same SOPInstanceUID); only the first is used"]
+    assert [r.reason for r in rejected] == [
+        "duplicate of another file of the same image (same SOPInstanceUID); only the first is used"
+    ]
 
 
 def test_slices_are_ordered_by_position_along_the_normal_even_when_it_points_down(tmp_path: Path) -> None:
@@ -260,7 +285,7 @@ def test_reserved_names_include_the_cache_folder() -> None:
 
 def _phantom() -> np.ndarray:
     """(Z, Y, X) = (5, 6, 7) volume, every voxel distinct."""
-    return (np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7) + 100)
+    return np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7) + 100
 
 
 def _variants(root: Path) -> dict[str, Path]:
@@ -271,9 +296,18 @@ def _variants(root: Path) -> dict[str, Path]:
     # 1. axial, rows along +y (posterior), columns along +x (left): DICOM's usual identity orientation
     write_series(root / "identity", vol, iop=(1, 0, 0, 0, 1, 0), origin=(-3.0, -2.5, 0.0), spacing=sp, gap=2.0)
     # 2. rows stored bottom-up (column direction -y, so the normal is -z: slices stack downwards)
-    write_series(root / "rows-flipped", vol[::-1, ::-1, :], iop=(1, 0, 0, 0, -1, 0), origin=(-3.0, 2.5, 8.0), spacing=sp, gap=2.0)
+    write_series(
+        root / "rows-flipped", vol[::-1, ::-1, :], iop=(1, 0, 0, 0, -1, 0), origin=(-3.0, 2.5, 8.0), spacing=sp, gap=2.0
+    )
     # 3. transposed: rows along x, columns along y (normal -z, so slices stack downwards)
-    write_series(root / "transposed", np.ascontiguousarray(vol.transpose(0, 2, 1))[::-1], iop=(0, 1, 0, 1, 0, 0), origin=(-3.0, -2.5, 8.0), spacing=sp, gap=2.0)
+    write_series(
+        root / "transposed",
+        np.ascontiguousarray(vol.transpose(0, 2, 1))[::-1],
+        iop=(0, 1, 0, 1, 0, 0),
+        origin=(-3.0, -2.5, 8.0),
+        spacing=sp,
+        gap=2.0,
+    )
     # 4. NIfTI written in RAS orientation (x and y flipped against LPS), as nibabel-based tools do
     img = sitk.GetImageFromArray(vol[:, ::-1, ::-1].copy())
     img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
@@ -343,17 +377,25 @@ TS_NAMES = {
 
 
 @pytest.mark.parametrize("syntax", sorted(TS_NAMES))
-def test_simulated_sites_written_compressed_and_monochrome1_decode_to_the_same_values(syntax: str, tmp_path: Path) -> None:
+def test_simulated_sites_written_compressed_and_monochrome1_decode_to_the_same_values(
+    syntax: str, tmp_path: Path
+) -> None:
     from simulations.synth import write_sites
 
     plain = write_sites(tmp_path / "plain", sites=4, seed=5, patients=2, slices=2)
-    packed = write_sites(tmp_path / "packed", sites=4, seed=5, patients=2, slices=2, transfer_syntax=syntax, photometric="MONOCHROME1")
+    packed = write_sites(
+        tmp_path / "packed", sites=4, seed=5, patients=2, slices=2, transfer_syntax=syntax, photometric="MONOCHROME1"
+    )
     for a, b in zip(plain, packed, strict=True):  # includes the 16-bit signed scanner
         sa, _ = discover_series(a / "dicom")
         sb, _ = discover_series(b / "dicom")
         assert {s.photometric for s in sb} == {"MONOCHROME1"}
         assert {s.transfer_syntaxes for s in sb} == {(TS_NAMES[syntax],)}
-        for x, y in zip(sorted(sa, key=lambda s: s.slices[0].path.parts[-3]), sorted(sb, key=lambda s: s.slices[0].path.parts[-3]), strict=True):
+        for x, y in zip(
+            sorted(sa, key=lambda s: s.slices[0].path.parts[-3]),
+            sorted(sb, key=lambda s: s.slices[0].path.parts[-3]),
+            strict=True,
+        ):
             np.testing.assert_array_equal(read_series(x), read_series(y))
 
 
@@ -368,7 +410,10 @@ def test_a_compressed_sites_folder_is_reused_by_later_calls_without_the_option(t
     again = write_sites(tmp_path, sites=3, seed=3, patients=2, slices=2)  # as simulations.runner.prepare calls it
     assert again[:2] == first and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.dcm") if p in stamp} == stamp
     assert json.loads((tmp_path / INDEX_FILE).read_text())["storage"] == {"transfer_syntax": "JPEGLSLossless"}
-    assert pydicom.dcmread(next((again[2] / "dicom").rglob("*.dcm"))).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+    assert (
+        pydicom.dcmread(next((again[2] / "dicom").rglob("*.dcm"))).file_meta.TransferSyntaxUID
+        == pydicom.uid.JPEGLSLossless
+    )
     assert write_site(tmp_path, 1, seed=3, patients=2, slices=2) == first[1]
     with pytest.raises(ValueError, match="use one of explicit, rle, jpeg-ls, jpeg2000, deflate"):
         write_sites(tmp_path / "x", sites=1, seed=3, transfer_syntax="jpeg-lossy")

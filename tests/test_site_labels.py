@@ -32,7 +32,9 @@ def _ids(series: SeriesRecord) -> tuple[str, str, str]:
 # classification manifest
 
 
-def test_labels_by_patient_study_or_series_with_the_most_specific_row_winning(site_series: list[SeriesRecord], tmp_path: Path) -> None:
+def test_labels_by_patient_study_or_series_with_the_most_specific_row_winning(
+    site_series: list[SeriesRecord], tmp_path: Path
+) -> None:
     a, b, c, d = site_series
     (pa, _, _), (_, sb, _), (pc, _, uc), (pd, _, _) = (_ids(s) for s in (a, b, c, d))
     csv = tmp_path / "labels.csv"
@@ -56,19 +58,25 @@ def test_rows_that_disagree_make_a_series_ambiguous(site_series: list[SeriesReco
     a = site_series[0]
     pid = _ids(a)[0]
     csv = tmp_path / "labels.csv"
-    csv.write_text(f"\ufeffpatient_id;Label\n{pid};lesion\n{pid};normal\n", encoding="utf-8")  # BOM, ';', other spelling
+    csv.write_text(
+        f"\ufeffpatient_id;Label\n{pid};lesion\n{pid};normal\n", encoding="utf-8"
+    )  # BOM, ';', other spelling
     got = class_labels(csv, site_series)
     assert got.ambiguous == [a.series_hash] and a.series_hash not in got.labels
     assert len(got.unlabelled) == len(site_series) - 1
 
 
-def test_a_manifest_without_label_or_key_column_says_which_columns_it_has(site_series: list[SeriesRecord], tmp_path: Path) -> None:
+def test_a_manifest_without_label_or_key_column_says_which_columns_it_has(
+    site_series: list[SeriesRecord], tmp_path: Path
+) -> None:
     csv = tmp_path / "labels.csv"
     csv.write_text("PatientID,diagnosis\nP1,x\n")
     with pytest.raises(LabelManifestError, match=r"no 'label' column \(columns: PatientID, diagnosis\)"):
         class_labels(csv, site_series)
     csv.write_text("mrn,label\nP1,x\n")
-    with pytest.raises(LabelManifestError, match="no key column; name one of SeriesInstanceUID, StudyInstanceUID, PatientID"):
+    with pytest.raises(
+        LabelManifestError, match="no key column; name one of SeriesInstanceUID, StudyInstanceUID, PatientID"
+    ):
         class_labels(csv, site_series)
 
 
@@ -94,7 +102,9 @@ def _nifti_mask(site: Path, series: SeriesRecord) -> sitk.Image:
     return sitk.ReadImage(str(site / "labels" / f"{series.series_uid}.nii.gz"))
 
 
-def test_a_nrrd_mask_and_a_nifti_mask_written_in_ras_are_reindexed_exactly(small_sites: Path, site_series: list[SeriesRecord], tmp_path: Path) -> None:
+def test_a_nrrd_mask_and_a_nifti_mask_written_in_ras_are_reindexed_exactly(
+    small_sites: Path, site_series: list[SeriesRecord], tmp_path: Path
+) -> None:
     s = site_series[0]
     shape = (len(s.slices), s.rows, s.columns)
     img = _nifti_mask(small_sites / "site-01", s)
@@ -156,9 +166,18 @@ def _write_seg(series: SeriesRecord, mask: np.ndarray, path: Path, *, segments: 
     ]
     pixels = mask.astype(bool) if segments == 1 else np.stack([mask.astype(bool)] * segments, axis=-1)
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels, segmentation_type="BINARY", segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=100, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="fedsite-tests", manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type="BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=100,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="fedsite-tests",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
     )
     seg.save_as(path)
 
@@ -186,9 +205,13 @@ def test_dicom_seg_masks_are_read_on_their_series_and_a_site_trains_on_them(smal
     assert data.series_used == 4 and data.train and data.val
 
 
-def test_a_seg_with_several_segments_is_refused(small_sites: Path, site_series: list[SeriesRecord], tmp_path: Path) -> None:
+def test_a_seg_with_several_segments_is_refused(
+    small_sites: Path, site_series: list[SeriesRecord], tmp_path: Path
+) -> None:
     s = site_series[0]
-    truth = read_mask(small_sites / "site-01" / "labels" / f"{s.series_uid}.nii.gz", s, (len(s.slices), s.rows, s.columns))
+    truth = read_mask(
+        small_sites / "site-01" / "labels" / f"{s.series_uid}.nii.gz", s, (len(s.slices), s.rows, s.columns)
+    )
     order = [next(i for i, sl in enumerate(s.slices) if sl.path == f) for f in s.files]
     _write_seg(s, truth[order], tmp_path / "two.dcm", segments=2)
     with pytest.raises(DicomError, match="holds 2 segments"):
@@ -211,7 +234,9 @@ def test_the_site_check_lists_mask_problems_and_orphans_with_hashed_names(small_
     seg = report.labels["segmentation"]
     assert seg["series_with_mask"] == 3 and seg["coverage"] == 0.75
     reasons = {p["file"]: p["reason"] for p in seg["problems"]}
-    assert reasons[f"labels/~{hash_id(bad.name)}.nii.gz"].endswith("grid differs from the image's (other spacing or orientation); write the mask on the image's grid")
+    assert reasons[f"labels/~{hash_id(bad.name)}.nii.gz"].endswith(
+        "grid differs from the image's (other spacing or orientation); write the mask on the image's grid"
+    )
     assert "names no usable series" in reasons["labels/1.2.3.4.nii.gz"]
     assert "not a mask" in reasons["labels/readme.txt"]
     assert not any(s.series_uid in str(report.to_json()) for s in series)

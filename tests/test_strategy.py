@@ -35,7 +35,10 @@ def _train_reply(node: int, site: str, w: np.ndarray, n: int) -> Message:
 
 def _eval_reply(node: int, site: str, dice: float, n: int) -> Message:
     content = RecordDict(
-        {"metrics": MetricRecord({"dice": dice, "loss": 1 - dice, "num-examples": n}), "site": ConfigRecord({"name": site})}
+        {
+            "metrics": MetricRecord({"dice": dice, "loss": 1 - dice, "num-examples": n}),
+            "site": ConfigRecord({"name": site}),
+        }
     )
     return Message(content=content, reply_to=_instruction(node, MessageType.EVALUATE))
 
@@ -50,7 +53,9 @@ def strategy(task_identity: None):
 
 def test_weights_are_averaged_by_training_samples_not_by_site(strategy) -> None:
     s, _ = strategy
-    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", np.full(2, 4.0), 10)])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", np.full(2, 4.0), 10)]
+    )
     assert np.allclose(arrays["w"].numpy(), (30 * 1 + 10 * 4) / 40)
 
 
@@ -72,7 +77,9 @@ def test_a_reply_with_nan_weights_is_rejected_with_its_reason_and_the_rest_aggre
 )
 def test_misshapen_or_empty_replies_are_rejected(strategy, reply_kwargs, reason) -> None:
     s, _ = strategy
-    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", **reply_kwargs)])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(11, "site-a", np.ones(2), 30), _train_reply(12, "site-b", **reply_kwargs)]
+    )
     assert np.allclose(arrays["w"].numpy(), 1.0)
     assert reason in s.records[0].rejected[0]["reason"]
 
@@ -101,7 +108,10 @@ def test_results_have_per_site_rounds_final_mean_worst_and_timing(strategy) -> N
     s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.5, 20), _eval_reply(12, "site-b", 0.3, 5)])
     res = build_results({"seed": 1}, s.records, total_s=3.0)
     assert res["rounds"][0]["per_site"]["site-b"]["dice"] == 0.3
-    assert res["final"]["per_site"] == {"site-a": {"dice": 0.5, "loss": 0.5}, "site-b": {"dice": 0.3, "loss": pytest.approx(0.7)}}
+    assert res["final"]["per_site"] == {
+        "site-a": {"dice": 0.5, "loss": 0.5},
+        "site-b": {"dice": 0.3, "loss": pytest.approx(0.7)},
+    }
     assert res["final"]["mean"]["dice"] == pytest.approx(0.4) and res["final"]["worst"]["dice"] == 0.3
     assert res["timing"]["total_s"] == 3.0 and len(res["timing"]["round_s"]) == 1
     table = site_table(res)
@@ -122,7 +132,9 @@ def _uniform_reply(node: int, site: str, w: np.ndarray) -> Message:
 def test_central_dp_clips_each_site_adds_noise_and_accounts_epsilon_per_round(task_identity: None) -> None:
     from server.strategies import recorder_of
 
-    cfg = parse_run_config({"privacy.central-dp": True, "privacy.central-noise": 0.5, "privacy.central-clip": 1.0, "sim.sites": 2})
+    cfg = parse_run_config(
+        {"privacy.central-dp": True, "privacy.central-noise": 0.5, "privacy.central-clip": 1.0, "sim.sites": 2}
+    )
     s = make_strategy(cfg)
     rec = recorder_of(s)
     zero = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
@@ -156,7 +168,10 @@ def test_fedbn_never_averages_normalization_layers(task_identity: None) -> None:
     def reply(node: int, site: str, shift: float) -> Message:
         arrays = ArrayRecord({k: Array((v + shift).astype(v.dtype)) for k, v in start.items()})
         metrics = MetricRecord({"num-examples": 10})
-        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}), reply_to=_instruction(node, MessageType.TRAIN))
+        return Message(
+            content=RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}),
+            reply_to=_instruction(node, MessageType.TRAIN),
+        )
 
     agg, _ = s.aggregate_train(1, [reply(11, "site-a", 1.0), reply(12, "site-b", 3.0)])
     for k, v in start.items():
@@ -170,5 +185,7 @@ def test_server_optimizers_get_their_measured_step_unless_one_is_set() -> None:
 
     assert make_strategy(parse_run_config({"strategy.name": "fedadam"})).eta == pytest.approx(0.03)
     assert make_strategy(parse_run_config({"strategy.name": "fedyogi"})).eta == pytest.approx(0.01)
-    assert make_strategy(parse_run_config({"strategy.name": "fedyogi", "strategy.server-lr": 0.2})).eta == pytest.approx(0.2)
+    assert make_strategy(
+        parse_run_config({"strategy.name": "fedyogi", "strategy.server-lr": 0.2})
+    ).eta == pytest.approx(0.2)
     assert make_strategy(parse_run_config({"strategy.name": "fedadam"})).tau == pytest.approx(0.01)

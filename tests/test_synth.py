@@ -32,14 +32,47 @@ SLICES = 4
 SITES = len(DEFAULT_PROFILES)  # one site per default profile
 
 REQUIRED_TAGS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate",
-    "SeriesDate", "StudyTime", "StudyID", "SeriesNumber", "InstanceNumber", "Modality", "Manufacturer",
-    "ManufacturerModelName", "MagneticFieldStrength", "InstitutionName", "BodyPartExamined", "Rows",
-    "Columns", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "ImagePositionPatient",
-    "ImageOrientationPatient", "SliceLocation", "SamplesPerPixel", "PhotometricInterpretation",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
-    "WindowCenter", "WindowWidth", "PixelData",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyDate",
+    "SeriesDate",
+    "StudyTime",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "MagneticFieldStrength",
+    "InstitutionName",
+    "BodyPartExamined",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceLocation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "PixelData",
 )
 
 
@@ -178,7 +211,9 @@ def test_series_read_by_simpleitk_match_their_mask_grid(sites_root: Path) -> Non
             np.testing.assert_allclose(mask.GetOrigin(), [float(v) for v in dss[0].ImagePositionPatient], atol=1e-4)
             profile = profile_for_site(index)
             np.testing.assert_allclose(
-                mask.GetSpacing(), (profile.pixel_spacing_mm, profile.pixel_spacing_mm, profile.slice_thickness_mm), atol=1e-4
+                mask.GetSpacing(),
+                (profile.pixel_spacing_mm, profile.pixel_spacing_mm, profile.slice_thickness_mm),
+                atol=1e-4,
             )
             assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
 
@@ -287,7 +322,9 @@ def test_a_folder_without_site_json_is_not_taken_for_a_site(tmp_path: Path) -> N
         write_site(tmp_path, 0, seed=1, patients=2, slices=2)
 
 
-def test_losing_a_race_for_the_same_site_returns_the_winners_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_losing_a_race_for_the_same_site_returns_the_winners_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If another writer finishes the same site first, the late writer drops its copy and returns the winner's."""
     real_build = synth._build_site
     competitor: list[Path] = []
@@ -315,7 +352,7 @@ def test_concurrent_writers_of_different_and_same_sites_do_not_interfere(tmp_pat
     def run(slot: int, index: int) -> None:
         try:
             results[slot] = write_site(tmp_path / "par", index, seed=5, patients=2, slices=2)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(slot, index)) for slot, index in enumerate([0, 1, 1])]
@@ -366,9 +403,20 @@ def test_sites_differ_in_grid_and_vendor_headers(sites_root: Path) -> None:
     for index in range(SITES):
         ds = _read_series(_series_dirs(sites_root / site_name(index))[0])[0]
         headers.append(
-            (int(ds.Rows), float(ds.PixelSpacing[0]), str(ds.Manufacturer), str(ds.ManufacturerModelName),
-             (int(ds.BitsStored), int(ds.PixelRepresentation), str(ds.PhotometricInterpretation),
-              float(ds.RescaleSlope), float(ds.RescaleIntercept), str(ds.file_meta.TransferSyntaxUID)))
+            (
+                int(ds.Rows),
+                float(ds.PixelSpacing[0]),
+                str(ds.Manufacturer),
+                str(ds.ManufacturerModelName),
+                (
+                    int(ds.BitsStored),
+                    int(ds.PixelRepresentation),
+                    str(ds.PhotometricInterpretation),
+                    float(ds.RescaleSlope),
+                    float(ds.RescaleIntercept),
+                    str(ds.file_meta.TransferSyntaxUID),
+                ),
+            )
         )
     for column in zip(*headers):
         assert len(set(column)) == SITES, column

@@ -40,12 +40,19 @@ from simulations.synth import (
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_merged.npz"
 needs_pneumonia = pytest.mark.skipif(
-    not PNEUMONIA.is_file(), reason=f"PneumoniaMNIST not found at {PNEUMONIA} (the repository's ../shared/data/pneumoniamnist)"
+    not PNEUMONIA.is_file(),
+    reason=f"PneumoniaMNIST not found at {PNEUMONIA} (the repository's ../shared/data/pneumoniamnist)",
 )
 FLAT = 128  # object value of the flat background of the synthetic images (0.502)
 # One physics profile: DX, 64 x 3.75 mm, no blur, no detector noise, linear display.
 BASE = dataclasses.replace(
-    XRAY_PROFILES[1], matrix=64, pixel_spacing_mm=3.75, blur_mm=0.0, noise_level=0.0, contrast_gamma=1.0, exposure=1.0,
+    XRAY_PROFILES[1],
+    matrix=64,
+    pixel_spacing_mm=3.75,
+    blur_mm=0.0,
+    noise_level=0.0,
+    contrast_gamma=1.0,
+    exposure=1.0,
     transfer_syntax="ExplicitVRLittleEndian",
 )
 
@@ -68,7 +75,11 @@ def toy_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _decoded(site: Path) -> list[np.ndarray]:
@@ -103,7 +114,9 @@ def test_pneumoniamnist_sites_read_back_with_the_labels_of_their_npz_images(tmp_
         assert (site / "labels.csv").read_text().splitlines()[0] == "PatientID,label"
         series, rejected = discover_series(site / "dicom")
         assert len(series) == 10 and not rejected
-        assert {s.kind for s in series} == {"projection"} and {s.modality for s in series} == {profile_for_site(index, "auto").modality}
+        assert {s.kind for s in series} == {"projection"} and {s.modality for s in series} == {
+            profile_for_site(index, "auto").modality
+        }
         found = class_labels(site / "labels.csv", series)
         assert not found.unlabelled and not found.ambiguous and found.unmatched_rows == 0
         by_patient = {s.patient_hash: s for s in series}
@@ -116,9 +129,19 @@ def test_pneumoniamnist_sites_read_back_with_the_labels_of_their_npz_images(tmp_
             small = xray._resample_matrix(m, 28) @ image @ xray._resample_matrix(m, 28).T
             assert np.corrcoef(small.ravel(), src.images[k].ravel().astype(float))[0, 1] > 0.8
         doc = json.loads((site / "site.json").read_text())
-        assert doc["source"] == PNEUMONIA.name and doc["source_sha256"] == hashlib.sha256(PNEUMONIA.read_bytes()).hexdigest()
-        assert doc["images"] == 10 and sum(doc["class_counts"].values()) == 10 and found.classes == {k: v for k, v in doc["class_counts"].items() if v}
-        assert str(tmp_path) not in (site / "site.json").read_text() and str(PNEUMONIA.parent) not in (site / "site.json").read_text()
+        assert (
+            doc["source"] == PNEUMONIA.name
+            and doc["source_sha256"] == hashlib.sha256(PNEUMONIA.read_bytes()).hexdigest()
+        )
+        assert (
+            doc["images"] == 10
+            and sum(doc["class_counts"].values()) == 10
+            and found.classes == {k: v for k, v in doc["class_counts"].items() if v}
+        )
+        assert (
+            str(tmp_path) not in (site / "site.json").read_text()
+            and str(PNEUMONIA.parent) not in (site / "site.json").read_text()
+        )
 
 
 @needs_pneumonia
@@ -151,7 +174,10 @@ def test_label_skew_spreads_the_class_mix_and_zero_keeps_the_global_mix() -> Non
 @needs_pneumonia
 def test_quantity_skew_varies_site_sizes_and_writes_them(tmp_path: Path) -> None:
     """quantity_skew > 0: sites of different sizes (at least 4 images), recorded in site.json and the index."""
-    sizes = [len(p) for p in xray.allocate(xray.load_source(PNEUMONIA).labels, seed=2, sites=10, patients=30, quantity_skew=1.0)]
+    sizes = [
+        len(p)
+        for p in xray.allocate(xray.load_source(PNEUMONIA).labels, seed=2, sites=10, patients=30, quantity_skew=1.0)
+    ]
     assert len(set(sizes)) >= 5 and min(sizes) >= 4 and max(sizes) > 2 * min(sizes)
     paths = write_sites(tmp_path, sites=3, seed=2, patients=8, source=PNEUMONIA, quantity_skew=1.0, label_skew=1.0)
     for index, site in enumerate(paths):
@@ -161,7 +187,12 @@ def test_quantity_skew_varies_site_sizes_and_writes_them(tmp_path: Path) -> None
         assert (doc["label_skew"], doc["quantity_skew"]) == (1.0, 1.0)
         assert len((site / "labels.csv").read_text().splitlines()) == n + 1
     index = json.loads((tmp_path / INDEX_FILE).read_text())
-    assert (index["label_skew"], index["quantity_skew"], index["task"], index["modality"]) == (1.0, 1.0, "classification", "auto")
+    assert (index["label_skew"], index["quantity_skew"], index["task"], index["modality"]) == (
+        1.0,
+        1.0,
+        "classification",
+        "auto",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,10 +229,14 @@ def test_default_sites_stay_different_after_the_clients_resampling_and_normalisa
 
 def test_lower_exposure_and_detector_noise_raise_the_noise(toy_npz: Path, tmp_path: Path) -> None:
     """Quantum noise grows as exposure drops (about 1/sqrt(dose)); detector noise adds to it."""
+
     def noise(profile: ScannerProfile, tag: str) -> float:
         return float(np.mean([_flat(im).std() for im in _decoded(_toy_site(tmp_path, toy_npz, profile, tag=tag))]))
 
-    high, low = noise(dataclasses.replace(BASE, exposure=4.0), "high"), noise(dataclasses.replace(BASE, exposure=0.25), "low")
+    high, low = (
+        noise(dataclasses.replace(BASE, exposure=4.0), "high"),
+        noise(dataclasses.replace(BASE, exposure=0.25), "low"),
+    )
     assert 2.5 < low / high < 6.0  # sqrt(16) = 4
     assert noise(dataclasses.replace(BASE, exposure=4.0, noise_level=0.02), "detector") > 1.5 * high
 
@@ -216,8 +251,13 @@ def test_display_gamma_bends_the_values(toy_npz: Path, tmp_path: Path) -> None:
 
 def test_detector_blur_removes_high_frequencies(toy_npz: Path, tmp_path: Path) -> None:
     """A wider detector blur (MTF) lowers the high-frequency energy of the same exposures."""
+
     def energy(blur: float) -> float:
-        images = _decoded(_toy_site(tmp_path, toy_npz, dataclasses.replace(BASE, blur_mm=blur, exposure=20.0), tag=f"b{blur}", patients=2))
+        images = _decoded(
+            _toy_site(
+                tmp_path, toy_npz, dataclasses.replace(BASE, blur_mm=blur, exposure=20.0), tag=f"b{blur}", patients=2
+            )
+        )
         return float(np.mean([np.mean(np.diff(im, axis=1) ** 2) for im in images]))
 
     sharp, soft, softer = energy(0.0), energy(3.0), energy(8.0)
@@ -226,6 +266,7 @@ def test_detector_blur_removes_high_frequencies(toy_npz: Path, tmp_path: Path) -
 
 def test_vendor_edge_enhancement_steepens_edges_without_moving_flat_regions(toy_npz: Path, tmp_path: Path) -> None:
     """edge_enhance (unsharp mask): the same exposures get more edge energy; a flat region keeps its level."""
+
     def images(gain: float) -> list[np.ndarray]:
         profile = dataclasses.replace(BASE, edge_enhance=gain, exposure=20.0, contrast_gamma=1.0)
         return _decoded(_toy_site(tmp_path, toy_npz, profile, tag=f"e{gain}", patients=2))
@@ -233,11 +274,15 @@ def test_vendor_edge_enhancement_steepens_edges_without_moving_flat_regions(toy_
     plain, enhanced = images(0.0), images(1.5)
     edge = [float(np.mean([np.mean(np.diff(im, axis=1) ** 2) for im in ims])) for ims in (plain, enhanced)]
     assert edge[1] > 1.5 * edge[0]
-    assert float(np.mean([_flat(im).mean() for im in enhanced])) == pytest.approx(float(np.mean([_flat(im).mean() for im in plain])), abs=0.05)
+    assert float(np.mean([_flat(im).mean() for im in enhanced])) == pytest.approx(
+        float(np.mean([_flat(im).mean() for im in plain])), abs=0.05
+    )
 
 
 @pytest.mark.parametrize("matrix", [48, 96])
-def test_matrix_sets_rows_columns_and_spacing_over_a_fixed_field_of_view(toy_npz: Path, tmp_path: Path, matrix: int) -> None:
+def test_matrix_sets_rows_columns_and_spacing_over_a_fixed_field_of_view(
+    toy_npz: Path, tmp_path: Path, matrix: int
+) -> None:
     """Rows/Columns = matrix; CR writes PixelSpacing, DX ImagerPixelSpacing, both 240 / matrix, which the client uses."""
     for base in (XRAY_PROFILES[0], XRAY_PROFILES[1]):
         profile = dataclasses.replace(base, matrix=matrix, pixel_spacing_mm=XRAY_FOV_MM / matrix)
@@ -257,7 +302,7 @@ def test_monochrome1_reads_back_like_monochrome2_through_the_client(toy_npz: Pat
     inverted = _toy_site(tmp_path, toy_npz, profile, tag="m1", photometric="MONOCHROME1")
     for a, b in zip(_decoded(plain), _decoded(inverted), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-        assert 0.0 <= a.min() and a.max() <= 1.0
+        assert a.min() >= 0.0 and a.max() <= 1.0
     fa, fb = min(plain.rglob("*.dcm")), min(inverted.rglob("*.dcm"))
     ra, rb = pydicom.dcmread(fa), pydicom.dcmread(fb)
     assert rb.PhotometricInterpretation == "MONOCHROME1"
@@ -282,15 +327,27 @@ def test_headers_name_the_vendor_dose_and_storage(toy_npz: Path, tmp_path: Path)
         path = next((site / "dicom").rglob("*.dcm"))
         assert path.relative_to(site).parts[2:] == ("SE0001", "IM0001.dcm")
         ds = pydicom.dcmread(path)
-        assert ds.SOPClassUID == {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation}[profile.modality]
-        assert (ds.Modality, ds.Manufacturer, ds.ManufacturerModelName) == (profile.modality, profile.manufacturer, profile.model_name)
+        assert (
+            ds.SOPClassUID
+            == {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation}[profile.modality]
+        )
+        assert (ds.Modality, ds.Manufacturer, ds.ManufacturerModelName) == (
+            profile.modality,
+            profile.manufacturer,
+            profile.model_name,
+        )
         assert float(ds.KVP) == profile.kvp and ds.PhotometricInterpretation == profile.photometric
         assert (ds.BitsStored, ds.PixelRepresentation, ds.Rows) == (profile.bits_stored, 0, profile.matrix)
         assert int(ds.pixel_array.max()) <= 2**profile.bits_stored - 1
-        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (2 ** (profile.bits_stored - 1), 2**profile.bits_stored)
+        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (
+            2 ** (profile.bits_stored - 1),
+            2**profile.bits_stored,
+        )
         assert "ImagePositionPatient" not in ds and "ImageOrientationPatient" not in ds
         if profile.modality == "DX":
-            assert ds.PresentationIntentType == "FOR PRESENTATION" and float(ds.ExposureIndex) == pytest.approx(400 * profile.exposure)
+            assert ds.PresentationIntentType == "FOR PRESENTATION" and float(ds.ExposureIndex) == pytest.approx(
+                400 * profile.exposure
+            )
         else:
             assert int(ds.RelativeXRayExposure) == round(1000 * profile.exposure)
         assert ds.PatientID == "S01-P0001" and str(ds.PatientName) == "SYNTH^S01P0001"
@@ -325,7 +382,11 @@ def test_an_identical_site_is_kept_and_other_settings_are_reported(toy_npz: Path
     with pytest.raises(FileExistsError, match="task 'classification' on disk, 'segmentation' requested"):
         write_site(tmp_path, 0, seed=1, patients=4)
     doc = json.loads((site / "site.json").read_text())
-    assert doc["generator_version"] == GENERATOR_VERSION and doc["task"] == "classification" and doc["name"] == site_name(0)
+    assert (
+        doc["generator_version"] == GENERATOR_VERSION
+        and doc["task"] == "classification"
+        and doc["name"] == site_name(0)
+    )
 
 
 def test_class_names_come_from_the_file_name_or_the_argument(toy_npz: Path, tmp_path: Path) -> None:
@@ -346,10 +407,19 @@ def test_bad_sources_and_arguments_name_the_value_and_the_fix(toy_npz: Path, tmp
     with pytest.raises(ValueError, match="lacks the keys val_images, val_labels, test_images, test_labels"):
         write_sites(tmp_path / "s", sites=1, seed=1, source=partial)
     colour = tmp_path / "colour.npz"
-    np.savez(colour, **{f"{s}_{k}": (np.zeros((2, 28, 28, 3), np.uint8) if k == "images" else np.zeros((2, 1), np.uint8)) for s in xray.SPLITS for k in ("images", "labels")})
+    np.savez(
+        colour,
+        **{
+            f"{s}_{k}": (np.zeros((2, 28, 28, 3), np.uint8) if k == "images" else np.zeros((2, 1), np.uint8))
+            for s in xray.SPLITS
+            for k in ("images", "labels")
+        },
+    )
     with pytest.raises(ValueError, match=r"shape \(2, 28, 28, 3\).*grayscale"):
         write_sites(tmp_path / "s", sites=1, seed=1, source=colour)
-    with pytest.raises(ValueError, match="the source has 42 images but 5 sites x patients=10 need 50: lower sites or patients"):
+    with pytest.raises(
+        ValueError, match="the source has 42 images but 5 sites x patients=10 need 50: lower sites or patients"
+    ):
         write_sites(tmp_path / "s", sites=5, seed=1, patients=10, source=toy_npz)
     with pytest.raises(ValueError, match="modality='CT' is invalid with source"):
         write_sites(tmp_path / "s", sites=1, seed=1, source=toy_npz, modality="CT")
@@ -362,11 +432,31 @@ def test_bad_sources_and_arguments_name_the_value_and_the_fix(toy_npz: Path, tmp
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
 
 
-def test_command_line_writes_xray_sites_and_rejects_mismatched_options(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_writes_xray_sites_and_rejects_mismatched_options(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`fedsite data synth --source ...` writes classification sites; task/source/modality mismatches are argparse errors."""
     out = tmp_path / "cli"
-    rc = fedsite(["data", "synth", "--out", str(out), "--sites", "2", "--patients", "4", "--source", str(toy_npz), "--modality", "DX",
-                  "--label-skew", "0.5", "--classes", "x,y,z"])
+    rc = fedsite(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--sites",
+            "2",
+            "--patients",
+            "4",
+            "--source",
+            str(toy_npz),
+            "--modality",
+            "DX",
+            "--label-skew",
+            "0.5",
+            "--classes",
+            "x,y,z",
+        ]
+    )
     assert rc == 0 and "site-02: wrote" in capsys.readouterr().out
     assert json.loads((out / INDEX_FILE).read_text())["class_names"] == ["x", "y", "z"]
     for argv, message in (
@@ -378,5 +468,7 @@ def test_command_line_writes_xray_sites_and_rejects_mismatched_options(toy_npz: 
         with pytest.raises(SystemExit) as info:
             fedsite(["data", "synth", "--out", str(tmp_path / "bad"), *argv])
         assert info.value.code == 2 and message in capsys.readouterr().err
-    assert synth.main(["--out", str(tmp_path / "mod"), "--sites", "1", "--patients", "4", "--source", str(toy_npz)]) == 0
+    assert (
+        synth.main(["--out", str(tmp_path / "mod"), "--sites", "1", "--patients", "4", "--source", str(toy_npz)]) == 0
+    )
     assert (tmp_path / "mod" / "site-01" / "labels.csv").is_file()
