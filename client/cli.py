@@ -24,7 +24,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``fedsite site`` and its subcommands on the ``fedsite`` parser's subparsers."""
-    site = subparsers.add_parser("site", help="site tools: check a site folder before joining")
+    site = subparsers.add_parser("site", help="site tools: check a site folder, join a federation")
     sub = site.add_subparsers(dest="site_command", required=True)
     check = sub.add_parser(
         "check",
@@ -70,6 +70,123 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from client.predict_cli import add_pull_parser
 
     add_pull_parser(sub)
+    _add_start(sub)
+
+
+def _add_start(sub: argparse._SubParsersAction) -> None:
+    from common.locations import certs_dir
+
+    start = sub.add_parser(
+        "start",
+        help="check the data folder, then join the federation (SuperNode with TLS and the site's key)",
+        description=(
+            "Audit DATA_DIR as `fedsite site check` does and refuse on an unusable folder; then run Flower's "
+            "SuperNode against the coordinator's SuperLink, verifying it with CA and signing with KEY. "
+            "Keeps retrying while the SuperLink is down."
+        ),
+    )
+    start.add_argument(
+        "--data", dest="data_dir", type=Path, required=True, metavar="DATA_DIR", help="the site's data folder"
+    )
+    start.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink, e.g. fl.hospital.org:8000"
+    )
+    start.add_argument(
+        "--ca", type=Path, default=certs_dir() / "ca.pem", help="the federation's ca.pem (from the coordinator)"
+    )
+    start.add_argument("--key", type=Path, help="this site's private key (default CERTS_DIR/sites/NAME.key)")
+    start.add_argument("--name", help="this site's public name (default: from site.json, else the folder name)")
+    start.add_argument(
+        "--state-dir", type=Path, help="the SuperNode's own folder (default ~/.local/share/fedsite/site-NAME)"
+    )
+    start.add_argument("--runtime-port", type=int, default=9094, help="local Runtime API port (loopback; default 9094)")
+    start.add_argument(
+        "--max-retries", type=int, help="give up after this many failed connection attempts (default: never)"
+    )
+    start.add_argument(
+        "--headers-only", action="store_true", help="check headers only (faster; damaged pixel data goes unnoticed)"
+    )
+    start.add_argument(
+        "--insecure", action="store_true", help="no TLS, no key: only against `fedsite server start --insecure`"
+    )
+    start.add_argument(
+        "--approved",
+        type=Path,
+        metavar="FILE",
+        help="run only apps whose FAB hash is in FILE (see `fedsite site approve`); others are refused before any code runs",
+    )
+    approve = sub.add_parser(
+        "approve", help="add an app's FAB hash to the site's approved list (after reviewing its code)"
+    )
+    approve.add_argument("app", type=Path, nargs="?", metavar="APP_DIR", help="the reviewed source folder of the app")
+    approve.add_argument("--hash", dest="fab_hash", help="approve this FAB hash instead (as `flwr ls` shows it)")
+    approve.add_argument("--approved", type=Path, required=True, metavar="FILE", help="the site's approved list (JSON)")
+
+
+def _start(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from client.deploy import SiteSpec, SiteStartError, check_folder, supernode_command, supernode_env
+    from client.site import site_name_of
+    from common.locations import certs_dir
+
+    try:
+        summary = check_folder(args.data_dir, decode=not args.headers_only)
+    except SiteStartError as exc:
+        print(f"fedsite site start: refused: {exc}", file=sys.stderr)
+        return 1
+    print(summary, flush=True)
+    name = args.name or site_name_of(args.data_dir.resolve())
+    spec = SiteSpec(
+        superlink=args.superlink,
+        data_dir=args.data_dir,
+        ca=args.ca,
+        key=args.key or certs_dir() / "sites" / f"{name}.key",
+        name=name,
+        state_dir=args.state_dir or Path.home() / ".local" / "share" / "fedsite" / f"site-{name}",
+        runtime_port=args.runtime_port,
+        max_retries=args.max_retries,
+        insecure=args.insecure,
+        approved=args.approved,
+    )
+    try:
+        cmd = supernode_command(spec)
+    except SiteStartError as exc:
+        print(f"fedsite site start: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"site {name}: joining {args.superlink} ({'NO TLS' if args.insecure else 'TLS, signed with the site key'})",
+        flush=True,
+    )
+    from client.deploy import executor_command
+
+    env = supernode_env(spec)
+    procs = [subprocess.Popen(cmd, env=env)]
+    if spec.approved is not None:
+        print(f"site {name}: runs only apps approved in {spec.approved}", flush=True)
+        procs.append(subprocess.Popen(executor_command(spec, procs[0].pid), env=env))
+    from common.processes import run_foreground
+
+    return run_foreground(procs)
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from client.approval import ApprovalError, approve, fab_hash_of_app
+
+    try:
+        if args.fab_hash:
+            fab_hash, app, version = args.fab_hash, "", ""
+        elif args.app is not None:
+            fab_hash, app, version = fab_hash_of_app(args.app)
+        else:
+            print("fedsite site approve: give APP_DIR (the reviewed source) or --hash", file=sys.stderr)
+            return 2
+        approve(args.approved, fab_hash, app=app, version=version)
+    except ApprovalError as exc:
+        print(f"fedsite site approve: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"approved {app or 'app'} {version} (FAB hash {fab_hash}) in {args.approved}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -115,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
             from client.predict_cli import run_pull
 
             return run_pull(args)
+        if args.site_command == "start":
+            return _start(args)
+        if args.site_command == "approve":
+            return _approve(args)
     except FedsiteError as exc:
         print(f"fedsite site {args.site_command}: error: {exc}", file=sys.stderr)
         return 2

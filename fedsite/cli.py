@@ -12,7 +12,10 @@ run``, ``fedsite certs``) is one line in :data:`SIDES`. Today:
 
 * ``fedsite simulate``, ``fedsite study privacy|shift``, ``fedsite data synth``: :mod:`simulations.cli`
 * ``fedsite site check|pull``: :mod:`client.cli`
+* ``fedsite site start|approve``: :mod:`client.cli`
 * ``fedsite predict``: :mod:`client.predict_cli`
+* ``fedsite server start|add-site|remove-site|sites``, ``fedsite run``: :mod:`server.cli`
+* ``fedsite certs init|server|site|status``: :mod:`certs.cli`
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ SIDES: tuple[str, ...] = (
     "simulations.cli",
     "client.cli",
     "client.predict_cli",
+    "server.cli",
+    "certs.cli",
 )
 
 

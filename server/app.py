@@ -7,6 +7,7 @@ Thin over plain modules: :mod:`server.strategies` (which aggregation), :mod:`ser
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,7 +141,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point of the coordinator."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("fedsite").setLevel(logging.INFO)
+    fed = logging.getLogger("fedsite")
+    fed.setLevel(logging.INFO)
+    if not fed.handlers and not logging.getLogger().handlers:
+        # Deployed (flwr-serverapp): fedsite's lines once; the root logger stays quiet, so Flower's
+        # own lines are not printed twice and httpx's request lines not at all.
+        fed.addHandler(logging.StreamHandler(sys.stdout))
+        fed.propagate = False
     cfg = parse_run_config(context.run_config)
     run_federation(grid, cfg)

@@ -19,7 +19,17 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def test_every_command_of_the_fedsite_command_is_run_by_the_side_that_registered_it() -> None:
     parser, owner = build_parser()
-    assert list(_subcommands(parser)) == ["simulate", "study", "data", "pretrain", "site", "predict"]
+    assert list(_subcommands(parser)) == [
+        "simulate",
+        "study",
+        "data",
+        "pretrain",
+        "site",
+        "predict",
+        "server",
+        "run",
+        "certs",
+    ]
     assert {c: m.__name__ for c, m in owner.items()} == {
         "simulate": "simulations.cli",
         "study": "simulations.cli",
@@ -27,6 +37,9 @@ def test_every_command_of_the_fedsite_command_is_run_by_the_side_that_registered
         "pretrain": "simulations.cli",
         "site": "client.cli",
         "predict": "client.predict_cli",
+        "server": "server.cli",
+        "run": "server.cli",
+        "certs": "certs.cli",
     }
 
 
