@@ -92,7 +92,7 @@ def _load(
         order = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(site_seed(seed, data.name, -1))
         ).tolist()
-        n_audit = max(1, int(round(audit_fraction * len(train))))
+        n_audit = max(1, round(audit_fraction * len(train)))
         held = set(order[:n_audit])
         audit = stack_samples([s for i, s in enumerate(train) if i in held])
         train = [s for i, s in enumerate(train) if i not in held]

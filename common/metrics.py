@@ -74,7 +74,7 @@ def average_ranks(x: Any) -> np.ndarray:
     # boundaries of runs of equal values in the sorted array
     starts = np.flatnonzero(np.r_[True, sorted_a[1:] != sorted_a[:-1]])
     ends = np.r_[starts[1:], a.size]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         ranks[order[s:e]] = (s + 1 + e) / 2.0  # mean of the 1-based ranks s+1 .. e
     return ranks
 

@@ -179,7 +179,7 @@ def federated_budget(results: Mapping[str, Any]) -> int:
     for r in results.get("rounds", []):
         for m in r.get("train", {}).values():
             total += float(m.get("samples-seen", 0.0))
-    return int(round(total))
+    return round(total)
 
 
 def shift_pairs(
@@ -482,7 +482,7 @@ def _study(
                 "mean": float(np.mean([x["mean"] for x in c])),
                 "worst": float(np.min([x["worst"] for x in c])),
             }
-            for c in zip(*curves)
+            for c in zip(*curves, strict=True)
         ]
         method_entries["local-only"] = _method_entry(
             per_site, sample_steps=steps_total, seconds=time.perf_counter() - t0, curve=curve

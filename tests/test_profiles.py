@@ -386,7 +386,7 @@ def test_bad_site_arguments_name_the_value_and_the_fix(tmp_path: Path) -> None:
         write_sites(tmp_path, sites=1, seed=1, modality="CR")
     with pytest.raises(ValueError, match="pass modality='CT'"):
         write_site(tmp_path, 0, seed=1, profile=CT_PROFILES[0])
-    with pytest.raises(ValueError, match="label_skew=-0.5 is invalid"):
+    with pytest.raises(ValueError, match=r"label_skew=-0\.5 is invalid"):
         write_sites(tmp_path, sites=1, seed=1, label_skew=-0.5)
     with pytest.raises(ValueError, match="quantity_skew=nan is invalid"):
         write_site(tmp_path, 0, seed=1, quantity_skew=float("nan"))

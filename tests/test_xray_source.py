@@ -398,7 +398,9 @@ def test_class_names_come_from_the_file_name_or_the_argument(toy_npz: Path, tmp_
 
 
 def test_bad_sources_and_arguments_name_the_value_and_the_fix(toy_npz: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.npz does not exist: pass the path of a MedMNIST-layout .npz"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing\.npz does not exist: pass the path of a MedMNIST-layout \.npz"
+    ):
         write_sites(tmp_path / "s", sites=1, seed=1, source=tmp_path / "missing.npz")
     partial = tmp_path / "partial.npz"
     np.savez(partial, train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.zeros((4, 1), np.uint8))
