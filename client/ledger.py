@@ -102,7 +102,8 @@ class PrivacyLedger:
             os.replace(tmp, self.path)
         except OSError as exc:
             raise LedgerError(
-                f"cannot write the privacy ledger {self.path} ({exc.strerror}); make the folder writable or set privacy.ledger-dir"
+                f"cannot write the privacy ledger {self.path} ({exc.strerror}); "
+                "make the folder writable or set privacy.ledger-dir"
             ) from None
 
     def append(self, entry: dict[str, Any]) -> None:

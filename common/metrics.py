@@ -111,7 +111,8 @@ def roc_auc(scores: Any, labels01: Any) -> float:
     bad = ~np.isin(y, (0, 1))
     if np.any(bad):
         raise ValueError(
-            f"roc_auc: labels01 must be 0 or 1, got {np.unique(y[bad])[:5].tolist()}; binarise the labels (labels == positive)"
+            f"roc_auc: labels01 must be 0 or 1, got {np.unique(y[bad])[:5].tolist()}; "
+            "binarise the labels (labels == positive)"
         )
     pos = y.astype(bool)
     n_pos = int(pos.sum())

@@ -353,8 +353,8 @@ def _plot_methods(path: Path, methods: Mapping[str, Mapping[str, Any]], metric: 
 # --------------------------------------------------------------------------------------- report
 
 _CAPTIONS = {
-    "montage.png": "One image per site (the middle slice of its first series), each in its own intensity window: look at contrast, noise and "
-    "field of view, the scanner differences the federation has to bridge.",
+    "montage.png": "One image per site (the middle slice of its first series), each in its own intensity window: "
+    "look at contrast, noise and field of view, the scanner differences the federation has to bridge.",
     "histograms.png": "The intensity histograms the sites share: sites whose curves sit apart are the ones the "
     "shift measure calls far.",
     "cross_site.png": "Rows are models, columns the site they are evaluated on; look at how far each local model "
@@ -457,7 +457,8 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         others = [k for k in _OTHER_METRICS if any(k in (e.get("mean") or {}) for e in methods.values())]
         if others:
             md.append(
-                f"Every metric, mean over sites (worst site in brackets; for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):"
+                "Every metric, mean over sites (worst site in brackets; "
+                f"for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):"
             )
             md.append("")
             md.append(
@@ -520,8 +521,10 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         )
         md.append("")
         md.append(
-            f"The own model beats every visitor on {home.get('columns_home_best', DASH)} of {home.get('sites', DASH)} sites, "
-            f"and does better at home than on every other site for {home.get('rows_home_best', DASH)} of {home.get('sites', DASH)}."
+            f"The own model beats every visitor on {home.get('columns_home_best', DASH)} "
+            f"of {home.get('sites', DASH)} sites, "
+            "and does better at home than on every other site "
+            f"for {home.get('rows_home_best', DASH)} of {home.get('sites', DASH)}."
         )
         md.append("")
 
@@ -552,7 +555,8 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
             )
             md.append("")
         md.append(
-            f"Spearman rank correlation between distance and loss: **ρ = {_fmt(shift.get('spearman'))}** ({len(pairs)} pairs)."
+            f"Spearman rank correlation between distance and loss: **ρ = {_fmt(shift.get('spearman'))}** "
+            f"({len(pairs)} pairs)."
         )
         md.append("")
         figure("shift.png", "distance versus loss")

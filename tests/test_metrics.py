@@ -1,4 +1,6 @@
-"""Classification metrics (common/metrics.py) and the shift measure (simulations/shift_measure.py), on hand-computed cases."""
+"""Classification metrics (common/metrics.py) and the shift measure (simulations/shift_measure.py), on hand-computed
+cases.
+"""
 
 from __future__ import annotations
 
