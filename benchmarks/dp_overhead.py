@@ -62,7 +62,7 @@ def _measure(mode: str, steps: int, batch: int, size: int, threads: int) -> dict
             g = [p.grad.detach().clone() for p in ref.parameters()]
             norm = torch.sqrt(sum((t**2).sum() for t in g))
             factor = min(1.0, clip / (float(norm) + 1e-6))
-            truth = [a + b * factor for a, b in zip(truth, g)]
+            truth = [a + b * factor for a, b in zip(truth, g, strict=True)]
         truth = [t / batch for t in truth]
         probe = build_model(cfg.model)
         probe.load_state_dict(model.state_dict())
@@ -96,7 +96,7 @@ def _measure(mode: str, steps: int, batch: int, size: int, threads: int) -> dict
             plf(pm(xb2), yb2).backward()
             popt.step()
         got = [p.grad for p in probe.parameters()]
-        err = max(float((a - b).abs().max()) for a, b in zip(got, truth))
+        err = max(float((a - b).abs().max()) for a, b in zip(got, truth, strict=True))
         scale = max(float(t.abs().max()) for t in truth)
         correct = {
             "max_abs_error": err,
@@ -126,7 +126,7 @@ def _measure(mode: str, steps: int, batch: int, size: int, threads: int) -> dict
                 poisson_sampling=False,
             )
     times = []
-    for i, (xb, yb) in enumerate(loader):
+    for xb, yb in loader:
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)

@@ -164,7 +164,8 @@ def main() -> int:
     fp, ep = doc["first_pass"], doc["epoch"]
     print(
         f"first pass: {fp['slices_per_s']} slices/s ({doc['site']['slices']} slices in {fp['seconds']}s; decode only "
-        f"{fp['decode_only_slices_per_s']} slices/s); cached epoch {ep['cached_s']}s vs in-memory {ep['in_memory_s']}s: "
+        f"{fp['decode_only_slices_per_s']} slices/s); cached epoch {ep['cached_s']}s "
+        f"vs in-memory {ep['in_memory_s']}s: "
         f"ratio {ep['ratio']} (goal <= {ep['goal']})",
         file=sys.stderr,
     )

@@ -294,7 +294,8 @@ def _table(title: str, table: dict[str, dict[str, int]]) -> list[str]:
 def format_report(report: SiteReport, *, max_reasons: int = 20) -> str:
     """The human summary that ``fedsite site check`` prints."""
     out = [
-        f"site {report.site}: {report.files_total} files, {report.files_accepted} accepted, {report.files_rejected} rejected"
+        f"site {report.site}: {report.files_total} files, {report.files_accepted} accepted, "
+        f"{report.files_rejected} rejected"
         + ("" if report.pixels_decoded else " (headers only: pixel data not decoded)"),
         f"usable series: {report.series_usable} of {report.series_total} ({report.slices_usable} slices)",
     ]
@@ -317,15 +318,18 @@ def format_report(report: SiteReport, *, max_reasons: int = 20) -> str:
             classes = ", ".join(f"{k} {v}" for k, v in cls["classes"].items()) or "none"
             out.append(
                 f"classification labels ({LABELS_CSV}): {cls['labelled']} labelled, {cls['unlabelled']} unlabelled, "
-                f"{cls['ambiguous']} ambiguous series; {cls['unmatched_rows']} rows match no usable series; classes: {classes}"
+                f"{cls['ambiguous']} ambiguous series; {cls['unmatched_rows']} rows match no usable series; "
+                f"classes: {classes}"
             )
     sp = report.split
     if "problem" in sp:
         out.append(f"split: not possible: {sp['problem']}")
     else:
         out.append(
-            f"split (seed {sp['seed']}, validation fraction {sp['val_fraction']}): {sp['labelled_patients']} labelled patients -> "
-            f"{sp['train_patients']} train ({sp['train_slices']} slices), {sp['val_patients']} validation ({sp['val_slices']} slices)"
+            f"split (seed {sp['seed']}, validation fraction {sp['val_fraction']}): "
+            f"{sp['labelled_patients']} labelled patients -> "
+            f"{sp['train_patients']} train ({sp['train_slices']} slices), "
+            f"{sp['val_patients']} validation ({sp['val_slices']} slices)"
         )
     if report.rejected_by_reason:
         out.append("rejected files by reason:")

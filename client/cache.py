@@ -63,8 +63,8 @@ def fingerprint(root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (
 def _writable(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True):
+            pass
         return True
     except OSError:
         return False

@@ -200,7 +200,8 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     if not args.dir.is_dir():
         print(
-            f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder (the one holding dicom/ and {LABELS_DIR}/)",
+            f"fedsite site check: error: {args.dir} is not a folder; give the site's data folder "
+            f"(the one holding dicom/ and {LABELS_DIR}/)",
             file=sys.stderr,
         )
         return 2
@@ -215,7 +216,8 @@ def _check(args: argparse.Namespace) -> int:
     if report.series_usable == 0:
         top = report.rejected_by_reason[0]["reason"] if report.rejected_by_reason else "no files found"
         print(
-            f"fedsite site check: no usable series in this folder ({report.files_total} files; most common reason: {top}). "
+            f"fedsite site check: no usable series in this folder ({report.files_total} files; "
+            f"most common reason: {top}). "
             "Point DIR at the folder holding the site's DICOM (or NIfTI/NRRD) images, or fix the reasons above.",
             file=sys.stderr,
         )

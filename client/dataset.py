@@ -194,7 +194,8 @@ def _class_targets(
     if not path.is_file():
         raise DicomError(
             f"site folder {site_dir} has no {LABELS_CSV}: a classification site lists one class per PatientID, "
-            f"StudyInstanceUID or SeriesInstanceUID there (header e.g. 'PatientID,label'; classes {', '.join(task.class_names)})"
+            "StudyInstanceUID or SeriesInstanceUID there "
+            f"(header e.g. 'PatientID,label'; classes {', '.join(task.class_names)})"
         )
     try:
         found = class_labels(path, series)
@@ -207,7 +208,10 @@ def _class_targets(
         if label in index:
             targets[series_hash] = index[label]
         else:
-            reason = f"series {series_hash}: label {label!r} in {LABELS_CSV} is not one of task.classes ({', '.join(task.class_names)})"
+            reason = (
+                f"series {series_hash}: label {label!r} in {LABELS_CSV} is not one of task.classes "
+                f"({', '.join(task.class_names)})"
+            )
             rejected.append(Rejection(first_file[series_hash], reason))
     for series_hash in found.unlabelled:
         rejected.append(

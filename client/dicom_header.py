@@ -308,7 +308,8 @@ def _volume_frames(ds: Dataset, path: Path, n_frames: int, instance: int | None)
             ]
             if missing:
                 raise DicomError(
-                    f"enhanced multi-frame image without {', '.join(missing)} for frame {i + 1} in its functional groups"
+                    f"enhanced multi-frame image without {', '.join(missing)} "
+                    f"for frame {i + 1} in its functional groups"
                 )
             try:
                 frames.append(

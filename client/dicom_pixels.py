@@ -149,7 +149,8 @@ def decode_series(series: SeriesRecord) -> np.ndarray:
                 raise DicomError(f"series {series.series_hash}: {exc}", file=path) from None
             except Exception as exc:
                 raise DicomError(
-                    f"series {series.series_hash}: pixel data cannot be read ({type(exc).__name__}); the file is damaged",
+                    f"series {series.series_hash}: pixel data cannot be read ({type(exc).__name__}); "
+                    "the file is damaged",
                     file=path,
                 ) from None
     return out

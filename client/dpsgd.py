@@ -240,7 +240,7 @@ def train_private(
                     dp_opt.step()
                     if proximal_mu > 0:
                         with torch.no_grad():
-                            for p, g in zip(model.parameters(), global_params):
+                            for p, g in zip(model.parameters(), global_params, strict=True):
                                 p.sub_(lr * proximal_mu * (p - g))
                     steps += 1
                     samples_seen += len(x)

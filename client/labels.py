@@ -103,7 +103,8 @@ def read_manifest(path: Path, *, label_column: str = "label") -> list[_ROW]:
     columns = {_norm(h): i for i, h in enumerate(header)}
     if _norm(label_column) not in columns:
         raise LabelManifestError(
-            f"label manifest {Path(path).name} has no '{label_column}' column (columns: {', '.join(h.strip() for h in header)}); add one"
+            f"label manifest {Path(path).name} has no '{label_column}' column "
+            f"(columns: {', '.join(h.strip() for h in header)}); add one"
         )
     keys = [(level, columns[_norm(k)]) for level, k in enumerate(KEY_COLUMNS) if _norm(k) in columns]
     if not keys:

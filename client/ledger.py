@@ -102,12 +102,13 @@ class PrivacyLedger:
             os.replace(tmp, self.path)
         except OSError as exc:
             raise LedgerError(
-                f"cannot write the privacy ledger {self.path} ({exc.strerror}); make the folder writable or set privacy.ledger-dir"
+                f"cannot write the privacy ledger {self.path} ({exc.strerror}); "
+                "make the folder writable or set privacy.ledger-dir"
             ) from None
 
     def append(self, entry: dict[str, Any]) -> None:
         """Add one entry."""
-        self.write(self.entries() + [entry])
+        self.write([*self.entries(), entry])
 
 
 def ledger_for(site_dir: Path, site_name: str, cfg: RunConfig) -> PrivacyLedger:
@@ -203,7 +204,7 @@ def private_round(
     budget = cfg.privacy.max_epsilon
     if budget > 0:
         projected = epsilon_spent(
-            history + [(sigma, sample_rate, steps)], delta=delta, accountant=cfg.privacy.accountant
+            [*history, (sigma, sample_rate, steps)], delta=delta, accountant=cfg.privacy.accountant
         )
         if projected > budget:
             spent = epsilon_spent(history, delta=delta, accountant=cfg.privacy.accountant)
@@ -241,7 +242,7 @@ def private_round(
         "n_train": n,
         "max_grad_norm": cfg.privacy.max_grad_norm,
     }
-    entries = entries + [new]
+    entries = [*entries, new]
     ledger.write(entries)
     eps, _ = current_epsilon(entries, cfg, n)
     log.info(

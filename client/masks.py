@@ -145,12 +145,13 @@ def place_on_grid(
         n = moved.shape[j]
         if signs[j] < 0:
             moved = np.flip(moved, axis=j)
-            start = int(round(shift[j])) - (n - 1)
+            start = round(shift[j]) - (n - 1)
         else:
-            start = int(round(shift[j]))
+            start = round(shift[j])
         if start < 0 or start + n > image_shape_xyz[j]:
             raise DicomError(
-                f"mask extends beyond the image (axis {'xyz'[j]}: voxels {start}..{start + n - 1} of 0..{image_shape_xyz[j] - 1})"
+                f"mask extends beyond the image (axis {'xyz'[j]}: "
+                f"voxels {start}..{start + n - 1} of 0..{image_shape_xyz[j] - 1})"
             )
         starts.append(start)
     if not partial and (any(starts) or moved.shape != tuple(image_shape_xyz)):

@@ -77,7 +77,8 @@ def resolve_site_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
     if not path.is_dir():
         raise DicomError(
             f"simulated site folder {sim_site_name(index)} is missing under sim.root; write the sites with "
-            "`fedsite data synth --out DIR --sites N` (N at least the number of simulated sites), or run `fedsite simulate`"
+            "`fedsite data synth --out DIR --sites N` (N at least the number of simulated sites), "
+            "or run `fedsite simulate`"
         )
     return path
 
@@ -92,12 +93,13 @@ def _load(
         order = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(site_seed(seed, data.name, -1))
         ).tolist()
-        n_audit = max(1, int(round(audit_fraction * len(train))))
+        n_audit = max(1, round(audit_fraction * len(train)))
         held = set(order[:n_audit])
         audit = stack_samples([s for i, s in enumerate(train) if i in held])
         train = [s for i, s in enumerate(train) if i not in held]
     log.info(
-        "site %s: %d train / %d validation slices from %d/%d patients, %d audit slices, %d series used, %d files or series rejected",
+        "site %s: %d train / %d validation slices from %d/%d patients, %d audit slices, "
+        "%d series used, %d files or series rejected",
         data.name,
         len(train),
         len(data.val),

@@ -96,7 +96,8 @@ def read_volume_header(path: Path, rel: str) -> SeriesRecord:
         raise DicomError(f"{dim}-D volume (time series or several channels); the task reads 2-D or 3-D volumes")
     if reader.GetNumberOfComponents() != 1:
         raise DicomError(
-            f"volume with {reader.GetNumberOfComponents()} components per voxel (colour or vector); the task reads scalar images"
+            f"volume with {reader.GetNumberOfComponents()} components per voxel (colour or vector); "
+            "the task reads scalar images"
         )
     size, spacing, origin, d = _geometry(
         reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()

@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from common.errors import FedsiteError
 
@@ -140,7 +140,7 @@ class StrategyConfig:
     """Server-side aggregation."""
 
     #: ``server-lr = 0`` picks these: measured on three small sites (README, "For the coordinator").
-    SERVER_LR_DEFAULTS = {"fedadam": 0.03, "fedyogi": 0.01}
+    SERVER_LR_DEFAULTS: ClassVar[dict[str, float]] = {"fedadam": 0.03, "fedyogi": 0.01}
 
     name: str = field(default="fedavg", metadata=_choice(*STRATEGY_NAMES))
     proximal_mu: float = field(default=0.01, metadata=_range(0.0, 100.0))
@@ -148,14 +148,16 @@ class StrategyConfig:
         default=0.0,
         metadata={
             **_range(0.0, 10.0),
-            "help": "FedAdam/FedYogi server step; 0 = measured default: FedAdam 0.03, FedYogi 0.01 (Flower's 0.1 collapses on small sites)",
+            "help": "FedAdam/FedYogi server step; 0 = measured default: FedAdam 0.03, FedYogi 0.01 "
+            "(Flower's 0.1 collapses on small sites)",
         },
     )
     tau: float = field(
         default=0.01,
         metadata={
             **_range(0.0, 1.0, lo_open=True),
-            "help": "FedAdam/FedYogi adaptivity: updates smaller than tau move about as in FedAvg, larger ones at most about server-lr",
+            "help": "FedAdam/FedYogi adaptivity: updates smaller than tau move about as in FedAvg, "
+            "larger ones at most about server-lr",
         },
     )
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
@@ -298,9 +300,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field[Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
         value = float(value)
-    elif typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
+    elif typ is str and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
@@ -361,7 +362,8 @@ def _check_cross_field(cfg: RunConfig) -> None:
     p = cfg.privacy
     if p.target_epsilon > 0 and p.noise_multiplier > 0:
         raise ConfigError(
-            f"config keys 'privacy.target-epsilon' = {p.target_epsilon} and 'privacy.noise-multiplier' = {p.noise_multiplier} "
+            f"config keys 'privacy.target-epsilon' = {p.target_epsilon} "
+            f"and 'privacy.noise-multiplier' = {p.noise_multiplier} "
             "are both set; set one of them (the other to 0)"
         )
     if p.dp and cfg.model.norm == "batch":
@@ -372,19 +374,23 @@ def _check_cross_field(cfg: RunConfig) -> None:
     if cfg.task.name == "classification":
         if len(cfg.task.class_names) < 2 or len(set(cfg.task.class_names)) != len(cfg.task.class_names):
             raise ConfigError(
-                f"config key 'task.classes' = {cfg.task.classes!r}: name at least two different classes, e.g. 'normal,pneumonia'"
+                f"config key 'task.classes' = {cfg.task.classes!r}: name at least two different classes, "
+                "e.g. 'normal,pneumonia'"
             )
         if cfg.model.name == "unet":
             raise ConfigError(
-                "config key 'model.name' = 'unet' is a segmentation network; for 'task.name' = 'classification' use 'resnet', 'densenet121' or 'auto'"
+                "config key 'model.name' = 'unet' is a segmentation network; "
+                "for 'task.name' = 'classification' use 'resnet', 'densenet121' or 'auto'"
             )
     elif cfg.model.name in ("resnet", "densenet121"):
         raise ConfigError(
-            f"config key 'model.name' = {cfg.model.name!r} is a classification network; for 'task.name' = 'segmentation' use 'unet' or 'auto'"
+            f"config key 'model.name' = {cfg.model.name!r} is a classification network; "
+            "for 'task.name' = 'segmentation' use 'unet' or 'auto'"
         )
     elif cfg.sim.source:
         raise ConfigError(
-            f"config key 'sim.source' = {cfg.sim.source!r} gives class-labelled images; set 'task.name' = 'classification' "
+            f"config key 'sim.source' = {cfg.sim.source!r} gives class-labelled images; "
+            "set 'task.name' = 'classification' "
             "(segmentation sites are the synthetic phantoms: 'sim.source' = '')"
         )
     if cfg.task.name == "segmentation" and cfg.sim.modality not in ("MR", "CT"):
@@ -395,7 +401,8 @@ def _check_cross_field(cfg: RunConfig) -> None:
         channels = cfg.model.channel_tuple
     except ValueError:
         raise ConfigError(
-            f"config key 'model.channels' = {cfg.model.channels!r}: expected comma-separated whole numbers, e.g. '16,32,64'"
+            f"config key 'model.channels' = {cfg.model.channels!r}: expected comma-separated whole numbers, "
+            "e.g. '16,32,64'"
         ) from None
     if len(channels) < 2 or any(c < 1 for c in channels):
         raise ConfigError(
@@ -403,11 +410,13 @@ def _check_cross_field(cfg: RunConfig) -> None:
         )
     if cfg.task.name == "classification" and cfg.model.name in ("auto", "resnet") and len(channels) != 4:
         raise ConfigError(
-            f"config key 'model.channels' = {cfg.model.channels!r}: the classification ResNet has 4 stages; give 4 sizes, e.g. '8,16,32,64'"
+            f"config key 'model.channels' = {cfg.model.channels!r}: the classification ResNet has 4 stages; "
+            "give 4 sizes, e.g. '8,16,32,64'"
         )
     if cfg.task.name == "classification" and cfg.data.image_size < 32:
         raise ConfigError(
-            f"config key 'data.image-size' = {cfg.data.image_size}: classification networks downsample 16x; use at least 32"
+            f"config key 'data.image-size' = {cfg.data.image_size}: classification networks downsample 16x; "
+            "use at least 32"
         )
     depth = 2 ** (len(channels) - 1)
     if cfg.task.name == "segmentation" and cfg.data.image_size % depth:
@@ -417,7 +426,8 @@ def _check_cross_field(cfg: RunConfig) -> None:
         )
     if cfg.model.norm == "group" and any(c % 2 for c in channels):
         raise ConfigError(
-            f"config key 'model.channels' = {cfg.model.channels!r}: group norm uses 2 groups, so every size must be even"
+            f"config key 'model.channels' = {cfg.model.channels!r}: group norm uses 2 groups, "
+            "so every size must be even"
         )
 
 

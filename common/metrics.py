@@ -74,7 +74,7 @@ def average_ranks(x: Any) -> np.ndarray:
     # boundaries of runs of equal values in the sorted array
     starts = np.flatnonzero(np.r_[True, sorted_a[1:] != sorted_a[:-1]])
     ends = np.r_[starts[1:], a.size]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         ranks[order[s:e]] = (s + 1 + e) / 2.0  # mean of the 1-based ranks s+1 .. e
     return ranks
 
@@ -111,7 +111,8 @@ def roc_auc(scores: Any, labels01: Any) -> float:
     bad = ~np.isin(y, (0, 1))
     if np.any(bad):
         raise ValueError(
-            f"roc_auc: labels01 must be 0 or 1, got {np.unique(y[bad])[:5].tolist()}; binarise the labels (labels == positive)"
+            f"roc_auc: labels01 must be 0 or 1, got {np.unique(y[bad])[:5].tolist()}; "
+            "binarise the labels (labels == positive)"
         )
     pos = y.astype(bool)
     n_pos = int(pos.sum())

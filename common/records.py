@@ -60,7 +60,8 @@ def check_arrays(
         arr = arrays[key].numpy()
         if tuple(arr.shape) != tuple(reference[key].shape):
             raise RecordError(
-                f"weights do not match {what}: '{key}' has shape {tuple(arr.shape)}, expected {tuple(reference[key].shape)}"
+                f"weights do not match {what}: '{key}' has shape {tuple(arr.shape)}, "
+                f"expected {tuple(reference[key].shape)}"
             )
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise RecordError(f"weight '{key}' holds NaN or infinite values")

@@ -202,7 +202,7 @@ def train(
             task_loss = loss_fn(model(x), y)
             loss = task_loss
             if proximal_mu > 0:
-                prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params))
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
                 loss = loss + (proximal_mu / 2.0) * prox
             loss.backward()
             opt.step()

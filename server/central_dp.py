@@ -172,13 +172,15 @@ class CentralDP(Strategy):
             record = reply.content["arrays"]
             weights = record.to_numpy_ndarrays()
             compute_clip_model_update(param1=weights, param2=current, clipping_norm=self.clipping_norm)
-            reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(record.keys(), weights)})
+            reply.content["arrays"] = ArrayRecord(
+                {k: Array(np.asarray(v)) for k, v in zip(record.keys(), weights, strict=True)}
+            )
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
             return None, metrics
         noisy = arrays.to_numpy_ndarrays()
         add_gaussian_noise_inplace(noisy, compute_stdv(self.noise_multiplier, self.clipping_norm, n))
-        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(arrays.keys(), noisy)})
+        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(arrays.keys(), noisy, strict=True)})
         self._seen.update(site_of(m) or f"node-{m.metadata.src_node_id}" for m in replies)
         spent = self._account(n, self.num_sites or max(n, len(self._seen)))
         log.info(

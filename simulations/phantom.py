@@ -341,10 +341,7 @@ def acquire_mr(
         s = _truncate_kspace(s, profile.gibbs)
 
     noise = rng.standard_normal((2, *s.shape), dtype=np.float32) * np.float32(profile.noise_level)
-    if profile.noise_kind == "rician":
-        s = np.sqrt((s + noise[0]) ** 2 + noise[1] ** 2)
-    else:
-        s = s + noise[0]
+    s = np.sqrt((s + noise[0]) ** 2 + noise[1] ** 2) if profile.noise_kind == "rician" else s + noise[0]
 
     value = s.astype(np.float64) * (profile.intensity_scale * SIGNAL_UNITS)
     return _store(value, profile)

@@ -222,7 +222,8 @@ class ScannerProfile:
         _number("gibbs", self.gibbs, low=0.0, high=1.0)
         if 0.0 < self.gibbs < 0.1:
             raise ValueError(
-                f"ScannerProfile.gibbs={self.gibbs!r} is invalid: keep at least 0.1 of k-space, or use 0 (no truncation)"
+                f"ScannerProfile.gibbs={self.gibbs!r} is invalid: keep at least 0.1 of k-space, "
+                "or use 0 (no truncation)"
             )
         if self.kvp is not None:
             _number("kvp", self.kvp, low=20.0, high=200.0)

@@ -110,10 +110,14 @@ def format_table(doc: Mapping[str, Any]) -> str:
     if not rows:
         return "(no methods)"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines = [
+        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
+    ]
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
     return "\n".join(lines)
 
 
@@ -161,7 +165,7 @@ def _plot_montage(path: Path, sites: list[str], examples: Mapping[str, Any], pro
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.6 * nrows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, site in zip(axes.ravel(), shown):
+    for ax, site in zip(axes.ravel(), shown, strict=False):  # the grid may have more cells than sites
         img = np.asarray(examples[site], dtype=np.float64)
         img = np.squeeze(img)
         if img.ndim != 2:
@@ -295,7 +299,7 @@ def _plot_shift(path: Path, shift: Mapping[str, Any], metric: str) -> bool:
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     ax.scatter(xs[ok], ys[ok], s=30, color="tab:blue", zorder=3)
     if ok.sum() <= 16:
-        for p, x, y, good in zip(pairs, xs, ys, ok):
+        for p, x, y, good in zip(pairs, xs, ys, ok, strict=True):
             if good:
                 ax.annotate(
                     f"{p.get('train_site')}→{p.get('test_site')}",
@@ -331,7 +335,7 @@ def _plot_methods(path: Path, methods: Mapping[str, Mapping[str, Any]], metric: 
     fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(names), 3.8))
     ax.bar(xs - w / 2, np.nan_to_num(mean, nan=0.0), w, label="mean over sites", color="tab:blue")
     ax.bar(xs + w / 2, np.nan_to_num(worst, nan=0.0), w, label="worst site", color="tab:orange")
-    for x, m, v in zip(xs, mean, worst):
+    for x, m, v in zip(xs, mean, worst, strict=True):
         for dx, val in ((-w / 2, m), (w / 2, v)):
             ax.text(x + dx, (val if math.isfinite(val) else 0.0), _fmt(val, 2), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
@@ -349,8 +353,8 @@ def _plot_methods(path: Path, methods: Mapping[str, Mapping[str, Any]], metric: 
 # --------------------------------------------------------------------------------------- report
 
 _CAPTIONS = {
-    "montage.png": "One image per site (the middle slice of its first series), each in its own intensity window: look at contrast, noise and "
-    "field of view, the scanner differences the federation has to bridge.",
+    "montage.png": "One image per site (the middle slice of its first series), each in its own intensity window: "
+    "look at contrast, noise and field of view, the scanner differences the federation has to bridge.",
     "histograms.png": "The intensity histograms the sites share: sites whose curves sit apart are the ones the "
     "shift measure calls far.",
     "cross_site.png": "Rows are models, columns the site they are evaluated on; look at how far each local model "
@@ -435,8 +439,8 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
     md.extend(["## Methods", ""])
     if methods:
         header, rows, has_unseen = _summary_rows(doc)
-        header = header + ["sample-steps", "seconds"]
-        for row, e in zip(rows, methods.values()):
+        header = [*header, "sample-steps", "seconds"]
+        for row, e in zip(rows, methods.values(), strict=True):
             steps = _num(e.get("sample_steps"))
             row += [DASH if not math.isfinite(steps) else f"{int(steps):d}", _fmt(e.get("seconds"), 1)]
         md.append(_md_table(header, rows))
@@ -453,12 +457,13 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         others = [k for k in _OTHER_METRICS if any(k in (e.get("mean") or {}) for e in methods.values())]
         if others:
             md.append(
-                f"Every metric, mean over sites (worst site in brackets; for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):"
+                "Every metric, mean over sites (worst site in brackets; "
+                f"for {', '.join(k for k in others if k in _LOWER_IS_BETTER) or 'none'} lower is better):"
             )
             md.append("")
             md.append(
                 _md_table(
-                    ["method"] + others,
+                    ["method", *others],
                     [
                         [name]
                         + [
@@ -483,7 +488,7 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         md.extend([f"## Cross-site {cmetric}", "", "Rows: the model; columns: the site it is evaluated on.", ""])
         md.append(
             _md_table(
-                ["model"] + cols, [[name] + [_fmt((r or {}).get(c)) for c in cols] for name, r in rows_cs.items()]
+                ["model", *cols], [[name] + [_fmt((r or {}).get(c)) for c in cols] for name, r in rows_cs.items()]
             )
         )
         md.append("")
@@ -516,8 +521,10 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
         )
         md.append("")
         md.append(
-            f"The own model beats every visitor on {home.get('columns_home_best', DASH)} of {home.get('sites', DASH)} sites, "
-            f"and does better at home than on every other site for {home.get('rows_home_best', DASH)} of {home.get('sites', DASH)}."
+            f"The own model beats every visitor on {home.get('columns_home_best', DASH)} "
+            f"of {home.get('sites', DASH)} sites, "
+            "and does better at home than on every other site "
+            f"for {home.get('rows_home_best', DASH)} of {home.get('sites', DASH)}."
         )
         md.append("")
 
@@ -548,7 +555,8 @@ def write_report(out: Path, doc: Mapping[str, Any], *, examples: Mapping[str, An
             )
             md.append("")
         md.append(
-            f"Spearman rank correlation between distance and loss: **ρ = {_fmt(shift.get('spearman'))}** ({len(pairs)} pairs)."
+            f"Spearman rank correlation between distance and loss: **ρ = {_fmt(shift.get('spearman'))}** "
+            f"({len(pairs)} pairs)."
         )
         md.append("")
         figure("shift.png", "distance versus loss")

@@ -179,7 +179,7 @@ def federated_budget(results: Mapping[str, Any]) -> int:
     for r in results.get("rounds", []):
         for m in r.get("train", {}).values():
             total += float(m.get("samples-seen", 0.0))
-    return int(round(total))
+    return round(total)
 
 
 def shift_pairs(
@@ -464,7 +464,8 @@ def _study(
         curves: list[list[dict[str, float]]] = []
         for s in sites:
             progress(
-                f"local-only: {s.name} trains alone ({len(s.train)} samples, {cfg.num_server_rounds} x {cfg.train.local_epochs} epochs)"
+                f"local-only: {s.name} trains alone ({len(s.train)} samples, "
+                f"{cfg.num_server_rounds} x {cfg.train.local_epochs} epochs)"
             )
             model = fresh_model()
             steps, curve = train_rounds(
@@ -482,7 +483,7 @@ def _study(
                 "mean": float(np.mean([x["mean"] for x in c])),
                 "worst": float(np.min([x["worst"] for x in c])),
             }
-            for c in zip(*curves)
+            for c in zip(*curves, strict=True)
         ]
         method_entries["local-only"] = _method_entry(
             per_site, sample_steps=steps_total, seconds=time.perf_counter() - t0, curve=curve
@@ -547,7 +548,8 @@ def _study(
     pairs = shift_pairs(rows, distances, metric)
     edges = np.linspace(0.0, 1.0, 65)
     shift = {
-        "measure": "Jensen-Shannon distance (base 2) between the sites' histograms of model-input intensities (64 bins on [0, 1])",
+        "measure": "Jensen-Shannon distance (base 2) between the sites' histograms of model-input intensities "
+        "(64 bins on [0, 1])",
         "distances": distances,
         "pairs": pairs,
         "spearman": spearman([p["distance"] for p in pairs], [p["loss"] for p in pairs])
@@ -624,7 +626,8 @@ def goals(methods: Mapping[str, Mapping[str, Any]], metric: str) -> dict[str, An
 
 def _say(progress: Callable[[str], None], name: str, entry: Mapping[str, Any], metric: str) -> None:
     progress(
-        f"    {name}: mean {metric} {entry['mean'].get(metric, math.nan):.3f}, worst {entry['worst'].get(metric, math.nan):.3f}, "
+        f"    {name}: mean {metric} {entry['mean'].get(metric, math.nan):.3f}, "
+        f"worst {entry['worst'].get(metric, math.nan):.3f}, "
         f"{entry['sample_steps']} sample-steps, {entry['seconds']:.0f}s"
     )
 

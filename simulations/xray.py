@@ -210,7 +210,8 @@ def load_source(path: Path | str, *, class_names: Sequence[str] | None = None) -
             if lab.ndim != 1 or lab.shape[0] != img.shape[0] or not np.issubdtype(lab.dtype, np.integer):
                 raise ValueError(
                     f"source {path.name}: {s}_labels has shape {lab.shape} and dtype {lab.dtype} for {img.shape[0]} "
-                    "images: use one integer class label per image, shape (N, 1) or (N,) (multi-label sets are not supported)"
+                    "images: use one integer class label per image, shape (N, 1) or (N,) "
+                    "(multi-label sets are not supported)"
                 )
             if lab.size and lab.min() < 0:
                 raise ValueError(f"source {path.name}: {s}_labels has negative values: use class labels 0, 1, ...")
@@ -408,7 +409,8 @@ def _checked_xray_profile(profile: Any, modality: str) -> ScannerProfile:
         raise TypeError(f"profile={profile!r} is invalid: use a ScannerProfile or None")
     if profile.modality not in XRAY_MODALITIES:
         raise ValueError(
-            f"profile {profile.name!r} is a {profile.modality} profile: an image source is written as CR or DX, use one "
+            f"profile {profile.name!r} is a {profile.modality} profile: "
+            "an image source is written as CR or DX, use one "
             "of simulations.profiles.XRAY_PROFILES"
         )
     if modality in XRAY_MODALITIES and profile.modality != modality:
@@ -483,7 +485,10 @@ def write_xray_sites(
     quantity_skew: float = 0.0,
     class_names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write X-ray sites ``0 .. sites - 1`` from ``source`` and the index (see :func:`simulations.synth.write_sites`)."""
+    """Write X-ray sites ``0 .. sites - 1`` from ``source`` and the index.
+
+    See :func:`simulations.synth.write_sites`.
+    """
     modality = _source_modality(modality)
     _check_common(seed, patients, label_skew, quantity_skew)
     src = load_source(source, class_names=class_names)

@@ -70,7 +70,7 @@ def test_a_site_without_labels_csv_is_told_what_to_add(xray_sites: Path, tmp_pat
     site = tmp_path / "site"
     shutil.copytree(xray_sites / "site-02", site, ignore=shutil.ignore_patterns("labels.csv", ".fedsite-cache"))
     cfg = parse_run_config(CLS)
-    with pytest.raises(DicomError, match="labels.csv.*PatientID,label"):
+    with pytest.raises(DicomError, match=r"labels\.csv.*PatientID,label"):
         load_site(site, cfg.data, seed=cfg.seed, task=cfg.task, use_cache=False)
 
 

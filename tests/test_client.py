@@ -174,7 +174,7 @@ def test_second_read_of_a_site_comes_from_its_disk_cache(
     monkeypatch.setattr(ds, "read_series", no_decoding)
     second = load_site(site, cfg.data, seed=1)
     assert len(second.train) == len(first.train)
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first.train, second.train))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first.train, second.train, strict=True))
 
 
 def test_site_cache_is_rebuilt_when_a_file_or_setting_changes(small_sites: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 
 import pytest
@@ -51,5 +52,5 @@ def test_invalid_value_names_key_value_and_what_is_allowed(key: str, value: obje
 
 def test_config_objects_are_frozen() -> None:
     cfg = parse_run_config({})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 0.1  # type: ignore[misc]

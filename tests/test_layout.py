@@ -76,6 +76,20 @@ def test_the_floors_hold_common_at_the_bottom_client_and_server_on_common_alone(
     assert "0 broken" in result.stdout
 
 
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+def test_ruff_finds_nothing_to_fix_or_reformat(command: list[str]) -> None:
+    """``ruff check .`` and ``ruff format --check .`` pass with the pyproject.toml configuration."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "--no-cache", "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_floor_contracts_cover_every_top_level_package() -> None:
     """A new top-level package cannot slip past the floors unchecked."""
     linter = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]

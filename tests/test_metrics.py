@@ -1,4 +1,6 @@
-"""Classification metrics (common/metrics.py) and the shift measure (simulations/shift_measure.py), on hand-computed cases."""
+"""Classification metrics (common/metrics.py) and the shift measure (simulations/shift_measure.py), on hand-computed
+cases.
+"""
 
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def test_ece_is_zero_for_a_perfectly_calibrated_set() -> None:
 def test_ece_of_an_overconfident_set_is_the_weighted_confidence_gap() -> None:
     """Half the set says 0.9 but is right 2/5 times (gap 0.5), half says 0.6 and is right 3/5: ECE = 0.5 * 0.5."""
     p1 = [0.9] * 5 + [0.6] * 5
-    labels = [1, 1, 0, 0, 0] + [1, 1, 1, 0, 0]
+    labels = [1, 1, 0, 0, 0] + [1, 1, 1, 0, 0]  # noqa: RUF005 - the two halves, as in p1
     assert expected_calibration_error(_binary(p1), labels) == pytest.approx(0.25)
     assert classification_metrics(_binary(p1), labels)["ece"] == pytest.approx(0.25)
 

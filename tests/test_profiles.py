@@ -201,7 +201,9 @@ def test_ct_sharp_kernel_enhances_edges_and_noise_smooth_kernel_blurs_them(tmp_p
 
 
 def test_ct_slice_thickness_sets_spacing_and_averages_across_the_slice(tmp_path: Path) -> None:
-    """Slices are SliceThickness apart; a thick slice averages lesion and organ at the lesion's ends (partial volume)."""
+    """Slices are SliceThickness apart; a thick slice averages lesion and organ at the lesion's ends
+    (partial volume).
+    """
     thin = dataclasses.replace(CT_SMALL, slice_thickness_mm=1.0)
     thick = dataclasses.replace(CT_SMALL, slice_thickness_mm=8.0)
     for profile in (thin, thick):
@@ -264,7 +266,9 @@ def test_vendor_headers_are_written_per_modality(tmp_path: Path) -> None:
 
 
 def test_phantom_label_skew_varies_lesion_burden_between_sites(tmp_path: Path) -> None:
-    """label_skew > 0: burden factors differ, low-burden sites have lesion-free patients and less lesion; 0 keeps all equal."""
+    """label_skew > 0: burden factors differ, low-burden sites have lesion-free patients and less lesion; 0 keeps all
+    equal.
+    """
     fractions, free = [], []
     for index in range(4):
         site = write_site(tmp_path / "skew", index, seed=1, patients=6, slices=3, profile=MR_SMALL, label_skew=1.5)
@@ -310,7 +314,9 @@ def test_phantom_quantity_skew_varies_patients_per_site(tmp_path: Path) -> None:
 
 
 def test_other_skew_or_generator_version_on_disk_is_reported_not_reused(tmp_path: Path) -> None:
-    """A site written with other skew settings, or by an older generator, raises FileExistsError naming the difference."""
+    """A site written with other skew settings, or by an older generator, raises FileExistsError naming
+    the difference.
+    """
     site = write_site(tmp_path, 0, seed=1, patients=2, slices=1, profile=MR_SMALL)
     with pytest.raises(FileExistsError, match=r"label_skew 0\.0 on disk, 0\.5 requested.*delete it"):
         write_site(tmp_path, 0, seed=1, patients=2, slices=1, profile=MR_SMALL, label_skew=0.5)
@@ -342,7 +348,9 @@ def test_default_profiles_per_modality_are_distinct_valid_and_round_trip(modalit
 
 
 def test_profile_sets_differ_in_the_physics_they_model() -> None:
-    """MR: two with Gibbs; CT: smooth and sharp kernels, calibrations; X-ray: both CR and DX, MONOCHROME1, 10-16 bits."""
+    """MR: two with Gibbs; CT: smooth and sharp kernels, calibrations; X-ray: both CR and DX,
+    MONOCHROME1, 10-16 bits.
+    """
     assert sum(p.gibbs > 0 for p in MR_PROFILES) == 2
     assert min(p.kernel_sharpness for p in CT_PROFILES) < 0 < max(p.kernel_sharpness for p in CT_PROFILES)
     assert len({p.hu_offset for p in CT_PROFILES}) >= 3 and len({p.convolution_kernel for p in CT_PROFILES}) == 4
@@ -379,14 +387,16 @@ def test_invalid_profile_values_name_the_field_and_the_fix(base: ScannerProfile,
 
 
 def test_bad_site_arguments_name_the_value_and_the_fix(tmp_path: Path) -> None:
-    """Unknown modality, X-ray modality without a source, mismatched profile, negative skew: ValueError before writing."""
+    """Unknown modality, X-ray modality without a source, mismatched profile, negative skew: ValueError
+    before writing.
+    """
     with pytest.raises(ValueError, match="modality='PET' is invalid"):
         write_sites(tmp_path, sites=1, seed=1, modality="PET")
     with pytest.raises(ValueError, match="modality='CR' needs source="):
         write_sites(tmp_path, sites=1, seed=1, modality="CR")
     with pytest.raises(ValueError, match="pass modality='CT'"):
         write_site(tmp_path, 0, seed=1, profile=CT_PROFILES[0])
-    with pytest.raises(ValueError, match="label_skew=-0.5 is invalid"):
+    with pytest.raises(ValueError, match=r"label_skew=-0\.5 is invalid"):
         write_sites(tmp_path, sites=1, seed=1, label_skew=-0.5)
     with pytest.raises(ValueError, match="quantity_skew=nan is invalid"):
         write_site(tmp_path, 0, seed=1, quantity_skew=float("nan"))

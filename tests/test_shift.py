@@ -210,7 +210,8 @@ def test_fedsite_study_shift_writes_shift_json_and_a_report_with_its_pictures(
             "--unseen",
             "fedavg",
             "--run-config",
-            "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=4 model.channels='8,16,32' train.local-epochs=1",
+            "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=4 model.channels='8,16,32' "
+            "train.local-epochs=1",
         ]
     )
     assert code == 0

@@ -89,7 +89,7 @@ def test_two_nodes_claiming_one_site_name_keep_only_the_first(strategy) -> None:
 
 
 def test_results_have_per_site_rounds_final_mean_worst_and_timing(strategy) -> None:
-    s, rounds = strategy
+    s, _ = strategy
     s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.5, 20), _eval_reply(12, "site-b", 0.3, 5)])
     res = build_results({"seed": 1}, s.records, total_s=3.0)
     assert res["rounds"][0]["per_site"]["site-b"]["dice"] == 0.3

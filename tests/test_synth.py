@@ -308,7 +308,7 @@ def test_write_site_with_other_parameters_raises_naming_folder_and_difference(
 def test_a_folder_without_site_json_is_not_taken_for_a_site(tmp_path: Path) -> None:
     """A half-made or foreign folder with the site's name raises instead of being reused."""
     (tmp_path / "site-01" / "dicom").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="site.json"):
+    with pytest.raises(FileExistsError, match=r"site\.json"):
         write_site(tmp_path, 0, seed=1, patients=2, slices=2)
 
 
@@ -408,7 +408,7 @@ def test_sites_differ_in_grid_and_vendor_headers(sites_root: Path) -> None:
                 ),
             )
         )
-    for column in zip(*headers):
+    for column in zip(*headers, strict=True):
         assert len(set(column)) == SITES, column
 
 

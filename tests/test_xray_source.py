@@ -145,7 +145,9 @@ def test_pneumoniamnist_sites_read_back_with_the_labels_of_their_npz_images(tmp_
 
 @needs_pneumonia
 def test_partition_is_disjoint_deterministic_and_independent_of_later_sites() -> None:
-    """No image is on two sites; the same seed gives the same partition, another seed another; more sites keep the first ones."""
+    """No image is on two sites; the same seed gives the same partition, another seed another; more sites keep the first
+    ones.
+    """
     labels = xray.load_source(PNEUMONIA).labels
     parts = xray.allocate(labels, seed=3, sites=8, patients=200, label_skew=0.5, quantity_skew=0.5)
     everything = np.concatenate(parts)
@@ -160,7 +162,9 @@ def test_partition_is_disjoint_deterministic_and_independent_of_later_sites() ->
 
 @needs_pneumonia
 def test_label_skew_spreads_the_class_mix_and_zero_keeps_the_global_mix() -> None:
-    """label_skew 0: every site within one image of the pooled 26/74 mix; label_skew 2: sites range from mostly one class to mostly the other."""
+    """label_skew 0: every site within one image of the pooled 26/74 mix; label_skew 2: sites range from mostly one
+    class to mostly the other.
+    """
     labels = xray.load_source(PNEUMONIA).labels
     global_share = labels.mean()
     plain = [labels[p].mean() for p in xray.allocate(labels, seed=1, sites=8, patients=50)]
@@ -200,7 +204,9 @@ def test_quantity_skew_varies_site_sizes_and_writes_them(tmp_path: Path) -> None
 
 @needs_pneumonia
 def test_default_sites_stay_different_after_the_clients_resampling_and_normalisation(tmp_path: Path) -> None:
-    """After the client's 3.75 mm / 64 x 64 resampling and 1st..99th percentile scaling, noise and gamma still tell the sites apart."""
+    """After the client's 3.75 mm / 64 x 64 resampling and 1st..99th percentile scaling, noise and gamma still tell the
+    sites apart.
+    """
     from client.dataset import canonical_slices, sample_pipeline
     from common.config import DataConfig
 
@@ -282,7 +288,9 @@ def test_vendor_edge_enhancement_steepens_edges_without_moving_flat_regions(toy_
 def test_matrix_sets_rows_columns_and_spacing_over_a_fixed_field_of_view(
     toy_npz: Path, tmp_path: Path, matrix: int
 ) -> None:
-    """Rows/Columns = matrix; CR writes PixelSpacing, DX ImagerPixelSpacing, both 240 / matrix, which the client uses."""
+    """Rows/Columns = matrix; CR writes PixelSpacing, DX ImagerPixelSpacing, both 240 / matrix, which
+    the client uses.
+    """
     for base in (XRAY_PROFILES[0], XRAY_PROFILES[1]):
         profile = dataclasses.replace(base, matrix=matrix, pixel_spacing_mm=XRAY_FOV_MM / matrix)
         site = _toy_site(tmp_path, toy_npz, profile, tag=f"{base.modality}{matrix}", patients=1)
@@ -399,7 +407,9 @@ def test_class_names_come_from_the_file_name_or_the_argument(toy_npz: Path, tmp_
 
 
 def test_bad_sources_and_arguments_name_the_value_and_the_fix(toy_npz: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.npz does not exist: pass the path of a MedMNIST-layout .npz"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing\.npz does not exist: pass the path of a MedMNIST-layout \.npz"
+    ):
         write_sites(tmp_path / "s", sites=1, seed=1, source=tmp_path / "missing.npz")
     partial = tmp_path / "partial.npz"
     np.savez(partial, train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.zeros((4, 1), np.uint8))
@@ -434,7 +444,9 @@ def test_bad_sources_and_arguments_name_the_value_and_the_fix(toy_npz: Path, tmp
 def test_command_line_writes_xray_sites_and_rejects_mismatched_options(
     toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`fedsite data synth --source ...` writes classification sites; task/source/modality mismatches are argparse errors."""
+    """`fedsite data synth --source ...` writes classification sites; task/source/modality mismatches are argparse
+    errors.
+    """
     out = tmp_path / "cli"
     rc = fedsite(
         [
