@@ -113,7 +113,10 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
         "--approved",
         type=Path,
         metavar="FILE",
-        help="run only apps whose FAB hash is in FILE (see `fedsite site approve`); others are refused before any code runs",
+        help=(
+            "run only apps whose FAB hash is in FILE (see `fedsite site approve`); "
+            "others are refused before any code runs"
+        ),
     )
     approve = sub.add_parser(
         "approve", help="add an app's FAB hash to the site's approved list (after reviewing its code)"

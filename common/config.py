@@ -112,7 +112,8 @@ class ModelConfig:
     init: str = field(
         default="",
         metadata={
-            "help": "start weights: a .pt state dict, a run folder holding final_model.pt, or an MLflow URI (runs:/RUN_ID/final_model.pt); '' = random from seed"
+            "help": "start weights: a .pt state dict, a run folder holding final_model.pt, or an MLflow URI "
+            "(runs:/RUN_ID/final_model.pt); '' = random from seed"
         },
     )
 

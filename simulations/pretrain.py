@@ -57,8 +57,8 @@ def pretrain(
 
     Args:
         out: Output folder (created); receives :data:`START_MODEL`, :data:`PRETRAIN_JSON` and ``data/``.
-        cfg: The run config the start model is for (default: the defaults): its ``model.*``, ``data.*``, ``train.batch-size``,
-            ``train.lr``, ``train.optimizer`` and ``seed`` are used.
+        cfg: The run config the start model is for (default: the defaults): its ``model.*``, ``data.*``,
+            ``train.batch-size``, ``train.lr``, ``train.optimizer`` and ``seed`` are used.
         patients: Phantom patients per pre-training scanner (a quarter of them are held out for the Dice).
         slices: Slices per phantom series.
         epochs: Passes over the pooled pre-training samples.

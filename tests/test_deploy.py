@@ -11,8 +11,8 @@ import pytest
 
 from certs import authority
 from client import deploy as site_deploy
-from fedsite.cli import main
 from common.config import ConfigError
+from fedsite.cli import main
 from server import deploy, submit
 
 
@@ -204,7 +204,7 @@ def test_fedsite_run_rejects_an_unknown_run_config_key_before_submitting() -> No
     args = argparse.Namespace(
         run_config=["train.lrr=0.1"], rounds=None, local_epochs=None, strategy=None, seed=None, out=None
     )
-    with pytest.raises(ConfigError, match="train.lrr"):
+    with pytest.raises(ConfigError, match=r"train\.lrr"):
         submit.run_config_overrides(args)
 
 
