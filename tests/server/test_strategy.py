@@ -12,8 +12,7 @@ from common.config import STRATEGY_NAMES, parse_run_config
 from server.recording import RecordingStrategy, RoundRecord, inner_of
 from server.results import build_results, site_table
 from server.strategies import BUILDERS, make_strategy
-
-from .flower_helpers import FakeGrid, error_reply, eval_reply, instruction, train_reply
+from tests.flower_helpers import FakeGrid, error_reply, eval_reply, instruction, train_reply
 
 
 def _instruction(node: int, kind: str) -> Message:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certs import authority as a
+from tests.paths import REPO
 
 
 def _handshake(d: Path, ca_file: Path, server_hostname: str) -> None:
@@ -172,7 +173,7 @@ def test_certs_cli_round_trip_prints_status_and_exits_zero(tmp_path: Path, capsy
 def test_generated_material_under_certs_is_gitignored() -> None:
     import subprocess
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     probe = ["certs/ca.key", "certs/ca.pem", "certs/server.key", "certs/sites/site-01.key", "certs/sites/site-01.pub"]
     res = subprocess.run(["git", "-C", str(repo), "check-ignore", *probe], capture_output=True, text=True, check=False)
     assert sorted(res.stdout.split()) == sorted(probe)

@@ -26,10 +26,10 @@ import pytest
 
 from certs import authority
 from server import deploy
+from tests.paths import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
-REPO = Path(__file__).resolve().parent.parent
 SITES = ("site-01", "site-02", "site-03")
 
 

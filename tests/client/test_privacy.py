@@ -102,8 +102,7 @@ def test_the_server_stops_or_goes_on_without_a_refusing_site_per_config(
     from client.app import train
     from server.recording import StopFederation
     from server.strategies import make_strategy
-
-    from .flower_helpers import FakeGrid
+    from tests.flower_helpers import FakeGrid
 
     ok = train(_train_msg(1), _ctx(small_sites / "site-01", tmp_path, run_id=1))
     refused = train(_train_msg(1), _ctx(small_sites / "site-03", tmp_path, run_id=1, **{"privacy.max-epsilon": 1e-3}))

@@ -14,6 +14,7 @@ from client import deploy as site_deploy
 from common.config import ConfigError
 from fedsite.cli import main
 from server import deploy, submit
+from tests.paths import REPO
 
 
 @pytest.fixture()
@@ -292,7 +293,7 @@ def test_stopping_a_foreground_command_stops_the_process_it_started(tmp_path: Pa
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
         f"open({str(pidfile)!r}, 'w').write(str(p.pid)); sys.exit(run_foreground([p]))"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = _REAL_POPEN([sys.executable, "-c", code], env=env)
     try:
         for _ in range(100):

@@ -12,8 +12,7 @@ import pytest
 from flwr.app import Message, MessageType
 
 from common.config import parse_run_config
-
-from .flower_helpers import FakeGrid, eval_reply, refusal_reply, train_reply
+from tests.flower_helpers import FakeGrid, eval_reply, refusal_reply, train_reply
 
 SMALL_MODEL = {"model.channels": "8,16", "data.image-size": 32}
 
