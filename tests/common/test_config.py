@@ -54,3 +54,25 @@ def test_config_objects_are_frozen() -> None:
     cfg = parse_run_config({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 0.1  # type: ignore[misc]
+
+
+def test_a_deployed_classification_config_needs_no_generator_key() -> None:
+    """Sites that bring their own labels.csv: no sim.* key is needed (nor read) to start a classification run."""
+    cfg = parse_run_config({"task.name": "classification", "data.image-size": 32})
+    assert cfg.task.name == "classification" and cfg.sim.source == "" and cfg.sim.root == ""
+
+
+def test_generator_keys_live_under_sim_and_site_keys_under_data() -> None:
+    """The site reads data.* and task.*; only the simulation reads sim.* (old data.* generator keys are unknown)."""
+    from dataclasses import fields
+
+    from common.config import DataConfig, SimConfig
+
+    generator = {"root", "patients", "slices", "synth_patients", "synth_slices", "source", "modality"}
+    assert not generator & {f.name for f in fields(DataConfig)}
+    assert {"root", "patients", "slices", "source", "modality", "label_skew", "quantity_skew"} <= {
+        f.name for f in fields(SimConfig)
+    }
+    for old in ("data.root", "data.source", "data.synth-patients", "data.modality"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            parse_run_config({old: 1})
