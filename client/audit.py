@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from client.discovery import read_series
+from client.discovery import read_usable
 from client.errors import DicomError
 from client.layout import LABELS_CSV, LABELS_DIR
 from client.masks import index_masks, read_mask
@@ -32,7 +32,7 @@ from client.records import Rejection, SeriesRecord, SliceRef
 __all__ = ["SiteReport", "check_site", "count_reasons", "format_report", "reason_group", "write_report"]
 
 _HASH_IN_REASON = re.compile(r"\b(series|file) [0-9a-f]{12}: ")
-_SERIES_PREFIX = re.compile(r"series [0-9a-f]{12}: ")
+_SERIES_PREFIX = re.compile(r"series ([0-9a-f]{12}): ")
 
 
 @dataclass
@@ -74,45 +74,24 @@ def _count(table: dict[str, dict[str, int]], key: str, s: SeriesRecord) -> None:
 
 
 def _decode_check(series: list[SeriesRecord], redact) -> tuple[list[SeriesRecord], list[Rejection]]:
-    """Decode every series. A volume series with a file that fails is rejected as a whole (a gap
-    in the stack); a projection series only loses the files that fail (its images are independent)."""
+    """Decode every series. A file that fails is dropped with its own reason; the rest of its series
+    is kept (a 2D slice task uses the slices that decode)."""
     good: list[SeriesRecord] = []
     rejected: list[Rejection] = []
     for s in series:
-        parts = (
-            [s]
-            if s.kind != "projection"
-            else [replace(s, slices=tuple(x for x in s.slices if x.path == f)) for f in s.files]
-        )
-        kept: list[SliceRef] = []
-        for part in parts:
-            try:
-                read_series(part)
-            except DicomError as exc:
-                bad = exc.file
-                for path in part.files:
-                    if path == bad or bad is None:
-                        reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
-                    else:
-                        reason = (
-                            f"series {s.series_hash}: not used because another file of the series cannot be decoded"
-                        )
-                    rejected.append(Rejection(redact(path), reason))
-                continue
-            except Exception as exc:
-                for path in part.files:
-                    rejected.append(
-                        Rejection(
-                            redact(path),
-                            f"series {s.series_hash}: unexpected error while decoding ({type(exc).__name__})",
-                        )
-                    )
-                continue
-            kept.extend(part.slices)
-        if kept:
-            good.append(
-                s if len(kept) == len(s.slices) else replace(s, slices=tuple(kept), first_file=redact(kept[0].path))
-            )
+        try:
+            _, kept, failed = read_usable(s)
+        except DicomError as exc:
+            reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
+            rejected.extend(Rejection(redact(path), reason) for path in s.files)
+            continue
+        except Exception as exc:
+            reason = f"series {s.series_hash}: unexpected error while decoding ({type(exc).__name__})"
+            rejected.extend(Rejection(redact(path), reason) for path in s.files)
+            continue
+        rejected.extend(Rejection(redact(path), reason) for path, reason in failed)
+        if kept.slices:
+            good.append(kept if not failed else replace(kept, first_file=redact(kept.slices[0].path)))
     return good, rejected
 
 
@@ -230,10 +209,13 @@ def check_site(
 
     rejected = list(scan.rejected)
     series = scan.series
-    series_total = len(series) + len({m.group(0) for r in rejected if (m := _SERIES_PREFIX.match(r.reason))})
     if decode:
         series, bad = _decode_check(series, redact)
         rejected.extend(bad)
+    # A series counts once (or once per volume used); a series only named by rejections counts once.
+    named = {m.group(1) for r in rejected if (m := _SERIES_PREFIX.match(r.reason))}
+    usable = {hash_id(s.series_uid) for s in series} | {s.series_hash for s in series}
+    series_total = len(series) + len(named - usable)
     name = site_name_of(site_dir)
     report = SiteReport(site=f"~{hash_id(name)}" if scan.redactor.identifying(name) else name)
     report.pixels_decoded = decode

@@ -13,13 +13,17 @@ is a :class:`~client.errors.DicomError` whose message holds no patient value.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import logging
 import math
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,6 +35,7 @@ from client.errors import DicomError
 from client.geometry import Frame
 from client.layout import LABELS_DIR
 from client.phi import hash_id, identifiers
+from client.volume_split import volume_keys
 
 __all__ = [
     "IMAGE_SOP_CLASSES",
@@ -38,6 +43,7 @@ __all__ = [
     "finite",
     "frame_count",
     "functional_group",
+    "is_gzip",
     "quiet_dicom",
     "read_dataset",
     "read_header",
@@ -140,12 +146,41 @@ _ENCODING_TS = {
 }
 
 
-def read_dataset(path: Path, *, pixels: bool) -> Dataset:
-    """dcmread that also accepts a bare dataset without the Part-10 header (native pixels only)."""
+#: The first bytes of a gzip stream.
+GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_LIMIT = 2 << 30  # bytes after decompression: beyond this a .gz is not read
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether a file is gzip-compressed (by its first bytes, whatever its name)."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        with open(path, "rb") as fh:
+            return fh.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
+def _gunzip(path: Path) -> io.BytesIO:
+    try:
+        with gzip.open(path, "rb") as fh:
+            data = fh.read(_GZIP_LIMIT + 1)
+    except (OSError, EOFError, zlib.error):
+        raise DicomError("gzip-compressed file that cannot be decompressed (damaged or truncated gzip)") from None
+    if len(data) > _GZIP_LIMIT:
+        raise DicomError("gzip-compressed file larger than 2 GiB once decompressed; decompress it first")
+    return io.BytesIO(data)
+
+
+def read_dataset(path: Path, *, pixels: bool) -> Dataset:
+    """dcmread that also accepts a bare dataset without the Part-10 header (native pixels only),
+    and a gzip-compressed file (``.dcm.gz``), decompressed in memory."""
+    gz = is_gzip(path)
+    source: Any = _gunzip(path) if gz else path
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=not pixels)
     except InvalidDicomError:
-        pass
+        if gz:
+            raise DicomError("gzip-compressed file that holds no DICOM file") from None
     ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds or "Rows" not in ds:
         raise DicomError("not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)")
@@ -457,6 +492,9 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
             continue
     if kind == "volume":
         frames, mosaic = _volume_frames(ds, path, n_frames, instance)
+        enhanced = "PerFrameFunctionalGroupsSequence" in ds
+        for f in frames:
+            f.keys = volume_keys(ds, f.frame if enhanced else None)
     else:
         frames, mosaic = _projection_frames(ds, path, n_frames, instance), 0
     study_uid = _text(ds, "StudyInstanceUID")
