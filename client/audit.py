@@ -51,6 +51,9 @@ class SiteReport:
     by_manufacturer: dict[str, dict[str, int]] = field(default_factory=dict)
     by_sop_class: dict[str, dict[str, int]] = field(default_factory=dict)
     by_transfer_syntax: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    volumes: dict[str, Any] = field(default_factory=dict)
+    """Multi-volume series: the policy, how many series were split and by which header value."""
     labels: dict[str, Any] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -177,6 +180,7 @@ def check_site(
     decode: bool = True,
     seed: int = 42,
     val_fraction: float = 0.25,
+    volume: str = "first",
 ) -> SiteReport:
     """Audit a site folder: files, usable series, labels and the split, with reasons for every rejection.
 
@@ -186,6 +190,7 @@ def check_site(
         decode: Decode every series' pixel data (finds damaged pixel data; slower).
         seed: The run seed (the split depends on it and the site's name).
         val_fraction: The run's ``data.val-fraction``.
+        volume: The run's ``data.volume`` (which volumes of a multi-volume series are used).
 
     Returns:
         The report; nothing in it identifies a patient.
@@ -200,7 +205,7 @@ def check_site(
         raise DicomError(
             f"{site_dir} is not a folder; give the site's data folder (the one holding dicom/ and {LABELS_DIR}/)"
         )
-    scan = scan_site(site_dir, modalities=modalities)
+    scan = scan_site(site_dir, modalities=modalities, volume=volume)
 
     def redact(path: Path | str) -> str:
         p = Path(path)
@@ -228,9 +233,17 @@ def check_site(
     for s in series:
         _count(report.by_modality, s.modality, s)
         _count(report.by_manufacturer, s.manufacturer, s)
+        _count(report.by_model, f"{s.manufacturer} {s.model}".strip() if s.model else s.manufacturer, s)
         _count(report.by_sop_class, s.sop_class, s)
         for ts in s.transfer_syntaxes:
             _count(report.by_transfer_syntax, ts, s)
+    multi = [s for s in series if s.split_by]
+    report.volumes = {
+        "policy": volume,
+        "series_split": len({s.series_uid for s in multi}),
+        "volumes_used": len(multi),
+        "split_by": dict(Counter(s.split_by.split(" (")[0] for s in {x.series_uid: x for x in multi}.values())),
+    }
     masks, with_mask = _mask_check(site_dir, series, redact)
     report.labels = {"segmentation": masks}
     manifest = _manifest_check(site_dir, series)
@@ -278,10 +291,19 @@ def format_report(report: SiteReport, *, max_reasons: int = 20) -> str:
     out = [
         f"site {report.site}: {report.files_total} files, {report.files_accepted} accepted, {report.files_rejected} rejected"
         + ("" if report.pixels_decoded else " (headers only: pixel data not decoded)"),
-        f"usable series: {report.series_usable} of {report.series_total} ({report.slices_usable} slices)",
+        f"usable series: {report.series_usable} of {report.series_total} ({report.slices_usable} slices)"
+        + ("; a multi-volume series counts once per volume used" if report.volumes.get("series_split") else ""),
     ]
+    vol = report.volumes
+    if vol.get("series_split"):
+        how = ", ".join(f"{n} by {k}" for k, n in sorted(vol["split_by"].items()))
+        out.append(
+            f"multi-volume series: {vol['series_split']} split into volumes ({how}); "
+            f"{vol['volumes_used']} volumes used (data.volume={vol['policy']})"
+        )
     out += _table("by modality", report.by_modality)
     out += _table("by manufacturer", report.by_manufacturer)
+    out += _table("by scanner model", report.by_model)
     out += _table("by SOP class", report.by_sop_class)
     out += _table("by transfer syntax", report.by_transfer_syntax)
     seg = report.labels.get("segmentation", {})

@@ -212,6 +212,8 @@ def _record(uid: str, infos: list[DicomFile], frames: list[Frame]) -> SeriesReco
         patient_hash=hash_id(first_info.patient),
         modality=first_info.modality,
         manufacturer=first_info.manufacturer,
+        manufacturer_raw=first_info.manufacturer_raw,
+        model=first_info.model,
         rows=first.rows,
         columns=first.columns,
         pixel_spacing=first.spacing,

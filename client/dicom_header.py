@@ -43,6 +43,8 @@ __all__ = [
     "finite",
     "frame_count",
     "functional_group",
+    "model_name",
+    "vendor_name",
     "is_gzip",
     "quiet_dicom",
     "read_dataset",
@@ -214,6 +216,7 @@ class DicomFile:
     patient: str
     modality: str
     manufacturer: str
+    """Normalised for grouping (:func:`vendor_name`)."""
     sop_class: str
     kind: str
     transfer_syntax: str
@@ -221,6 +224,10 @@ class DicomFile:
     thickness: float | None
     mosaic: int
     frames: list[Frame]
+    manufacturer_raw: str = ""
+    """The Manufacturer as spelled in the header (printable, short)."""
+    model: str = ""
+    """ManufacturerModelName, normalised for grouping (:func:`model_name`)."""
 
 
 def finite(value: object) -> float:
@@ -254,6 +261,46 @@ def _safe_label(text: str) -> str:
     """A header string (Modality, Manufacturer) safe to print: printable, short."""
     clean = re.sub(r"[^0-9A-Za-z ._()+/-]", "", text).strip()[:48]
     return clean or "unknown"
+
+
+# Vendor spellings -> one name for grouping (first match of a leading word wins).
+_VENDORS = (
+    (("GE", "GEMS", "GE MEDICAL", "GE HEALTHCARE", "GENERAL ELECTRIC"), "GE"),
+    (("SIEMENS",), "Siemens"),
+    (("PHILIPS",), "Philips"),
+    (("TOSHIBA",), "Toshiba"),
+    (("CANON",), "Canon"),
+    (("HITACHI",), "Hitachi"),
+    (("AGFA",), "Agfa"),
+    (("FUJI", "FUJIFILM"), "Fujifilm"),
+    (("KODAK", "CARESTREAM"), "Carestream (Kodak)"),
+    (("HOLOGIC",), "Hologic"),
+    (("UIH", "UNITED IMAGING"), "United Imaging"),
+    (("ESAOTE",), "Esaote"),
+    (("BRUKER",), "Bruker"),
+)
+_COMPANY_WORDS = re.compile(
+    r"\b(MEDICAL|SYSTEMS?|HEALTHCARE|HEALTHINEERS|HEALTH|AG|GMBH|INC|CORPORATION|CORP|LTD|CO|NV|BV|SA|LLC)\b"
+)
+
+
+def vendor_name(text: str) -> str:
+    """A Manufacturer spelling normalised for grouping: ``"GE MEDICAL SYSTEMS"`` and ``"GE Medical Systems"``
+    are both ``"GE"``; an unknown vendor loses case, punctuation and company words (``"Acme Imaging Inc."`` ->
+    ``"ACME IMAGING"``)."""
+    words = " ".join(re.sub(r"[^0-9A-Za-z]+", " ", text).upper().split())
+    if not words:
+        return "unknown"
+    for spellings, name in _VENDORS:
+        if any(words == sp or words.startswith(sp + " ") for sp in spellings):
+            return name
+    short = " ".join(_COMPANY_WORDS.sub(" ", words).split())
+    return short or words
+
+
+def model_name(text: str) -> str:
+    """A ManufacturerModelName normalised for grouping (upper case, single spaces, no punctuation)."""
+    return " ".join(re.sub(r"[^0-9A-Za-z.+]+", " ", text).upper().split())[:48]
 
 
 def _sop_reason(uid: str, name: str) -> str:
@@ -505,7 +552,9 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
         sop_uid=_text(ds, "SOPInstanceUID") or str(path),
         patient=_text(ds, "PatientID") or study_uid or series_uid,
         modality=_safe_label(_text(ds, "Modality", "OT")),
-        manufacturer=_safe_label(_text(ds, "Manufacturer", "unknown")),
+        manufacturer=vendor_name(_text(ds, "Manufacturer", "unknown")),
+        manufacturer_raw=_safe_label(_text(ds, "Manufacturer", "unknown")),
+        model=model_name(_safe_label(_text(ds, "ManufacturerModelName", ""))) if _text(ds, "ManufacturerModelName") else "",
         sop_class=sop_name,
         kind=kind,
         transfer_syntax=ts_name,

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from client.errors import SiteDataError
+
 __all__ = ["KEYS", "POLICY_HELP", "parse_policy", "select_volumes", "split_volumes", "volume_keys"]
 
 #: The keys that can tell volumes apart, in the order they are tried.
@@ -179,7 +181,7 @@ def parse_policy(policy: str) -> tuple[str, str | None, str | None]:
     """``data.volume`` as ``(mode, key, value)``: ``("first", None, None)``, ``("all", ...)`` or ``("rule", key, value)``.
 
     Raises:
-        ValueError: If the policy is none of these (the message names the accepted forms).
+        SiteDataError: If the policy is none of these (the message names the accepted forms).
     """
     text = policy.strip().lower()
     if text in ("first", "all"):
@@ -189,7 +191,7 @@ def parse_policy(policy: str) -> tuple[str, str | None, str | None]:
         key = _ALIASES.get(key.replace(" ", ""), _ALIASES.get(key, key))
         if key in KEYS and value:
             return "rule", key, value
-    raise ValueError(f"data.volume {policy!r} is not understood: {POLICY_HELP}")
+    raise SiteDataError(f"data.volume {policy!r} is not understood: {POLICY_HELP}")
 
 
 def select_volumes(volumes: list[tuple[str, list[Any]]], policy: str) -> list[int]:
