@@ -27,7 +27,7 @@ from client.errors import DicomError
 from client.layout import LABELS_CSV, LABELS_DIR
 from client.masks import index_masks, read_mask
 from client.phi import hash_id
-from client.records import Rejection, SeriesRecord, SliceRef
+from client.records import Rejection, SeriesRecord
 
 __all__ = ["SiteReport", "check_site", "count_reasons", "format_report", "reason_group", "write_report"]
 

@@ -28,8 +28,7 @@ from client.volume_split import parse_policy, select_volumes, split_volumes
 __all__ = ["DicomReader"]
 
 _DUPLICATE = (
-    "duplicate of another file of the same image (same SOPInstanceUID); the first copy whose pixel data "
-    "decodes is used"
+    "duplicate of another file of the same image (same SOPInstanceUID); the first copy whose pixel data decodes is used"
 )
 _LOCALIZER = (
     "localizer: ImageOrientationPatient differs from the rest of the series (mixed orientations); "

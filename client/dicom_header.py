@@ -43,12 +43,12 @@ __all__ = [
     "finite",
     "frame_count",
     "functional_group",
-    "model_name",
-    "vendor_name",
     "is_gzip",
+    "model_name",
     "quiet_dicom",
     "read_dataset",
     "read_header",
+    "vendor_name",
 ]
 
 #: Image storage SOP classes read by default: UID -> ``"volume"`` (needs patient geometry:
@@ -554,7 +554,9 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
         modality=_safe_label(_text(ds, "Modality", "OT")),
         manufacturer=vendor_name(_text(ds, "Manufacturer", "unknown")),
         manufacturer_raw=_safe_label(_text(ds, "Manufacturer", "unknown")),
-        model=model_name(_safe_label(_text(ds, "ManufacturerModelName", ""))) if _text(ds, "ManufacturerModelName") else "",
+        model=model_name(_safe_label(_text(ds, "ManufacturerModelName", "")))
+        if _text(ds, "ManufacturerModelName")
+        else "",
         sop_class=sop_name,
         kind=kind,
         transfer_syntax=ts_name,

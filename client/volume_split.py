@@ -172,13 +172,17 @@ def split_volumes(
             groups.setdefault(tuple(f.keys.get(k, "") for k in combo), []).append(f)
         if len(groups) > 1 and all(is_stack(g) for g in groups.values()):
             ordered = sorted(groups.items(), key=lambda kv: tuple(_order(v) for v in kv[0]))
-            named = [(", ".join(f"{k} {v or 'none'}" for k, v in zip(combo, values, strict=True)), g) for values, g in ordered]
+            named = [
+                (", ".join(f"{k} {v or 'none'}" for k, v in zip(combo, values, strict=True)), g)
+                for values, g in ordered
+            ]
             return " + ".join(combo), named
     return None
 
 
 def parse_policy(policy: str) -> tuple[str, str | None, str | None]:
-    """``data.volume`` as ``(mode, key, value)``: ``("first", None, None)``, ``("all", ...)`` or ``("rule", key, value)``.
+    """``data.volume`` as ``(mode, key, value)``: ``("first", None, None)``, ``("all", None, None)`` or
+    ``("rule", key, value)``.
 
     Raises:
         SiteDataError: If the policy is none of these (the message names the accepted forms).

@@ -159,9 +159,10 @@ def test_a_diffusion_series_is_split_into_volumes_and_the_policy_chooses_which_a
     series = scan_images(tmp_path / "dicom", volume=policy).series
     got = sorted(int(read_series(s)[0, 0, 0]) for s in series)
     assert got == firsts
-    assert all(np.array_equal(read_series(s)[:, 0, 0], got_first + np.arange(4)) for s, got_first in zip(
-        sorted(series, key=lambda s: read_series(s)[0, 0, 0]), firsts, strict=True
-    ))
+    assert all(
+        np.array_equal(read_series(s)[:, 0, 0], got_first + np.arange(4))
+        for s, got_first in zip(sorted(series, key=lambda s: read_series(s)[0, 0, 0]), firsts, strict=True)
+    )
 
 
 @pytest.mark.parametrize(
@@ -195,7 +196,7 @@ def test_an_unknown_volume_policy_is_refused_with_the_accepted_forms(tmp_path: P
     from client.errors import SiteDataError
 
     write_series(tmp_path / "dicom", _ramp(2))
-    with pytest.raises(SiteDataError, match="'first'.*'all'.*b-value=0"):
+    with pytest.raises(SiteDataError, match=r"'first'.*'all'.*b-value=0"):
         check_site(tmp_path, volume="latest")
 
 
