@@ -220,3 +220,26 @@ def test_one_vendor_spelled_differently_is_grouped_in_the_report_and_the_raw_nam
     assert "Siemens SKYRA" in report.by_model
     raw = sorted(s.manufacturer_raw for s in scan_images(tmp_path / "dicom").series)
     assert raw == ["GE MEDICAL SYSTEMS", "GE Medical Systems", "SIEMENS"]
+
+
+# ------------------------------------------------------------------------------------------
+# redaction follows the values seen in headers
+
+
+def test_folders_named_by_header_values_are_hashed_and_site_or_project_folders_are_kept(tmp_path: Path) -> None:
+    site = tmp_path / "hospital-site"  # shares one word with the institution's name: not a patient value
+    folder = site / "dicom" / "hospital-project" / "PID4455" / "Planted_Memorial" / "doe"
+    write_series(
+        folder,
+        _ramp(2),
+        patient_id="PID4455",
+        extra={"InstitutionName": "Planted Memorial Hospital", "PatientName": "Jane Doe"},
+    )
+    (folder / "notes.txt").write_text("rejected, so its path is reported")
+    report = check_site(site)
+    assert report.site == "hospital-site"
+    (reported,) = _reasons(report)
+    parts = reported.split("/")
+    assert parts[:2] == ["dicom", "hospital-project"] and parts[-1] == "notes.txt"
+    assert all(p.startswith("~") for p in parts[2:5])  # the PatientID, the institution, a name component
+    assert "PID4455" not in reported and "Memorial" not in reported and "doe" not in reported
