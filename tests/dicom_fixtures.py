@@ -97,12 +97,22 @@ def write_multivolume(
     """
     series_uid, study_uid = generate_uid(), generate_uid()
     files = []
+    common = dict(kwargs.pop("extra", {}) or {})  # type: ignore[call-overload]
+    first = 1
     for i, (tags, pixels) in enumerate(volumes):
-        extra = {**dict(kwargs.pop("extra", {}) or {}), **tags}  # type: ignore[arg-type]
+        numbers = list(range(first, first + len(pixels)))  # InstanceNumber runs on across volumes
+        first += len(pixels)
         files.append(
             write_series(
-                folder, pixels, series_uid=series_uid, study_uid=study_uid, prefix=f"V{i}_", extra=extra, **kwargs
-            )  # type: ignore[arg-type]
+                folder,
+                pixels,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                prefix=f"V{i}_",
+                extra={**common, **tags},
+                instance_numbers=numbers,
+                **kwargs,  # type: ignore[arg-type]
+            )
         )
     return series_uid, files
 
