@@ -243,3 +243,43 @@ def test_folders_named_by_header_values_are_hashed_and_site_or_project_folders_a
     assert parts[:2] == ["dicom", "hospital-project"] and parts[-1] == "notes.txt"
     assert all(p.startswith("~") for p in parts[2:5])  # the PatientID, the institution, a name component
     assert "PID4455" not in reported and "Memorial" not in reported and "doe" not in reported
+
+
+# ------------------------------------------------------------------------------------------
+# all together: a small multi-vendor archive
+
+
+def build_archive(root: Path) -> int:
+    """A multi-vendor archive with every case above; returns the number of volumes a radiologist would use."""
+    dicom = root / "dicom"
+    write_series(dicom / "ge" / "t1", _ramp(5), extra={"Manufacturer": "GE MEDICAL SYSTEMS"})  # 1
+    uid = pydicom.uid.generate_uid()  # a localizer inside a Siemens stack: 1
+    write_series(dicom / "siemens" / "t2", _ramp(6), series_uid=uid, extra={"Manufacturer": "SIEMENS"})
+    write_series(dicom / "siemens" / "t2", _ramp(1), series_uid=uid, iop=(0, 1, 0, 0, 0, -1), prefix="LOC")
+    _diffusion(dicom / "philips" / "dwi")  # 3
+    write_multivolume(dicom / "canon" / "me", [({"EchoNumbers": e}, _ramp(3, 10 * e)) for e in (1, 2, 3)])  # 3
+    write_multivolume(dicom / "agfa" / "fmri", [({"TemporalPositionIdentifier": t}, _ramp(3)) for t in (1, 2)])  # 2
+    damaged = write_series(dicom / "nih" / "ct", _ramp(4), modality="CT", extra={"Manufacturer": "GE Medical Systems"})
+    damage_pixels(damaged[2])  # 1 (three slices)
+    good = write_series(dicom / "dup", _ramp(2))  # 1, with a broken copy of its first file
+    shutil.copy(good[0], dicom / "dup" / "A_copy.dcm")
+    damage_pixels(dicom / "dup" / "A_copy.dcm")
+    for p in write_series(root / "tmp-gz", _ramp(3)):  # 1, gzip-compressed
+        (dicom / "gz").mkdir(parents=True, exist_ok=True)
+        (dicom / "gz" / f"{p.name}.gz").write_bytes(gzip.compress(p.read_bytes()))
+    shutil.rmtree(root / "tmp-gz")
+    write_series(dicom / "hidden", _ramp(2), prefix=".IM")  # 1
+    (dicom / ".DS_Store").write_bytes(b"junk")
+    return 1 + 1 + 3 + 3 + 2 + 1 + 1 + 1 + 1
+
+
+def test_on_a_multi_vendor_archive_every_file_is_reported_and_every_usable_volume_is_used(tmp_path: Path) -> None:
+    expected = build_archive(tmp_path)
+    report = check_site(tmp_path, volume="all")
+    files = [p for p in (tmp_path / "dicom").rglob("*") if p.is_file()]
+    assert report.files_total == len(files) == report.files_accepted + report.files_rejected
+    assert report.series_usable == expected
+    reasons = sorted(_reasons(report).values())
+    assert len(reasons) == 4  # the localizer, the damaged slice, the broken copy, .DS_Store
+    assert {"GE", "Siemens"} <= set(report.by_manufacturer) and report.by_manufacturer["GE"]["series"] == 2
+    assert report.volumes["series_split"] == 3 and report.volumes["volumes_used"] == 8
