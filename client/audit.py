@@ -233,7 +233,8 @@ def check_site(
     for s in series:
         _count(report.by_modality, s.modality, s)
         _count(report.by_manufacturer, s.manufacturer, s)
-        _count(report.by_model, f"{s.manufacturer} {s.model}".strip() if s.model else s.manufacturer, s)
+        if s.model:
+            _count(report.by_model, f"{s.manufacturer} {s.model}", s)
         _count(report.by_sop_class, s.sop_class, s)
         for ts in s.transfer_syntaxes:
             _count(report.by_transfer_syntax, ts, s)
