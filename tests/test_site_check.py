@@ -14,9 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from client.discovery import discover_series, read_series, read_usable
-from client.geometry import grid_problem
+from client.discovery import discover_series, read_usable
 from client.errors import DicomError
+from client.geometry import grid_problem
 from client.phi import hash_id
 from fedsite.cli import main
 from tests.dicom_fixtures import pydicom_file, pydicom_test_files, pydicom_tree
