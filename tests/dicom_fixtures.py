@@ -161,3 +161,49 @@ def pydicom_file(name: str) -> Path:
 
 def dataset(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
+
+
+def write_enhanced(path: Path, volumes: list[np.ndarray], *, gap: float = 2.0) -> Path:
+    """One Enhanced MR file holding several ``(Z, Y, X)`` volumes at the same positions, told apart only by
+    the frames' DimensionIndexValues (volume index, in-stack position), as scanners write multi-echo or
+    dynamic series."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedMRImageStorage
+
+    z, rows, cols = volumes[0].shape
+    ds = Dataset()
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.Manufacturer = "P1", "MR", "TESTVENDOR"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, z * len(volumes)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    dim_volume, dim_slice = Dataset(), Dataset()
+    dim_volume.DimensionIndexPointer = 0x00209128  # TemporalPositionIndex
+    dim_slice.DimensionIndexPointer = 0x00209057  # InStackPositionNumber
+    ds.DimensionIndexSequence = Sequence([dim_volume, dim_slice])
+    measures, orientation, shared = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [1.0, 1.0], gap
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for v in range(len(volumes)):
+        for k in range(z):
+            item, position, content = Dataset(), Dataset(), Dataset()
+            position.ImagePositionPatient = [0.0, 0.0, k * gap]
+            content.DimensionIndexValues = [v + 1, k + 1]
+            item.PlanePositionSequence = Sequence([position])
+            item.FrameContentSequence = Sequence([content])
+            frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.PixelData = np.ascontiguousarray(np.concatenate(volumes)).astype("<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

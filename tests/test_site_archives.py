@@ -14,7 +14,7 @@ from client.audit import check_site
 from client.discovery import read_series, scan_images
 from client.geometry import grid_problem
 from client.layout import CACHE_DIR, LEDGER_DIR
-from tests.dicom_fixtures import damage_pixels, write_multivolume, write_series
+from tests.dicom_fixtures import damage_pixels, write_enhanced, write_multivolume, write_series
 
 
 def _ramp(z: int, base: int = 0) -> np.ndarray:
@@ -283,3 +283,14 @@ def test_on_a_multi_vendor_archive_every_file_is_reported_and_every_usable_volum
     assert len(reasons) == 4  # the localizer, the damaged slice, the broken copy, .DS_Store
     assert {"GE", "Siemens"} <= set(report.by_manufacturer) and report.by_manufacturer["GE"]["series"] == 2
     assert report.volumes["series_split"] == 3 and report.volumes["volumes_used"] == 8
+
+
+def test_an_enhanced_file_with_two_volumes_is_split_by_its_frames_dimension_index(tmp_path: Path) -> None:
+    write_enhanced(tmp_path / "dicom" / "enh.dcm", [_ramp(3, base=0), _ramp(3, base=50)])
+    report = check_site(tmp_path, volume="all")
+    assert report.series_usable == 2 and report.slices_usable == 6 and report.files_rejected == 0
+    assert report.volumes["split_by"] == {"dimension": 1}
+    series = sorted(scan_images(tmp_path / "dicom", volume="all").series, key=lambda s: s.volume)
+    assert [s.volume for s in series] == ["dimension 1", "dimension 2"]
+    np.testing.assert_array_equal(read_series(series[0])[:, 0, 0], [0, 1, 2])
+    np.testing.assert_array_equal(read_series(series[1])[:, 0, 0], [50, 51, 52])
