@@ -22,17 +22,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from client.discovery import read_series
+from client.discovery import read_usable
 from client.errors import DicomError
 from client.layout import LABELS_CSV, LABELS_DIR
 from client.masks import index_masks, read_mask
 from client.phi import hash_id
-from client.records import Rejection, SeriesRecord, SliceRef
+from client.records import Rejection, SeriesRecord
 
 __all__ = ["SiteReport", "check_site", "count_reasons", "format_report", "reason_group", "write_report"]
 
 _HASH_IN_REASON = re.compile(r"\b(series|file) [0-9a-f]{12}: ")
-_SERIES_PREFIX = re.compile(r"series [0-9a-f]{12}: ")
+_SERIES_PREFIX = re.compile(r"series ([0-9a-f]{12}): ")
 
 
 @dataclass
@@ -51,6 +51,9 @@ class SiteReport:
     by_manufacturer: dict[str, dict[str, int]] = field(default_factory=dict)
     by_sop_class: dict[str, dict[str, int]] = field(default_factory=dict)
     by_transfer_syntax: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    volumes: dict[str, Any] = field(default_factory=dict)
+    """Multi-volume series: the policy, how many series were split and by which header value."""
     labels: dict[str, Any] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -74,45 +77,24 @@ def _count(table: dict[str, dict[str, int]], key: str, s: SeriesRecord) -> None:
 
 
 def _decode_check(series: list[SeriesRecord], redact) -> tuple[list[SeriesRecord], list[Rejection]]:
-    """Decode every series. A volume series with a file that fails is rejected as a whole (a gap
-    in the stack); a projection series only loses the files that fail (its images are independent)."""
+    """Decode every series. A file that fails is dropped with its own reason; the rest of its series
+    is kept (a 2D slice task uses the slices that decode)."""
     good: list[SeriesRecord] = []
     rejected: list[Rejection] = []
     for s in series:
-        parts = (
-            [s]
-            if s.kind != "projection"
-            else [replace(s, slices=tuple(x for x in s.slices if x.path == f)) for f in s.files]
-        )
-        kept: list[SliceRef] = []
-        for part in parts:
-            try:
-                read_series(part)
-            except DicomError as exc:
-                bad = exc.file
-                for path in part.files:
-                    if path == bad or bad is None:
-                        reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
-                    else:
-                        reason = (
-                            f"series {s.series_hash}: not used because another file of the series cannot be decoded"
-                        )
-                    rejected.append(Rejection(redact(path), reason))
-                continue
-            except Exception as exc:
-                for path in part.files:
-                    rejected.append(
-                        Rejection(
-                            redact(path),
-                            f"series {s.series_hash}: unexpected error while decoding ({type(exc).__name__})",
-                        )
-                    )
-                continue
-            kept.extend(part.slices)
-        if kept:
-            good.append(
-                s if len(kept) == len(s.slices) else replace(s, slices=tuple(kept), first_file=redact(kept[0].path))
-            )
+        try:
+            _, kept, failed = read_usable(s)
+        except DicomError as exc:
+            reason = str(exc) if str(exc).startswith("series ") else f"series {s.series_hash}: {exc}"
+            rejected.extend(Rejection(redact(path), reason) for path in s.files)
+            continue
+        except Exception as exc:
+            reason = f"series {s.series_hash}: unexpected error while decoding ({type(exc).__name__})"
+            rejected.extend(Rejection(redact(path), reason) for path in s.files)
+            continue
+        rejected.extend(Rejection(redact(path), reason) for path, reason in failed)
+        if kept.slices:
+            good.append(kept if not failed else replace(kept, first_file=redact(kept.slices[0].path)))
     return good, rejected
 
 
@@ -198,6 +180,7 @@ def check_site(
     decode: bool = True,
     seed: int = 42,
     val_fraction: float = 0.25,
+    volume: str = "first",
 ) -> SiteReport:
     """Audit a site folder: files, usable series, labels and the split, with reasons for every rejection.
 
@@ -207,6 +190,7 @@ def check_site(
         decode: Decode every series' pixel data (finds damaged pixel data; slower).
         seed: The run seed (the split depends on it and the site's name).
         val_fraction: The run's ``data.val-fraction``.
+        volume: The run's ``data.volume`` (which volumes of a multi-volume series are used).
 
     Returns:
         The report; nothing in it identifies a patient.
@@ -221,7 +205,7 @@ def check_site(
         raise DicomError(
             f"{site_dir} is not a folder; give the site's data folder (the one holding dicom/ and {LABELS_DIR}/)"
         )
-    scan = scan_site(site_dir, modalities=modalities)
+    scan = scan_site(site_dir, modalities=modalities, volume=volume)
 
     def redact(path: Path | str) -> str:
         p = Path(path)
@@ -230,10 +214,13 @@ def check_site(
 
     rejected = list(scan.rejected)
     series = scan.series
-    series_total = len(series) + len({m.group(0) for r in rejected if (m := _SERIES_PREFIX.match(r.reason))})
     if decode:
         series, bad = _decode_check(series, redact)
         rejected.extend(bad)
+    # A series counts once (or once per volume used); a series only named by rejections counts once.
+    named = {m.group(1) for r in rejected if (m := _SERIES_PREFIX.match(r.reason))}
+    usable = {hash_id(s.series_uid) for s in series} | {s.series_hash for s in series}
+    series_total = len(series) + len(named - usable)
     name = site_name_of(site_dir)
     report = SiteReport(site=f"~{hash_id(name)}" if scan.redactor.identifying(name) else name)
     report.pixels_decoded = decode
@@ -246,9 +233,18 @@ def check_site(
     for s in series:
         _count(report.by_modality, s.modality, s)
         _count(report.by_manufacturer, s.manufacturer, s)
+        if s.model:
+            _count(report.by_model, f"{s.manufacturer} {s.model}", s)
         _count(report.by_sop_class, s.sop_class, s)
         for ts in s.transfer_syntaxes:
             _count(report.by_transfer_syntax, ts, s)
+    multi = [s for s in series if s.split_by]
+    report.volumes = {
+        "policy": volume,
+        "series_split": len({s.series_uid for s in multi}),
+        "volumes_used": len(multi),
+        "split_by": dict(Counter(s.split_by.split(" (")[0] for s in {x.series_uid: x for x in multi}.values())),
+    }
     masks, with_mask = _mask_check(site_dir, series, redact)
     report.labels = {"segmentation": masks}
     manifest = _manifest_check(site_dir, series)
@@ -297,10 +293,19 @@ def format_report(report: SiteReport, *, max_reasons: int = 20) -> str:
         f"site {report.site}: {report.files_total} files, {report.files_accepted} accepted, "
         f"{report.files_rejected} rejected"
         + ("" if report.pixels_decoded else " (headers only: pixel data not decoded)"),
-        f"usable series: {report.series_usable} of {report.series_total} ({report.slices_usable} slices)",
+        f"usable series: {report.series_usable} of {report.series_total} ({report.slices_usable} slices)"
+        + ("; a multi-volume series counts once per volume used" if report.volumes.get("series_split") else ""),
     ]
+    vol = report.volumes
+    if vol.get("series_split"):
+        how = ", ".join(f"{n} by {k}" for k, n in sorted(vol["split_by"].items()))
+        out.append(
+            f"multi-volume series: {vol['series_split']} split into volumes ({how}); "
+            f"{vol['volumes_used']} volumes used (data.volume={vol['policy']})"
+        )
     out += _table("by modality", report.by_modality)
     out += _table("by manufacturer", report.by_manufacturer)
+    out += _table("by scanner model", report.by_model)
     out += _table("by SOP class", report.by_sop_class)
     out += _table("by transfer syntax", report.by_transfer_syntax)
     seg = report.labels.get("segmentation", {})

@@ -62,6 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"run seed used for the patient split (default {defaults.seed}, the run default)",
     )
     check.add_argument(
+        "--volume",
+        default=defaults.data.volume,
+        metavar="POLICY",
+        help=f"multi-volume series: 'first', 'all' or a rule like 'b-value=0' (default {defaults.data.volume!r}, "
+        "the run's data.volume)",
+    )
+    check.add_argument(
         "--val-fraction",
         type=float,
         default=defaults.data.val_fraction,
@@ -208,9 +215,22 @@ def _check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from client.errors import SiteDataError
+    from client.volume_split import parse_policy
+
+    try:
+        parse_policy(args.volume)
+    except SiteDataError as exc:
+        print(f"fedsite site check: error: --volume: {exc}", file=sys.stderr)
+        return 2
     modalities = tuple(m.upper() for m in args.modality) if args.modality else None
     report = check_site(
-        args.dir, modalities=modalities, decode=not args.headers_only, seed=args.seed, val_fraction=args.val_fraction
+        args.dir,
+        modalities=modalities,
+        decode=not args.headers_only,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        volume=args.volume,
     )
     print(format_report(report), flush=True)
     if args.report is not None:

@@ -50,7 +50,7 @@ from monai.transforms import (
 )
 
 from client.cache import cached
-from client.discovery import read_series
+from client.discovery import read_usable
 from client.errors import DicomError
 from client.geometry import LPS_TO_RAS, ras_affine
 from client.labels import LabelManifestError, class_labels
@@ -224,9 +224,16 @@ def _class_targets(
     return targets
 
 
+def _rel(site_dir: Path, path: Path) -> str:
+    try:
+        return path.relative_to(site_dir).as_posix()
+    except ValueError:
+        return path.name
+
+
 def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig()) -> dict:
     """Decode and preprocess every labelled series of the site (the slow, cached part)."""
-    scan = scan_site(site_dir)
+    scan = scan_site(site_dir, volume=cfg.volume)
     series, rejected = scan.series, list(scan.rejected)
     classify = task.name == "classification"
     if classify:
@@ -251,7 +258,10 @@ def _read_samples(site_dir: Path, cfg: DataConfig, task: TaskConfig = TaskConfig
                 rejected.append(Rejection(s.first_file, f"series {s.series_hash}: {why}"))
                 continue
         try:
-            volume = read_series(s)
+            volume, s, dropped = read_usable(s)  # damaged files dropped, each with its reason
+            rejected.extend(Rejection(scan.redactor.redact(_rel(site_dir, p)), why) for p, why in dropped)
+            if not s.slices:
+                continue
             mask = np.zeros(volume.shape, dtype=np.uint8) if classify else read_mask(found[0], s, volume.shape)
             items = canonical_slices(volume, mask, s)
         except DicomError as exc:
@@ -322,6 +332,7 @@ def load_site(
         "pipeline": PIPELINE_VERSION,
         "image_size": cfg.image_size,
         "spacing_mm": cfg.spacing_mm,
+        "volume": cfg.volume,
         "task": task.name,
     }
     if task.name == "classification":

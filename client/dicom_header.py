@@ -13,13 +13,17 @@ is a :class:`~client.errors.DicomError` whose message holds no patient value.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import logging
 import math
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,6 +35,7 @@ from client.errors import DicomError
 from client.geometry import Frame
 from client.layout import LABELS_DIR
 from client.phi import hash_id, identifiers
+from client.volume_split import volume_keys
 
 __all__ = [
     "IMAGE_SOP_CLASSES",
@@ -38,9 +43,12 @@ __all__ = [
     "finite",
     "frame_count",
     "functional_group",
+    "is_gzip",
+    "model_name",
     "quiet_dicom",
     "read_dataset",
     "read_header",
+    "vendor_name",
 ]
 
 #: Image storage SOP classes read by default: UID -> ``"volume"`` (needs patient geometry:
@@ -140,12 +148,41 @@ _ENCODING_TS = {
 }
 
 
-def read_dataset(path: Path, *, pixels: bool) -> Dataset:
-    """dcmread that also accepts a bare dataset without the Part-10 header (native pixels only)."""
+#: The first bytes of a gzip stream.
+GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_LIMIT = 2 << 30  # bytes after decompression: beyond this a .gz is not read
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether a file is gzip-compressed (by its first bytes, whatever its name)."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        with open(path, "rb") as fh:
+            return fh.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
+def _gunzip(path: Path) -> io.BytesIO:
+    try:
+        with gzip.open(path, "rb") as fh:
+            data = fh.read(_GZIP_LIMIT + 1)
+    except (OSError, EOFError, zlib.error):
+        raise DicomError("gzip-compressed file that cannot be decompressed (damaged or truncated gzip)") from None
+    if len(data) > _GZIP_LIMIT:
+        raise DicomError("gzip-compressed file larger than 2 GiB once decompressed; decompress it first")
+    return io.BytesIO(data)
+
+
+def read_dataset(path: Path, *, pixels: bool) -> Dataset:
+    """dcmread that also accepts a bare dataset without the Part-10 header (native pixels only),
+    and a gzip-compressed file (``.dcm.gz``), decompressed in memory."""
+    gz = is_gzip(path)
+    source: Any = _gunzip(path) if gz else path
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=not pixels)
     except InvalidDicomError:
-        pass
+        if gz:
+            raise DicomError("gzip-compressed file that holds no DICOM file") from None
     ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds or "Rows" not in ds:
         raise DicomError("not a DICOM file (no 'DICM' marker or file meta, and not a bare DICOM image dataset either)")
@@ -179,6 +216,7 @@ class DicomFile:
     patient: str
     modality: str
     manufacturer: str
+    """Normalised for grouping (:func:`vendor_name`)."""
     sop_class: str
     kind: str
     transfer_syntax: str
@@ -186,6 +224,10 @@ class DicomFile:
     thickness: float | None
     mosaic: int
     frames: list[Frame]
+    manufacturer_raw: str = ""
+    """The Manufacturer as spelled in the header (printable, short)."""
+    model: str = ""
+    """ManufacturerModelName, normalised for grouping (:func:`model_name`)."""
 
 
 def finite(value: object) -> float:
@@ -219,6 +261,46 @@ def _safe_label(text: str) -> str:
     """A header string (Modality, Manufacturer) safe to print: printable, short."""
     clean = re.sub(r"[^0-9A-Za-z ._()+/-]", "", text).strip()[:48]
     return clean or "unknown"
+
+
+# Vendor spellings -> one name for grouping (first match of a leading word wins).
+_VENDORS = (
+    (("GE", "GEMS", "GE MEDICAL", "GE HEALTHCARE", "GENERAL ELECTRIC"), "GE"),
+    (("SIEMENS",), "Siemens"),
+    (("PHILIPS",), "Philips"),
+    (("TOSHIBA",), "Toshiba"),
+    (("CANON",), "Canon"),
+    (("HITACHI",), "Hitachi"),
+    (("AGFA",), "Agfa"),
+    (("FUJI", "FUJIFILM"), "Fujifilm"),
+    (("KODAK", "CARESTREAM"), "Carestream (Kodak)"),
+    (("HOLOGIC",), "Hologic"),
+    (("UIH", "UNITED IMAGING"), "United Imaging"),
+    (("ESAOTE",), "Esaote"),
+    (("BRUKER",), "Bruker"),
+)
+_COMPANY_WORDS = re.compile(
+    r"\b(MEDICAL|SYSTEMS?|HEALTHCARE|HEALTHINEERS|HEALTH|AG|GMBH|INC|CORPORATION|CORP|LTD|CO|NV|BV|SA|LLC)\b"
+)
+
+
+def vendor_name(text: str) -> str:
+    """A Manufacturer spelling normalised for grouping: ``"GE MEDICAL SYSTEMS"`` and ``"GE Medical Systems"``
+    are both ``"GE"``; an unknown vendor loses case, punctuation and company words (``"Acme Imaging Inc."`` ->
+    ``"ACME IMAGING"``)."""
+    words = " ".join(re.sub(r"[^0-9A-Za-z]+", " ", text).upper().split())
+    if not words:
+        return "unknown"
+    for spellings, name in _VENDORS:
+        if any(words == sp or words.startswith(sp + " ") for sp in spellings):
+            return name
+    short = " ".join(_COMPANY_WORDS.sub(" ", words).split())
+    return short or words
+
+
+def model_name(text: str) -> str:
+    """A ManufacturerModelName normalised for grouping (upper case, single spaces, no punctuation)."""
+    return " ".join(re.sub(r"[^0-9A-Za-z.+]+", " ", text).upper().split())[:48]
 
 
 def _sop_reason(uid: str, name: str) -> str:
@@ -458,6 +540,9 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
             continue
     if kind == "volume":
         frames, mosaic = _volume_frames(ds, path, n_frames, instance)
+        enhanced = "PerFrameFunctionalGroupsSequence" in ds
+        for f in frames:
+            f.keys = volume_keys(ds, f.frame if enhanced else None)
     else:
         frames, mosaic = _projection_frames(ds, path, n_frames, instance), 0
     study_uid = _text(ds, "StudyInstanceUID")
@@ -468,7 +553,11 @@ def _header_info(ds: Dataset, path: Path, sop_classes: dict[str, str]) -> DicomF
         sop_uid=_text(ds, "SOPInstanceUID") or str(path),
         patient=_text(ds, "PatientID") or study_uid or series_uid,
         modality=_safe_label(_text(ds, "Modality", "OT")),
-        manufacturer=_safe_label(_text(ds, "Manufacturer", "unknown")),
+        manufacturer=vendor_name(_text(ds, "Manufacturer", "unknown")),
+        manufacturer_raw=_safe_label(_text(ds, "Manufacturer", "unknown")),
+        model=model_name(_safe_label(_text(ds, "ManufacturerModelName", "")))
+        if _text(ds, "ManufacturerModelName")
+        else "",
         sop_class=sop_name,
         kind=kind,
         transfer_syntax=ts_name,

@@ -15,6 +15,7 @@ A Siemens mosaic is cut into its tiles; frames are taken in the record's slice o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from client.errors import DicomError
 from client.phi import identifiers, scrub
 from client.records import SeriesRecord, SliceRef
 
-__all__ = ["DISPLAY_REFERRED", "decode_series"]
+__all__ = ["DISPLAY_REFERRED", "decode_series", "decode_usable"]
 
 #: Modalities whose pixel values are meant for display: their VOI LUT or window is applied.
 DISPLAY_REFERRED: tuple[str, ...] = ("CR", "DX", "MG", "IO", "PX", "RF", "XA")
@@ -154,3 +155,37 @@ def decode_series(series: SeriesRecord) -> np.ndarray:
                     file=path,
                 ) from None
     return out
+
+
+def decode_usable(series: SeriesRecord) -> tuple[np.ndarray, SeriesRecord, list[tuple[Path, str]]]:
+    """Decode a DICOM series' pixels, dropping the files that cannot be decoded.
+
+    Returns:
+        ``(array, series of the decoded slices, [(file, reason) for each file that failed]``: every
+        damaged file is named with its own reason; the rest of the series is used (a 2D slice task
+        does not need the missing slices; :func:`client.geometry.grid_problem` says when a 3D task would).
+    """
+    out = np.empty((len(series.slices), series.rows, series.columns), dtype=np.float32)
+    by_file: dict[Path, list[tuple[int, SliceRef]]] = {}
+    for i, ref in enumerate(series.slices):
+        by_file.setdefault(ref.path, []).append((i, ref))
+    failed: list[tuple[Path, str]] = []
+    with quiet_dicom():
+        for path, items in by_file.items():
+            try:
+                _decode_file(path, series, items, out)
+            except DicomError as exc:
+                failed.append((path, f"series {series.series_hash}: {exc}"))
+            except Exception as exc:
+                failed.append(
+                    (
+                        path,
+                        f"series {series.series_hash}: pixel data cannot be read ({type(exc).__name__}); "
+                        "the file is damaged",
+                    )
+                )
+    if not failed:
+        return out, series, []
+    bad = {path for path, _ in failed}
+    keep = [i for i, ref in enumerate(series.slices) if ref.path not in bad]
+    return out[keep], replace(series, slices=tuple(series.slices[i] for i in keep)), failed

@@ -1,7 +1,7 @@
 """Discovery: every file under a folder given to the first reader that can read it; series from headers only.
 
 Discovery (:func:`scan_images`, :func:`discover_series`) walks a folder tree (hidden files and
-folders are skipped) and gives each file to the first reader of :func:`default_readers` whose
+folders too) and gives each file to the first reader of :func:`default_readers` whose
 ``can_read`` says yes: NIfTI/NRRD volumes (``.nii``, ``.nii.gz``, ``.nrrd``;
 :class:`~client.volumes.VolumeReader`, one series per file), else DICOM
 (:class:`~client.dicom.DicomReader`). Each reader reads its files' headers and forms its series
@@ -29,25 +29,27 @@ from client.reader import FileHeader, ImageReader
 from client.records import Rejection, Scan, SeriesRecord
 from client.volumes import VolumeReader
 
-__all__ = ["default_readers", "discover_series", "read_series", "scan_images"]
+__all__ = ["default_readers", "discover_series", "read_series", "read_usable", "scan_images"]
 
 
-def default_readers(*, sop_classes: dict[str, str] | None = None) -> tuple[ImageReader, ...]:
+def default_readers(*, sop_classes: dict[str, str] | None = None, volume: str = "first") -> tuple[ImageReader, ...]:
     """The readers discovery tries, in order: NIfTI/NRRD volumes by name, then DICOM (any other file).
 
     Args:
         sop_classes: For the DICOM reader: SOP class UID -> ``"volume"`` or ``"projection"``;
             default :data:`client.dicom_header.IMAGE_SOP_CLASSES`.
+        volume: The ``data.volume`` policy for multi-volume series (:mod:`client.volume_split`).
     """
-    return (VolumeReader(), DicomReader(sop_classes))
+    return (VolumeReader(), DicomReader(sop_classes, volume=volume))
 
 
 def _iter_files(root: Path, skip: set[str]) -> Iterator[Path]:
+    """Every file under ``root`` (hidden ones too), except the top-level names in ``skip``."""
     for dirpath, dirnames, filenames in os.walk(root):
         top = Path(dirpath) == root
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d in skip))
+        dirnames[:] = sorted(d for d in dirnames if not (top and d in skip))
         for name in sorted(filenames):
-            if name.startswith(".") or (top and name in skip):
+            if top and name in skip:
                 continue
             yield Path(dirpath) / name
 
@@ -60,11 +62,12 @@ def scan_images(
     skip: Iterable[str] = (),
     relative_to: Path | None = None,
     readers: Sequence[ImageReader] | None = None,
+    volume: str = "first",
 ) -> Scan:
     """Index the images under ``root`` from headers only; every file is used or rejected.
 
     Args:
-        root: The folder to walk (hidden files and folders are ignored).
+        root: The folder to walk (hidden files and folders too: every file is counted).
         modalities: Keep only DICOM series of these Modality values, e.g. ``("MR",)``; ``None``
             keeps all. NIfTI/NRRD volumes have no modality and are always kept.
         sop_classes: SOP class UID -> ``"volume"`` or ``"projection"``; default
@@ -72,6 +75,7 @@ def scan_images(
         skip: Names of top-level files or folders of ``root`` not to walk (e.g. ``"labels"``).
         relative_to: Report paths relative to this folder (default ``root``).
         readers: The readers to try, in order; default :func:`default_readers`.
+        volume: The ``data.volume`` policy of the default readers.
 
     Returns:
         The usable series (sorted by hash, so splits are deterministic), the rejected files with
@@ -85,7 +89,7 @@ def scan_images(
         raise DicomError(f"image folder {root} does not exist or is not a folder")
     base = Path(relative_to) if relative_to is not None else root
     wanted = None if modalities is None else {m.upper() for m in modalities}
-    readers = default_readers(sop_classes=sop_classes) if readers is None else tuple(readers)
+    readers = default_readers(sop_classes=sop_classes, volume=volume) if readers is None else tuple(readers)
     redactor = PathRedactor()
     raw_rejected: list[tuple[Path, str]] = []
     headers: dict[int, list[FileHeader]] = {i: [] for i in range(len(readers))}
@@ -106,7 +110,8 @@ def scan_images(
         try:
             header = readers[index].read_header(path, rel=rel(path))
         except DicomError as exc:
-            raw_rejected.append((path, str(exc)))
+            hidden = " (a hidden file: its name starts with a dot)" if path.name.startswith(".") else ""
+            raw_rejected.append((path, f"{exc}{hidden}"))
             continue
         except Exception as exc:
             raw_rejected.append((path, f"unexpected error while reading the header ({type(exc).__name__})"))
@@ -179,4 +184,19 @@ def read_series(series: SeriesRecord, *, readers: Sequence[ImageReader] | None =
     for reader in default_readers() if readers is None else readers:
         if series.kind in reader.kinds:
             return reader.read(series)
+    raise DicomError(f"series {series.series_hash}: no reader decodes series of kind {series.kind!r}")
+
+
+def read_usable(
+    series: SeriesRecord, *, readers: Sequence[ImageReader] | None = None
+) -> tuple[np.ndarray, SeriesRecord, list[tuple[Path, str]]]:
+    """Decode what can be decoded of a series: damaged files are dropped, each named with its own reason.
+
+    Returns:
+        ``(array, series of the decoded slices, [(file, reason) for each dropped file])``; the array
+        is empty along Z when no file decodes.
+    """
+    for reader in default_readers() if readers is None else readers:
+        if series.kind in reader.kinds:
+            return reader.read_usable(series)
     raise DicomError(f"series {series.series_hash}: no reader decodes series of kind {series.kind!r}")

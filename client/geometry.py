@@ -12,14 +12,23 @@ samples (:mod:`client.dataset`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from client.records import SeriesRecord
 
-__all__ = ["LPS_TO_RAS", "Frame", "ras_affine", "series_affine", "slice_normal", "sort_along_normal", "stack_problem"]
+__all__ = [
+    "LPS_TO_RAS",
+    "Frame",
+    "grid_problem",
+    "ras_affine",
+    "series_affine",
+    "slice_normal",
+    "sort_along_normal",
+    "stack_problem",
+]
 
 #: LPS (DICOM patient coordinates) -> RAS, as a 4x4 affine.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -41,6 +50,8 @@ class Frame:
     ipp: tuple[float, float, float] | None
     """ImagePositionPatient (LPS, mm); None without patient geometry."""
     instance: int | None
+    keys: dict[str, str] = field(default_factory=dict)
+    """Header values that tell the volumes of a multi-volume series apart (:mod:`client.volume_split`)."""
 
 
 def slice_normal(iop: Sequence[float]) -> np.ndarray:
@@ -50,11 +61,13 @@ def slice_normal(iop: Sequence[float]) -> np.ndarray:
     return np.cross(row, col)
 
 
-def stack_problem(frames: Sequence[Frame]) -> str | None:
-    """Why images with patient geometry do not form one regular stack, or None if they do.
+def stack_problem(frames: Sequence[Frame], *, even: bool = False) -> str | None:
+    """Why images with patient geometry do not form one stack, or None if they do.
 
     One stack: same Rows/Columns, orientation and pixel spacing; distinct positions along the
-    normal with even gaps (none missing); every image on the line through the first along the normal.
+    normal; every image on the line through the first along the normal. With ``even`` the gaps
+    must also be even (no slice missing): what a 3D task, which needs a regular grid, asks for;
+    2D slice tasks take uneven gaps (:func:`grid_problem` tells them apart afterwards).
     """
     first = frames[0]
     assert first.iop is not None and first.ipp is not None
@@ -73,8 +86,10 @@ def stack_problem(frames: Sequence[Frame]) -> str | None:
         gaps = np.diff(pos)
         if np.any(gaps < 1e-3):
             return "duplicate slice positions (several echoes, time points or copies in one series)"
-        if np.any(gaps > 1.5 * float(gaps.min())):  # the smallest gap is the stack's spacing
-            return "missing slice(s): uneven gaps between slice positions"
+        if even:
+            problem = _gap_problem(pos)
+            if problem:
+                return problem
         origin = np.asarray(first.ipp)
         tolerance = 0.1 * min(first.spacing)
         for h in frames[1:]:
@@ -82,6 +97,25 @@ def stack_problem(frames: Sequence[Frame]) -> str | None:
             if np.linalg.norm(d - np.dot(d, normal) * normal) > tolerance + 1e-3 * abs(float(np.dot(d, normal))):
                 return "slices are not stacked along the slice normal (gantry tilt or shear); resample the series first"
     return None
+
+
+def _gap_problem(positions: Sequence[float]) -> str | None:
+    gaps = np.diff(np.sort(np.asarray(positions, dtype=float)))
+    if len(gaps) and np.any(gaps > 1.5 * float(gaps.min())):  # the smallest gap is the stack's spacing
+        return "missing slice(s): uneven gaps between slice positions"
+    return None
+
+
+def grid_problem(series: SeriesRecord) -> str | None:
+    """Why a series' slices are not an even 3D grid (a slice missing, uneven gaps), or None.
+
+    2D slice tasks use such series as they are; a 3D task (which resamples the stack as one grid)
+    must reject them with this reason.
+    """
+    if series.kind != "volume" or len(series.slices) < 3:
+        return None
+    problem = _gap_problem([s.position for s in series.slices])
+    return f"{problem}; a 3D task needs an even grid (2D slice tasks use the series)" if problem else None
 
 
 def sort_along_normal(frames: list[Frame]) -> None:

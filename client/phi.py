@@ -41,6 +41,9 @@ IDENTIFYING_KEYWORDS = (
 )
 
 
+_PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
+
+
 def hash_id(value: str) -> str:
     """A short, salted SHA-256 of an identifier (UID, PatientID, a path part) that is safe to log."""
     return hashlib.sha256(_HASH_SALT + value.encode("utf-8", "replace")).hexdigest()[:12]
@@ -59,7 +62,8 @@ def scrub(text: str, values: Iterable[str]) -> str:
 def identifiers(ds: Any) -> set[str]:
     """Identifying values of a header (a pydicom ``Dataset``), as strings, for redaction of paths and messages.
 
-    Person names also give their components (``Doe^Jane`` -> ``Doe``, ``Jane``).
+    Person names also give their components (``Doe^Jane`` or ``Jane Doe`` -> ``Doe``, ``Jane``); other
+    values (an institution's name) are kept whole (:class:`PathRedactor` matches them as token runs).
     """
     values: set[str] = set()
     for key in IDENTIFYING_KEYWORDS:
@@ -74,8 +78,8 @@ def identifiers(ds: Any) -> set[str]:
             text = str(item).strip()
             if text:
                 values.add(text)
-                if key.endswith("Name"):
-                    values.update(p.strip() for p in re.split(r"[\^=]", text) if p.strip())
+                if key in _PERSON_NAMES:  # every name component, however the name is written
+                    values.update(p.strip() for p in re.split(r"[\^=\s,]+", text) if p.strip())
     return values
 
 
@@ -92,16 +96,21 @@ def _strip_suffixes(name: str) -> str:
 
 
 class PathRedactor:
-    """Hashes every part of a relative path that contains an identifying value seen in the headers.
+    """Hashes every part of a relative path that holds an identifying value seen in the headers.
 
-    A part is identifying when it equals an identifying value, or when one of its tokens
-    (characters other than letters, digits and ``.`` separate tokens) equals a token of at least
-    three characters of one. ``dicom``, ``images`` and ``labels`` are never hashed.
+    Values and path parts are cut into tokens (characters other than letters, digits and ``.``
+    separate them). A part is identifying when it equals an identifying value, or holds one: a
+    one-token value (a PatientID, a name component such as ``Doe``, a UID) as one of its tokens,
+    a longer value (``St Mary Hospital``) as a run of at least two consecutive tokens of it. A
+    folder that only shares a common word with a value (``hospital-a`` with ``St Mary Hospital``,
+    a site or project folder) is not a patient value and is kept. Tokens shorter than three
+    characters never match alone. ``dicom``, ``images`` and ``labels`` are never hashed.
     """
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._whole: set[str] = set()
         self._tokens: set[str] = set()
+        self._runs: set[tuple[str, ...]] = set()
         self.add(values)
 
     def add(self, values: Iterable[str]) -> None:
@@ -111,17 +120,24 @@ class PathRedactor:
             if not v:
                 continue
             self._whole.add(v)
-            self._tokens.update(t for t in _TOKEN.split(v) if len(t) >= 3)
+            tokens = [t for t in _TOKEN.split(v) if t]
+            if len(tokens) == 1 and len(tokens[0]) >= 3:
+                self._tokens.add(tokens[0])
+            self._runs.update(tuple(tokens[i : i + 2]) for i in range(len(tokens) - 1))
 
     def identifying(self, part: str) -> bool:
-        """Whether a file or folder name contains an identifying value."""
+        """Whether a file or folder name holds an identifying value."""
         low = part.lower()
         stem = _strip_suffixes(low)
         if low in self._whole or stem in self._whole:
             return True
-        tokens = set(_TOKEN.split(stem)) | set(_TOKEN.split(low))
-        tokens |= {t for tok in list(tokens) for t in tok.split(".")}
-        return any(t in self._tokens for t in tokens if t)
+        for text in (stem, low):
+            tokens = [t for t in _TOKEN.split(text) if t]
+            if any(t in self._tokens or any(x in self._tokens for x in t.split(".")) for t in tokens):
+                return True
+            if any(tuple(tokens[i : i + 2]) in self._runs for i in range(len(tokens) - 1)):
+                return True
+        return False
 
     def redact(self, rel: str | Path) -> str:
         """``rel`` with each identifying part replaced by ``~<hash>`` (file suffix kept)."""

@@ -81,3 +81,14 @@ class ImageReader(ABC):
         Raises:
             DicomError: If a file cannot be decoded; its ``file`` attribute names the file.
         """
+
+    def read_usable(self, series: SeriesRecord) -> tuple[np.ndarray, SeriesRecord, list[tuple[Path, str]]]:
+        """Decode what can be decoded: ``(array, series of the decoded slices, [(file, reason), ...])``.
+
+        The default decodes the whole series (:meth:`read`); a reader whose series span several files
+        overrides it to drop only the files that fail, each named with its own reason.
+
+        Raises:
+            DicomError: If nothing of the series can be decoded.
+        """
+        return self.read(series), series, []

@@ -74,6 +74,14 @@ class SeriesRecord:
     """The first slice's file, relative to the site folder, identifying parts hashed (for reports)."""
     label_key: str = ""
     """The name of this series' mask in ``labels/``: the SeriesInstanceUID, or a volume's file stem."""
+    volume: str = ""
+    """For one volume of a multi-volume series: its name, e.g. ``"b-value 1000, direction 0/0/1"``."""
+    split_by: str = ""
+    """For one volume of a multi-volume series: how the series was split, e.g. ``"echo (3 volumes)"``."""
+    manufacturer_raw: str = ""
+    """The Manufacturer as the header spells it (:attr:`manufacturer` is normalised for grouping)."""
+    model: str = ""
+    """The ManufacturerModelName, normalised for grouping."""
 
     @property
     def slice_spacing(self) -> float:

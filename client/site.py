@@ -68,10 +68,12 @@ def site_split_seed(name: str, seed: int) -> int:
     return seed ^ int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
 
 
-def scan_site(site_dir: Path, *, modalities: tuple[str, ...] | None = None) -> Scan:
+def scan_site(site_dir: Path, *, modalities: tuple[str, ...] | None = None, volume: str = "first") -> Scan:
     """Index a site folder's images (headers only); paths are reported relative to ``site_dir``.
+
+    ``volume`` is the ``data.volume`` policy for multi-volume series (:mod:`client.volume_split`).
 
     Raises:
         DicomError: If ``site_dir`` is not a folder.
     """
-    return scan_images(site_dir, modalities=modalities, skip=RESERVED, relative_to=site_dir)
+    return scan_images(site_dir, modalities=modalities, skip=RESERVED, relative_to=site_dir, volume=volume)

@@ -59,6 +59,13 @@ class DataConfig:
     image_size: int = field(default=64, metadata=_range(16, 1024))
     spacing_mm: float = field(default=3.75, metadata=_range(0.0, 100.0, lo_open=True))
     val_fraction: float = field(default=0.25, metadata=_range(0.0, 0.9, lo_open=True))
+    volume: str = field(
+        default="first",
+        metadata={
+            "help": "multi-volume series (diffusion, fMRI, multi-echo): 'first' (lowest b-value, echo or time "
+            "point), 'all', or a header rule such as 'b-value=0' or 'echo=1'"
+        },
+    )
 
 
 TASKS = ("segmentation", "classification")

@@ -30,14 +30,19 @@ def write_series(
     intercept: float = 0.0,
     instance_numbers: list[int] | None = None,
     extra: dict[str, object] | None = None,
+    study_uid: str | None = None,
+    prefix: str = "IM",
+    positions: list[float] | None = None,
 ) -> list[Path]:
-    """Write a ``(Z, Y, X)`` volume as single-frame files; slice k sits at ``origin + k * gap * normal``.
+    """Write a ``(Z, Y, X)`` volume as single-frame files; slice k sits at ``origin + k * gap * normal``
+    (or at ``positions[k]`` along the normal when given: uneven gaps).
 
-    ``spacing`` is DICOM PixelSpacing (row spacing, column spacing). Returns the files in slice order.
+    ``spacing`` is DICOM PixelSpacing (row spacing, column spacing); files are ``<prefix>0001.dcm``, ...
+    Returns the files in slice order.
     """
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid = study_uid or generate_uid()
     row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
     normal = np.cross(row, col)
     paths = []
@@ -53,7 +58,8 @@ def write_series(
         ds.Manufacturer = "TESTVENDOR"
         ds.InstanceNumber = (instance_numbers or list(range(1, len(volume) + 1)))[k]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + k * gap * normal]
+        along = positions[k] if positions is not None else k * gap
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + along * normal]
         ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
         ds.SliceThickness = f"{gap:g}"
         ds.Rows, ds.Columns = image.shape
@@ -73,10 +79,45 @@ def write_series(
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
         ds.PixelData = np.ascontiguousarray(image).astype("<i2" if signed else "<u2").tobytes()
-        path = folder / f"IM{k + 1:04d}.dcm"
+        path = folder / f"{prefix}{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_multivolume(
+    folder: Path, volumes: list[tuple[dict[str, object], np.ndarray]], **kwargs: object
+) -> tuple[str, list[list[Path]]]:
+    """Write several volumes at the same slice positions as one series (one SeriesInstanceUID): diffusion,
+    fMRI time points, echoes. Each volume is ``(header values that tell it apart, (Z, Y, X) pixels)``;
+    volume i's files are ``V<i>_0001.dcm``, ... Returns the SeriesInstanceUID and each volume's files.
+    """
+    series_uid, study_uid = generate_uid(), generate_uid()
+    files = []
+    common = dict(kwargs.pop("extra", {}) or {})  # type: ignore[call-overload]
+    first = 1
+    for i, (tags, pixels) in enumerate(volumes):
+        numbers = list(range(first, first + len(pixels)))  # InstanceNumber runs on across volumes
+        first += len(pixels)
+        files.append(
+            write_series(
+                folder,
+                pixels,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                prefix=f"V{i}_",
+                extra={**common, **tags},
+                instance_numbers=numbers,
+                **kwargs,  # type: ignore[arg-type]
+            )
+        )
+    return series_uid, files
+
+
+def damage_pixels(path: Path) -> None:
+    """Cut a file inside its pixel data (the header stays readable; decoding fails)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 8])
 
 
 def pydicom_test_files() -> list[Path]:
@@ -117,3 +158,49 @@ def pydicom_file(name: str) -> Path:
 
 def dataset(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
+
+
+def write_enhanced(path: Path, volumes: list[np.ndarray], *, gap: float = 2.0) -> Path:
+    """One Enhanced MR file holding several ``(Z, Y, X)`` volumes at the same positions, told apart only by
+    the frames' DimensionIndexValues (volume index, in-stack position), as scanners write multi-echo or
+    dynamic series."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedMRImageStorage
+
+    z, rows, cols = volumes[0].shape
+    ds = Dataset()
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.Manufacturer = "P1", "MR", "TESTVENDOR"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, z * len(volumes)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    dim_volume, dim_slice = Dataset(), Dataset()
+    dim_volume.DimensionIndexPointer = 0x00209128  # TemporalPositionIndex
+    dim_slice.DimensionIndexPointer = 0x00209057  # InStackPositionNumber
+    ds.DimensionIndexSequence = Sequence([dim_volume, dim_slice])
+    measures, orientation, shared = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [1.0, 1.0], gap
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for v in range(len(volumes)):
+        for k in range(z):
+            item, position, content = Dataset(), Dataset(), Dataset()
+            position.ImagePositionPatient = [0.0, 0.0, k * gap]
+            content.DimensionIndexValues = [v + 1, k + 1]
+            item.PlanePositionSequence = Sequence([position])
+            item.FrameContentSequence = Sequence([content])
+            frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.PixelData = np.ascontiguousarray(np.concatenate(volumes)).astype("<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

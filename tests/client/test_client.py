@@ -171,7 +171,7 @@ def test_second_read_of_a_site_comes_from_its_disk_cache(
     def no_decoding(*_a, **_k):
         raise AssertionError("DICOM decoded again despite a valid cache")
 
-    monkeypatch.setattr(ds, "read_series", no_decoding)
+    monkeypatch.setattr(ds, "read_usable", no_decoding)
     second = load_site(site, cfg.data, seed=1)
     assert len(second.train) == len(first.train)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first.train, second.train, strict=True))
@@ -271,7 +271,7 @@ def test_writing_the_privacy_ledger_keeps_the_sample_cache(
     def no_decoding(*_a, **_k):
         raise AssertionError("DICOM decoded again because the privacy ledger changed")
 
-    monkeypatch.setattr(ds, "read_series", no_decoding)
+    monkeypatch.setattr(ds, "read_usable", no_decoding)
     load_site(site, cfg, seed=1)
 
 
