@@ -36,6 +36,7 @@ __all__ = [
     "accountant_state",
     "default_delta",
     "epsilon_spent",
+    "noise_for_remaining",
     "noise_for_target",
     "secret_generator",
     "train_private",
@@ -123,6 +124,40 @@ def noise_for_target(
                 accountant=accountant,
             )
         )
+
+
+def noise_for_remaining(
+    target_epsilon: float,
+    history: Sequence[HistoryEntry],
+    *,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """The smallest noise multiplier at which ``history`` plus ``steps`` more steps spend at most ``target_epsilon``.
+
+    A lifetime target: what is already spent counts, and the remaining budget is spread over the
+    planned steps. Bisection on the accountant itself (relative precision 1e-3).
+
+    Returns:
+        The noise multiplier; ``inf`` if the history alone already spends the target.
+    """
+    if epsilon_spent(history, delta=delta, accountant=accountant) >= target_epsilon:
+        return math.inf
+
+    def eps(sigma: float) -> float:
+        return epsilon_spent([*history, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            return math.inf
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    return hi
 
 
 @dataclass(frozen=True)
@@ -259,7 +294,7 @@ def train_private(
                     dp_opt.step()
                     if proximal_mu > 0:
                         with torch.no_grad():
-                            for p, g in zip(model.parameters(), global_params):
+                            for p, g in zip(model.parameters(), global_params, strict=False):
                                 p.sub_(lr * proximal_mu * (p - g))
                     steps += 1
                     samples_seen += len(x)
