@@ -138,7 +138,7 @@ def noise_for_remaining(
     """The smallest noise multiplier at which ``history`` plus ``steps`` more steps spend at most ``target_epsilon``.
 
     A lifetime target: what is already spent counts, and the remaining budget is spread over the
-    planned steps. Bisection on the accountant itself (relative precision 1e-3).
+    planned steps. Bisection on the accountant itself (relative precision 1e-2 in the noise).
 
     Returns:
         The noise multiplier; ``inf`` if the history alone already spends the target.
@@ -154,7 +154,7 @@ def noise_for_remaining(
         lo, hi = hi, hi * 2
         if hi > 1e4:
             return math.inf
-    while hi / lo > 1.001:
+    while hi / lo > 1.01:
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
     return hi
