@@ -184,7 +184,7 @@ def test_a_policy_with_dp_but_no_budget_or_unknown_keys_is_rejected(tmp_path: Pa
 
 
 def test_a_lifetime_target_counts_what_was_spent_and_refuses_past_it() -> None:
-    spent = [(0.8, 0.1, 200)]
+    spent = [(2.0, 0.1, 100)]  # epsilon 2.58 at delta 1e-5
     sigma = noise_for_remaining(8.0, spent, delta=1e-5, sample_rate=0.1, steps=300)
     assert epsilon_spent([*spent, (sigma, 0.1, 300)], delta=1e-5) == pytest.approx(8.0, rel=0.05)
     assert epsilon_spent([*spent, (sigma, 0.1, 300)], delta=1e-5) <= 8.0
@@ -196,7 +196,9 @@ def test_a_lifetime_target_counts_what_was_spent_and_refuses_past_it() -> None:
 def test_dp_classification_uses_policy_or_uniform_class_weights_never_the_labels() -> None:
     from client.rounds import _class_weights
 
-    cfg = parse_run_config({**FAST, "task.name": "classification", "task.class-weighted": True})
+    cfg = parse_run_config(
+        {**FAST, "model.channels": "8,16,32,64", "task.name": "classification", "task.class-weighted": True}
+    )
 
     class Site:
         train = Batchable(torch.zeros(4, 1, 8, 8), torch.tensor([0, 0, 0, 1]))
@@ -262,7 +264,7 @@ def test_central_dp_with_a_server_optimizer_is_refused_at_start(name: str) -> No
 def test_the_classification_resnet_has_no_batchnorm_when_model_norm_says_otherwise(norm: str) -> None:
     from opacus.validators import ModuleValidator
 
-    cfg = parse_run_config({**FAST, "task.name": "classification", "model.norm": norm})
+    cfg = parse_run_config({**FAST, "model.channels": "8,16,32,64", "task.name": "classification", "model.norm": norm})
     model = build_model(cfg.model, cfg.task)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert ModuleValidator.validate(model, strict=False) == []  # DP-SGD can train it
