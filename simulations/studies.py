@@ -133,7 +133,7 @@ def plot_privacy(settings: list[dict[str, Any]], path: Path) -> None:
     ax[1].plot(xs, base, "x:", color="gray", label="same attack, initial model")
     ax[1].axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)")
     finite = [v for v in auc + base if v == v]
-    ax[1].set_ylim(min([0.3] + finite) - 0.02, max([0.7] + finite) + 0.02)
+    ax[1].set_ylim(min([0.3, *finite]) - 0.02, max([0.7, *finite]) + 0.02)
     ax[1].set_xticks(list(xs), names)
     ax[1].set_ylabel("attack AUC")
     ax[1].set_title("what an attacker learns")

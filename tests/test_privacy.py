@@ -167,7 +167,7 @@ def test_fedsites_own_errors_share_one_base_and_config_errors_stay_value_errors(
 
 
 def test_dp_with_batchnorm_or_two_noise_settings_fails_at_start() -> None:
-    with pytest.raises(ConfigError, match="'model.norm' = 'batch' cannot be used"):
+    with pytest.raises(ConfigError, match=r"'model.norm' = 'batch' cannot be used"):
         parse_run_config({"privacy.dp": True, "model.norm": "batch"})
     with pytest.raises(ConfigError, match="both set"):
         parse_run_config({"privacy.target-epsilon": 3.0, "privacy.noise-multiplier": 1.0})
