@@ -202,7 +202,12 @@ def _report_setting(setting: PrivacySetting, results: dict[str, Any], progress: 
     """Summarize one setting's run and print its line."""
     entry = summarize_privacy_run(setting, results)
     eps = [e for e in entry["epsilon_spent"].values() if e is not None]
-    eps_txt = "-" if not setting.dp else ("unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}")
+    if not setting.dp:
+        eps_txt = "-"
+    elif not entry["epsilon_spent"]:
+        eps_txt = "not reported"
+    else:
+        eps_txt = "unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}"
     progress(
         f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
         f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
