@@ -4,7 +4,8 @@ Replies carry the model weights (``arrays``), numbers only (``metrics``; ``num-e
 count of training or validation samples, not batches) and the site's public name (``site``), so
 the server can keep results per site. A site that refuses a round (its privacy budget would be
 exceeded) replies with a ``refusal`` record and the reason instead of weights. No patient value
-is ever put in a reply.
+is ever put in a reply. Under DP a training reply carries only what the accountant covers
+(epsilon, delta, noise) and what the site's policy publishes (:func:`_train_metrics`).
 
 The handlers only translate: the round itself is :func:`client.rounds.train_round` and
 :func:`client.rounds.evaluate_round`, plain code without Flower.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +24,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.policy import SitePolicy, load_policy
 from client.rounds import (
     Refusal,
     SiteMemory,
+    TrainOutcome,
     TrainRequest,
     evaluate_round,
     restore_local_norms,
@@ -108,10 +112,43 @@ def _remember(context: Context, memory: SiteMemory) -> None:
         context.state[_FEDBN_KEY] = ArrayRecord(memory.fedbn_local)
 
 
-def _site(context: Context) -> tuple[RunConfig, Path, LoadedSite]:
+def _site(context: Context) -> tuple[RunConfig, Path, LoadedSite, SitePolicy]:
     cfg = parse_run_config(context.run_config)
     site_dir = resolve_site_dir(context.node_config, cfg)
-    return cfg, site_dir, loaded_site(site_dir, cfg)
+    return cfg, site_dir, loaded_site(site_dir, cfg), load_policy(site_dir, context.node_config)
+
+
+def _train_metrics(outcome: TrainOutcome, policy: SitePolicy, threads: int, start: float) -> MetricRecord:
+    """The training reply's metrics; under DP only what the accountant covers or the policy publishes.
+
+    Under DP the training loss, samples seen, steps and timings (all functions of the training data
+    or its size, outside the accountant) are not sent, and ``num-examples`` is the policy's
+    ``public_size`` (1 when withheld: the sites are then averaged uniformly).
+    """
+    result = outcome.result
+    if outcome.epsilon is not None:
+        return MetricRecord(
+            {
+                "num-examples": policy.public_size or 1,
+                "threads": threads,
+                "uniform-weight": 1.0,
+                "epsilon": outcome.epsilon,
+                "delta": outcome.delta,
+                "noise-multiplier": outcome.noise_multiplier,
+            }
+        )
+    return MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "samples-seen": result.samples_seen,
+            "compute-s": result.seconds,
+            "handler-s": time.perf_counter() - start,
+            "threads": threads,
+            "uniform-weight": 1.0,  # central DP averages sites uniformly
+        }
+    )
 
 
 def _global_model(cfg: RunConfig, msg: Message, memory: SiteMemory):
@@ -132,7 +169,7 @@ def _site_record(site: LoadedSite) -> ConfigRecord:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split (with DP-SGD if configured)."""
     start = time.perf_counter()
-    cfg, site_dir, site = _site(context)
+    cfg, site_dir, site, policy = _site(context)
     threads = apply_threads(cfg, context.node_config)
     memory = _recall(context)
     model = _global_model(cfg, msg, memory)
@@ -148,32 +185,25 @@ def train(msg: Message, context: Context) -> Message:
     )
     try:
         outcome = train_round(
-            model, site, cfg, request, memory, site_dir=site_dir, run_id=context.run_id, device=pick_device()
+            model,
+            site,
+            cfg,
+            request,
+            memory,
+            site_dir=site_dir,
+            run_id=context.run_id,
+            device=pick_device(),
+            policy=policy,
         )
     finally:
         _remember(context, memory)  # e.g. the audit's baseline, kept even if the round fails
     if isinstance(outcome, Refusal):
         refusal = ConfigRecord({"kind": outcome.kind, "reason": outcome.reason})
-        spent = MetricRecord({"epsilon": outcome.epsilon, "delta": outcome.delta})
-        content = RecordDict({"site": _site_record(site), "refusal": refusal, "privacy": spent})
+        content = RecordDict({"site": _site_record(site), "refusal": refusal})
+        if math.isfinite(outcome.delta):  # a budget refusal says what was spent; a policy refusal has no ledger
+            content["privacy"] = MetricRecord({"epsilon": outcome.epsilon, "delta": outcome.delta})
         return Message(content=content, reply_to=msg)
-    result = outcome.result
-    extra: dict[str, float] = {}
-    if outcome.epsilon is not None:
-        extra = {"epsilon": outcome.epsilon, "delta": outcome.delta, "noise-multiplier": outcome.noise_multiplier}
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "steps": result.steps,
-            "samples-seen": result.samples_seen,
-            "compute-s": result.seconds,
-            "handler-s": time.perf_counter() - start,
-            "threads": threads,
-            "uniform-weight": 1.0,  # central DP averages sites uniformly
-            **extra,
-        }
-    )
+    metrics = _train_metrics(outcome, policy, threads, start)
     content = RecordDict({"arrays": to_arrays(model), "metrics": metrics, "site": _site_record(site)})
     return Message(content=content, reply_to=msg)
 
@@ -183,11 +213,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split (and audit membership leakage)."""
     start = time.perf_counter()
-    cfg, _, site = _site(context)
+    cfg, _, site, policy = _site(context)
     apply_threads(cfg, context.node_config)
     memory = _recall(context)
     model = _global_model(cfg, msg, memory)
-    outcome = evaluate_round(model, site, cfg, memory, device=pick_device())
+    outcome = evaluate_round(model, site, cfg, memory, device=pick_device(), policy=policy)
     scores = dict(outcome.scores)
     scores["uniform-weight"] = 1.0
     scores["compute-s"] = outcome.seconds

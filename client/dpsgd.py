@@ -9,11 +9,17 @@ across rounds and runs instead of restarting at zero.
 
 Guarantee: (epsilon, delta)-DP for the site's training samples (one slice is one sample: slices
 of one patient are not grouped, so the guarantee is per slice, not per patient).
+
+Randomness: the Gaussian noise and the Poisson batch sampling come from :func:`secret_generator`, a
+``torch.Generator`` seeded from the operating system's entropy (``secrets``) for every call. Nothing in
+the run config (``seed``) or the results reaches it, so the published seed cannot replay the noise.
+Opacus' ``secure_mode`` would use torchcsprng instead, which has no wheel for this torch (not on PyPI).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,7 +36,9 @@ __all__ = [
     "accountant_state",
     "default_delta",
     "epsilon_spent",
+    "noise_for_remaining",
     "noise_for_target",
+    "secret_generator",
     "train_private",
 ]
 
@@ -41,6 +49,14 @@ HistoryEntry = tuple[float, float, int]
 def default_delta(n_train: int) -> float:
     """delta = 1 / (10 x training samples): well below the 1/n at which DP means little."""
     return 1.0 / (10.0 * max(n_train, 1))
+
+
+def secret_generator() -> torch.Generator:
+    """A CPU generator seeded with 64 bits of OS entropy: DP noise and sampling nobody can replay.
+
+    The seed is drawn with :mod:`secrets` at every call and never stored, logged or sent.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def _accountant(name: str):
@@ -110,6 +126,40 @@ def noise_for_target(
         )
 
 
+def noise_for_remaining(
+    target_epsilon: float,
+    history: Sequence[HistoryEntry],
+    *,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """The smallest noise multiplier at which ``history`` plus ``steps`` more steps spend at most ``target_epsilon``.
+
+    A lifetime target: what is already spent counts, and the remaining budget is spread over the
+    planned steps. Bisection on the accountant itself (relative precision 1e-2 in the noise).
+
+    Returns:
+        The noise multiplier; ``inf`` if the history alone already spends the target.
+    """
+    if epsilon_spent(history, delta=delta, accountant=accountant) >= target_epsilon:
+        return math.inf
+
+    def eps(sigma: float) -> float:
+        return epsilon_spent([*history, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            return math.inf
+    while hi / lo > 1.01:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    return hi
+
+
 @dataclass(frozen=True)
 class PrivateTrainResult:
     """What one DP-SGD call did, and the accountant history after it."""
@@ -158,7 +208,8 @@ def train_private(
         grad_sample_mode: Opacus per-sample gradient mode: ``"hooks"``, ``"functorch"`` or ``"ghost"``.
         proximal_mu: FedProx weight, applied as a data-independent pull towards the global weights
             after each private step (post-processing: it costs no privacy).
-        seed: Seeds batch sampling and noise.
+        seed: Seeds only what is not private (e.g. dropout); batch sampling and noise use
+            :func:`secret_generator`, never this seed.
         device: Where to train.
         task: ``"segmentation"`` or ``"classification"`` (the loss, :func:`common.task.loss_function`).
         weights: Classification only: per-class loss weights (computed from the site's own labels).
@@ -184,7 +235,8 @@ def train_private(
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # reproducibility of non-private randomness only
+    secret = secret_generator()  # DP noise and Poisson sampling: OS entropy, never the run seed
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt = make_optimizer(model, optimizer, lr)
     loss_fn = loss_function(task, None if weights is None else weights.to(device))
@@ -192,7 +244,7 @@ def train_private(
         TensorDataset(data.images, data.labels),
         batch_size=min(batch_size, len(data)),
         shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        generator=secret,  # Opacus' Poisson DPDataLoader inherits this generator
     )
     with warnings.catch_warnings():
         # Opacus warns that secure_mode (a cryptographic RNG, torchcsprng) is off; see README.
@@ -210,6 +262,7 @@ def train_private(
                 grad_sample_mode="ghost",
                 criterion=loss_fn,
                 poisson_sampling=True,
+                noise_generator=secret,
             )
         else:
             dp_model, dp_opt, dp_loader = engine.make_private(
@@ -220,6 +273,7 @@ def train_private(
                 max_grad_norm=max_grad_norm,
                 grad_sample_mode=grad_sample_mode,
                 poisson_sampling=True,
+                noise_generator=secret,
             )
             dp_loss = loss_fn
     sample_rate = 1.0 / len(loader)  # Opacus' Poisson loader: each sample joins a batch with this rate

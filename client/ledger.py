@@ -1,50 +1,62 @@
 """A site's privacy ledger, its budget and its DP training rounds. Plain code; no Flower.
 
 The ledger is the site's accountant for its whole life: an append-only JSON file on the site's
-disk, next to its data (``<site>/.fedsite-privacy/ledger.json``, or ``<privacy.ledger-dir>/<site>.json``),
-never in the repository. Every DP-SGD call on the site's data adds one entry
-``{"run", "round", "noise_multiplier", "sample_rate", "steps", "accountant", "n_train"}``;
-epsilon is always computed over all entries, so it grows round by round and run by run.
-During a run the same history is also kept in Flower's ``Context.state`` (see ``client/app.py``);
-if the file was lost or rolled back mid-run, the longer history wins and the file is rewritten.
+disk, in the place the site's policy names (:class:`client.policy.SitePolicy`, ``ledger_dir``;
+default ``<site>/.fedsite-privacy/ledger.json``), never in the repository and never chosen by
+the coordinator. Its header fixes, when it is created, its ``id``, ``delta`` and ``accountant``;
+every DP-SGD call on the site's data adds one entry
+``{"run", "round", "noise_multiplier", "sample_rate", "steps", "n_train", "max_grad_norm"}``, and
+epsilon is always computed over all entries at the ledger's own delta, so it only grows.
 
-The ledger becomes accountant state in one place, :func:`accountant_history`; DP-SGD itself and
-the accountant are in :mod:`client.dpsgd`.
+The ledger is locked (``fcntl`` on ``<ledger>.lock``) from reading it to writing the round's
+entry, so two processes cannot both spend the same budget. When the ledger is created its id is
+written into the site's policy file; from then on a missing or different ledger stops DP training
+(:class:`LedgerError`) instead of counting epsilon from zero. During a run the entries are also kept
+in Flower's ``Context.state``; if the file lost entries mid-run, the longer history wins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from client.dpsgd import HistoryEntry, default_delta, epsilon_spent, noise_for_target, train_private
+from client.dpsgd import HistoryEntry, default_delta, epsilon_spent, noise_for_remaining, train_private
+from client.layout import LEDGER_DIR
+from client.policy import Grant, SitePolicy, write_policy
 from common.config import RunConfig
 from common.errors import FedsiteError
 from common.task import Batchable, TrainResult
 
 __all__ = [
     "LedgerError",
+    "LedgerState",
     "PrivacyBudgetExceeded",
     "PrivacyLedger",
     "PrivateRound",
     "accountant_history",
-    "current_epsilon",
     "ledger_for",
+    "open_ledger",
     "private_round",
 ]
 
 log = logging.getLogger("fedsite.client")
 
+_LOCK_WAIT_S = 120.0
+
 
 class LedgerError(FedsiteError, RuntimeError):
-    """The ledger cannot be read or written; DP training is refused (the budget would be unknown)."""
+    """The ledger cannot be read or written, or is missing; DP training is refused (the budget would be unknown)."""
 
 
 class PrivacyBudgetExceeded(FedsiteError, RuntimeError):
@@ -59,63 +71,169 @@ def accountant_history(entries: Sequence[dict[str, Any]]) -> list[HistoryEntry]:
     return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
 
 
+@dataclass(frozen=True)
+class LedgerState:
+    """A ledger's content: header fixed at creation, and the entries."""
+
+    id: str
+    delta: float
+    accountant: str
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    def epsilon(self, extra: Sequence[HistoryEntry] = ()) -> float:
+        """Epsilon of every entry (plus ``extra`` planned calls) at the ledger's delta."""
+        return epsilon_spent([*accountant_history(self.entries), *extra], delta=self.delta, accountant=self.accountant)
+
+
 class PrivacyLedger:
     """Append-only record of every DP-SGD call on one site's data.
 
     Args:
-        path: The ledger file (created on first append).
+        path: The ledger file (created by :func:`open_ledger` on the site's first DP round).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def entries(self) -> list[dict[str, Any]]:
-        """All entries, oldest first; empty if the ledger does not exist yet.
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's lock file (exclusive) for the block; waits up to two minutes for another holder.
+
+        Raises:
+            LedgerError: If the lock cannot be taken (another process holds it too long).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        with open(lock, "a") as fh:
+            deadline = time.monotonic() + _LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LedgerError(
+                            f"privacy ledger {self.path} is locked by another process (lock file {lock.name}); "
+                            "wait for that training to end, or remove the lock file if no fedsite process runs"
+                        ) from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def read(self) -> LedgerState | None:
+        """The ledger's content; None if the file does not exist.
 
         Raises:
             LedgerError: If the file exists but is not a valid ledger.
         """
         if not self.path.is_file():
-            return []
+            return None
         try:
             data = json.loads(self.path.read_text())
-            entries = data["entries"]
+            entries = list(data["entries"])
             accountant_history(entries)  # every entry must convert
-            return list(entries)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if data.get("version") == 1:  # before delta was fixed: fixed now, at the first entry's size
+                first = entries[0]["n_train"] if entries else 1
+                acc = entries[0].get("accountant", "rdp") if entries else "rdp"
+                return LedgerState(id="", delta=default_delta(int(first)), accountant=acc, entries=entries)
+            state = LedgerState(
+                id=str(data["id"]), delta=float(data["delta"]), accountant=str(data["accountant"]), entries=entries
+            )
+            if not 0 < state.delta < 1 or state.accountant not in ("rdp", "prv"):
+                raise ValueError("bad header")
+            return state
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise LedgerError(
                 f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); restore it from a backup. "
                 "DP training is refused until then, since the site's spent budget would be unknown"
             ) from None
 
+    def entries(self) -> list[dict[str, Any]]:
+        """All entries, oldest first; empty if the ledger does not exist yet."""
+        state = self.read()
+        return [] if state is None else list(state.entries)
+
     def history(self) -> list[HistoryEntry]:
         """The accountant history: ``(noise_multiplier, sample_rate, steps)`` per entry."""
         return accountant_history(self.entries())
 
-    def write(self, entries: Sequence[dict[str, Any]]) -> None:
+    def write(self, state: LedgerState) -> None:
         """Replace the ledger's content atomically."""
+        body = {
+            "version": 2,
+            "id": state.id,
+            "delta": state.delta,
+            "accountant": state.accountant,
+            "entries": list(state.entries),
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
             with os.fdopen(fd, "w") as fh:
-                json.dump({"version": 1, "entries": list(entries)}, fh, indent=1)
+                json.dump(body, fh, indent=1)
             os.replace(tmp, self.path)
         except OSError as exc:
             raise LedgerError(
-                f"cannot write the privacy ledger {self.path} ({exc.strerror}); "
-                "make the folder writable or set privacy.ledger-dir"
+                f"cannot write the privacy ledger {self.path} ({exc.strerror}); make the folder writable or set "
+                "ledger_dir in the site's privacy policy"
             ) from None
 
-    def append(self, entry: dict[str, Any]) -> None:
-        """Add one entry."""
-        self.write([*self.entries(), entry])
+
+def ledger_for(site_dir: Path, site_name: str, policy: SitePolicy) -> PrivacyLedger:
+    """The site's ledger: the policy's ``ledger_dir/<site>.json`` or ``<site>/.fedsite-privacy/ledger.json``."""
+    if policy.ledger_dir:
+        return PrivacyLedger(Path(policy.ledger_dir).expanduser() / f"{site_name}.json")
+    return PrivacyLedger(Path(site_dir) / LEDGER_DIR / "ledger.json")
 
 
-def ledger_for(site_dir: Path, site_name: str, cfg: RunConfig) -> PrivacyLedger:
-    """The site's ledger: ``privacy.ledger-dir/<site>.json`` or ``<site>/.fedsite-privacy/ledger.json``."""
-    if cfg.privacy.ledger_dir:
-        return PrivacyLedger(Path(cfg.privacy.ledger_dir).expanduser() / f"{site_name}.json")
-    return PrivacyLedger(Path(site_dir) / ".fedsite-privacy" / "ledger.json")
+def open_ledger(
+    ledger: PrivacyLedger,
+    policy: SitePolicy,
+    granted: Grant,
+    n_train: int,
+    state_entries: Sequence[dict[str, Any]] = (),
+) -> tuple[LedgerState, SitePolicy]:
+    """Read the ledger (the caller holds its lock), or create it on the site's first DP round.
+
+    Creating fixes delta (the grant's, else 1/(10 x ``n_train``)) and the accountant, and writes the
+    ledger's id into the policy file. Entries this run kept in ``Context.state`` that the file lost
+    are restored.
+
+    Returns:
+        The ledger's content and the policy (with ``ledger_id`` once written).
+
+    Raises:
+        LedgerError: If the policy names a ledger that is missing or a different one.
+    """
+    state = ledger.read()
+    if state is None and policy.ledger_id:
+        raise LedgerError(
+            f"privacy ledger {ledger.path} is missing, but this site has trained with DP before (ledger id "
+            f"{policy.ledger_id} in its privacy policy {policy.path}). DP training is refused: restore the ledger "
+            "from a backup (counting from zero would understate the spent budget)"
+        )
+    if state is not None and policy.ledger_id and state.id != policy.ledger_id:
+        raise LedgerError(
+            f"privacy ledger {ledger.path} has id {state.id or '(none)'} but the site's privacy policy names "
+            f"{policy.ledger_id}: it is not this site's ledger. Restore the right ledger from a backup"
+        )
+    if state is None:
+        delta = granted.delta if granted.delta > 0 else default_delta(n_train)
+        state = LedgerState(id=uuid.uuid4().hex, delta=delta, accountant=granted.accountant)
+        ledger.write(state)
+        log.info("privacy: new ledger %s (delta %.2g fixed)", ledger.path, delta)
+    elif not state.id:
+        state = replace(state, id=uuid.uuid4().hex)  # an old ledger gets its id now
+        ledger.write(state)
+    if policy.path and policy.ledger_id != state.id:
+        policy = write_policy(Path(policy.path), replace(policy, ledger_id=state.id))
+    if len(state_entries) > len(state.entries):
+        log.warning("privacy ledger %s has fewer entries than this run recorded; restoring it", ledger.path)
+        state = replace(state, entries=list(state_entries))
+        ledger.write(state)
+    return state, policy
 
 
 @dataclass(frozen=True)
@@ -129,31 +247,31 @@ class PrivateRound:
     noise_multiplier: float
 
 
-def _plan(cfg: RunConfig, n_train: int, *, epochs: int, batch_size: int) -> tuple[float, float, int, float]:
-    """(delta, sample rate, steps this round, noise multiplier) for a round."""
+def _plan(
+    cfg: RunConfig, state: LedgerState, n_train: int, *, epochs: int, batch_size: int, server_round: int
+) -> tuple[float, int, float]:
+    """(sample rate, steps this round, noise multiplier) for a round.
+
+    With ``privacy.target-epsilon`` the target is a *lifetime* one: the noise is sized so that the
+    ledger so far plus this run's remaining rounds (this one included) spend it.
+    """
     p = cfg.privacy
-    delta = p.delta if p.delta > 0 else default_delta(n_train)
     batches = math.ceil(n_train / min(batch_size, n_train))
     sample_rate = 1.0 / batches  # as Opacus' Poisson data loader samples
     steps = epochs * batches
     if p.target_epsilon > 0:
-        # Noise such that this run's planned rounds together spend the target epsilon.
-        sigma = noise_for_target(
+        rounds_left = max(cfg.num_server_rounds - server_round + 1, 1)
+        sigma = noise_for_remaining(
             p.target_epsilon,
-            delta=delta,
+            accountant_history(state.entries),
+            delta=state.delta,
             sample_rate=sample_rate,
-            steps=steps * cfg.num_server_rounds,
-            accountant=p.accountant,
+            steps=steps * rounds_left,
+            accountant=state.accountant,
         )
     else:
         sigma = p.noise_multiplier
-    return delta, sample_rate, steps, sigma
-
-
-def current_epsilon(entries: Sequence[dict[str, Any]], cfg: RunConfig, n_train: int) -> tuple[float, float]:
-    """(epsilon, delta) of the site's whole ledger."""
-    delta = cfg.privacy.delta if cfg.privacy.delta > 0 else default_delta(n_train)
-    return epsilon_spent(accountant_history(entries), delta=delta, accountant=cfg.privacy.accountant), delta
+    return sample_rate, steps, sigma
 
 
 def private_round(
@@ -161,6 +279,8 @@ def private_round(
     data: Batchable,
     cfg: RunConfig,
     *,
+    policy: SitePolicy,
+    granted: Grant,
     ledger: PrivacyLedger,
     state_entries: Sequence[dict[str, Any]] = (),
     run_id: int,
@@ -175,12 +295,14 @@ def private_round(
     task: str = "segmentation",
     weights: Any = None,
 ) -> PrivateRound:
-    """Check the budget, train with DP-SGD, and record the round in the ledger.
+    """Check the budget, train with DP-SGD, and record the round in the ledger (all under its lock).
 
     Args:
         model: The network, holding the global weights.
         data: The site's training split.
-        cfg: The run config (``privacy.*``).
+        cfg: The run config (the run's ``privacy.*`` request: noise or target, clipping).
+        policy: The site's privacy policy.
+        granted: What the site grants this run (:func:`client.policy.grant`): budget, delta, accountant.
         ledger: The site's ledger.
         state_entries: The history kept in ``Context.state`` during this run.
         run_id, server_round: Recorded with the entry.
@@ -190,62 +312,62 @@ def private_round(
         The training result, the full ledger after the round, and epsilon/delta so far.
 
     Raises:
-        PrivacyBudgetExceeded: If this round would take the site past ``privacy.max-epsilon``.
-        LedgerError: If the ledger cannot be read or written.
+        PrivacyBudgetExceeded: If this round would take the site past its budget (or lifetime target).
+        LedgerError: If the ledger cannot be read or written, or is missing for a site that trained before.
     """
-    entries = ledger.entries()
-    if len(state_entries) > len(entries):
-        log.warning("privacy ledger %s has fewer entries than this run recorded; restoring it", ledger.path)
-        entries = list(state_entries)
-        ledger.write(entries)
     n = len(data)
-    delta, sample_rate, steps, sigma = _plan(cfg, n, epochs=epochs, batch_size=batch_size)
-    history = accountant_history(entries)
-    budget = cfg.privacy.max_epsilon
-    if budget > 0:
-        projected = epsilon_spent(
-            [*history, (sigma, sample_rate, steps)], delta=delta, accountant=cfg.privacy.accountant
+    with ledger.locked():
+        state, _ = open_ledger(ledger, policy, granted, n, state_entries)
+        sample_rate, steps, sigma = _plan(
+            cfg, state, n, epochs=epochs, batch_size=batch_size, server_round=server_round
         )
-        if projected > budget:
-            spent = epsilon_spent(history, delta=delta, accountant=cfg.privacy.accountant)
+        spent = state.epsilon()
+        projected = state.epsilon([(sigma, sample_rate, steps)]) if math.isfinite(sigma) else math.inf
+        if granted.budget > 0 and projected > granted.budget * (1 + 1e-6):
             raise PrivacyBudgetExceeded(
                 f"privacy budget: this round would bring the site's epsilon from {spent:.3g} to {projected:.3g} "
-                f"(delta {delta:.2g}), over privacy.max-epsilon = {budget:g}; the site refuses to train. "
-                "Raise the budget only if the site's governance allows it"
+                f"(delta {state.delta:.2g}), over its lifetime budget {granted.budget:g} (the smaller of the site "
+                "policy's max_epsilon and the run's privacy.max-epsilon / target-epsilon); the site refuses to "
+                "train. Raise the budget only if the site's governance allows it"
             )
-    out = train_private(
-        model,
-        data,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        noise_multiplier=sigma,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        history=history,
-        accountant=cfg.privacy.accountant,
-        grad_sample_mode=cfg.privacy.grad_sample_mode,
-        proximal_mu=proximal_mu,
-        seed=seed,
-        device=device,
-        task=task,
-        weights=weights,
-    )
-    # What was really released: the optimizer steps taken at the loader's sample rate.
-    new = {
-        "run": int(run_id),
-        "round": int(server_round),
-        "noise_multiplier": sigma,
-        "sample_rate": out.sample_rate,
-        "steps": out.steps,
-        "accountant": cfg.privacy.accountant,
-        "n_train": n,
-        "max_grad_norm": cfg.privacy.max_grad_norm,
-    }
-    entries = [*entries, new]
-    ledger.write(entries)
-    eps, _ = current_epsilon(entries, cfg, n)
+        out = train_private(
+            model,
+            data,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            history=accountant_history(state.entries),
+            accountant=state.accountant,
+            grad_sample_mode=cfg.privacy.grad_sample_mode,
+            proximal_mu=proximal_mu,
+            seed=seed,
+            device=device,
+            task=task,
+            weights=weights,
+        )
+        # What was really released: the optimizer steps taken at the loader's sample rate.
+        new = {
+            "run": int(run_id),
+            "round": int(server_round),
+            "noise_multiplier": sigma,
+            "sample_rate": out.sample_rate,
+            "steps": out.steps,
+            "n_train": n,
+            "max_grad_norm": cfg.privacy.max_grad_norm,
+        }
+        state = replace(state, entries=[*state.entries, new])
+        ledger.write(state)
+    eps = state.epsilon()
     log.info(
-        "privacy: round %d spent; site epsilon now %.3g at delta %.2g (noise %.3g)", server_round, eps, delta, sigma
+        "privacy: round %d spent; site epsilon now %.3g at delta %.2g (noise %.3g)",
+        server_round,
+        eps,
+        state.delta,
+        sigma,
     )
-    return PrivateRound(result=out.result, entries=entries, epsilon=eps, delta=delta, noise_multiplier=sigma)
+    return PrivateRound(
+        result=out.result, entries=state.entries, epsilon=eps, delta=state.delta, noise_multiplier=sigma
+    )

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.ledger import PrivacyBudgetExceeded, current_epsilon, ledger_for, private_round
+from client.ledger import PrivacyBudgetExceeded, ledger_for, private_round
 from client.membership import loss_attack_auc, membership_auc, per_sample_losses
+from client.policy import Grant, SitePolicy, grant
 from client.runtime import LoadedSite, site_seed
 from common import task
 from common.config import RunConfig
@@ -81,7 +82,11 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A round the site refused to train (its privacy budget would be exceeded); nothing was spent."""
+    """A round the site refused to train; nothing was spent.
+
+    ``kind`` is ``"privacy-budget"`` (the budget would be exceeded) or ``"privacy-policy"`` (the run
+    asks for less protection than the site's policy).
+    """
 
     kind: str
     reason: str
@@ -115,11 +120,26 @@ def _keep_local_norms(model: torch.nn.Module, memory: SiteMemory) -> None:
     memory.fedbn_local = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
 
 
-def _class_weights(cfg: RunConfig, site: LoadedSite) -> torch.Tensor | None:
-    """Inverse-frequency weights from this site's own training labels (classification, if enabled)."""
+def _class_weights(cfg: RunConfig, site: LoadedSite, policy: SitePolicy, dp: bool) -> torch.Tensor | None:
+    """Classification loss weights: inverse frequency of the site's training labels, or under DP none.
+
+    Under DP, weights computed from every training label would let one slice change the others'
+    gradients (the clipping bound no longer holds), so they come from the site's policy (a public
+    prior, fixed before training) or are uniform.
+    """
     if cfg.task.name != "classification" or not cfg.task.class_weighted:
         return None
-    return task.class_weights(site.train.labels, len(cfg.task.class_names))
+    n_classes = len(cfg.task.class_names)
+    if dp:
+        if not policy.class_weights:
+            return None
+        if len(policy.class_weights) != n_classes:
+            raise ValueError(
+                f"the site's privacy policy has {len(policy.class_weights)} class_weights for {n_classes} classes "
+                f"({cfg.task.classes}); give one weight per class"
+            )
+        return torch.tensor(policy.class_weights, dtype=torch.float32)
+    return task.class_weights(site.train.labels, n_classes)
 
 
 def train_round(
@@ -132,11 +152,14 @@ def train_round(
     site_dir: Path,
     run_id: int,
     device: torch.device | str = "cpu",
+    policy: SitePolicy | None = None,
 ) -> TrainOutcome | Refusal:
     """Train ``model`` (holding the global weights) on the site's training split for one round.
 
-    With ``privacy.dp`` the round goes through the site's ledger and budget
-    (:func:`client.ledger.private_round`); otherwise plain training (:func:`common.task.train`).
+    The run's privacy request is first checked against the site's own policy
+    (:func:`client.policy.grant`): a run asking for less protection is refused. Under DP the round
+    goes through the site's ledger and budget (:func:`client.ledger.private_round`); otherwise plain
+    training (:func:`common.task.train`).
     Under ``request.fedbn`` the site's normalization layers must already be restored
     (:func:`restore_local_norms`); they are kept in ``memory`` after training.
 
@@ -149,13 +172,20 @@ def train_round(
         site_dir: The site's data folder (the default place of its ledger).
         run_id: The run, recorded in the ledger.
         device: Where to train.
+        policy: The site's privacy policy (:func:`client.policy.load_policy`); None = the default policy.
 
     Returns:
-        A :class:`TrainOutcome`, or a :class:`Refusal` when the privacy budget would be exceeded.
+        A :class:`TrainOutcome`, or a :class:`Refusal` when the run asks for less protection than the
+        policy or the privacy budget would be exceeded.
 
     Raises:
         LedgerError: If the privacy ledger cannot be read or written.
     """
+    policy = policy or SitePolicy()
+    granted = grant(policy, cfg)
+    if isinstance(granted, str):
+        log.warning("site %s refuses round %d: %s", site.name, request.server_round, granted)
+        return Refusal(kind="privacy-policy", reason=granted, epsilon=float("nan"), delta=float("nan"))
     kwargs: dict[str, Any] = {
         "epochs": request.epochs,
         "batch_size": request.batch_size,
@@ -165,23 +195,25 @@ def train_round(
         "seed": site_seed(cfg.seed, site.name, request.server_round),
         "device": device,
         "task": cfg.task.name,
-        "weights": _class_weights(cfg, site),
+        "weights": _class_weights(cfg, site, policy, granted.dp),
     }
-    if site.audit is not None and memory.mia_reference is None:
+    if site.audit is not None and granted.audit and memory.mia_reference is None:
         # Per-sample losses under the first global model this site sees: the attack's baseline.
         memory.mia_reference = (
             per_sample_losses(model, site.train).tolist(),
             per_sample_losses(model, site.audit).tolist(),
         )
-    if not cfg.privacy.dp:
+    if not granted.dp:
         outcome = TrainOutcome(result=task.train(model, site.train, **kwargs))
     else:
-        ledger = ledger_for(site_dir, site.name, cfg)
+        ledger = ledger_for(site_dir, site.name, policy)
         try:
             done = private_round(
                 model,
                 site.train,
                 cfg,
+                policy=policy,
+                granted=granted,
                 ledger=ledger,
                 state_entries=memory.privacy_entries,
                 run_id=run_id,
@@ -190,7 +222,8 @@ def train_round(
             )
         except PrivacyBudgetExceeded as exc:
             log.warning("site %s refuses round %d: %s", site.name, request.server_round, exc)
-            eps, delta = current_epsilon(ledger.entries(), cfg, len(site.train))
+            state = ledger.read()
+            eps, delta = (state.epsilon(), state.delta) if state is not None else (0.0, float("nan"))
             return Refusal(kind="privacy-budget", reason=str(exc), epsilon=eps, delta=delta)
         memory.privacy_entries = list(done.entries)
         outcome = TrainOutcome(
@@ -208,6 +241,7 @@ def evaluate_round(
     memory: SiteMemory,
     *,
     device: torch.device | str = "cpu",
+    policy: SitePolicy | None = None,
 ) -> EvaluationOutcome:
     """Score ``model`` on the site's validation split, and attack it with the site's own audit slices.
 
@@ -217,14 +251,19 @@ def evaluate_round(
         cfg: The run config.
         memory: What the site keeps between rounds (read only: the attack's baseline).
         device: Where to run.
+        policy: The site's privacy policy; under DP the audit runs only if it allows (``audit``).
 
     Returns:
         The task's scores (:func:`common.task.evaluate`), plus ``mia-auc`` and ``mia-auc-initial``
-        when the site runs the membership audit.
+        when the site runs the membership audit. Under DP these audit scores are computed on training
+        slices outside the accountant: a release the policy allowed (``release-audit`` = 1 marks it).
     """
     t0 = time.perf_counter()
     scores = task.evaluate(model, site.val, batch_size=max(cfg.train.batch_size, 32), device=device, task=cfg.task.name)
-    if site.audit is not None:
+    granted = grant(policy or SitePolicy(), cfg)
+    if site.audit is not None and isinstance(granted, Grant) and granted.audit:
+        if granted.dp:
+            scores["release-audit"] = 1.0  # the audit's AUCs touch training data outside the accountant
         # The site attacks its own model: can its training slices be told from held-out slices
         # of the same patients?
         scores["mia-auc"] = membership_auc(model, site.train, site.audit, device=device)

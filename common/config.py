@@ -180,11 +180,20 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Sample-level differential privacy at each site (DP-SGD), its budget and its audit."""
+    """What the run *asks* of each site's DP-SGD, budget and audit; each site's own policy decides.
+
+    A site's privacy policy (``<site>/privacy.json``, see ``client/policy.py``) owns whether DP is
+    on, the lifetime budget, delta, the accountant and the ledger's place; a site refuses a run whose
+    request here asks for less protection than its policy. ``target-epsilon`` is a lifetime target.
+    """
 
     dp: bool = False
     target_epsilon: float = field(
-        default=0.0, metadata={**_range(0.0, 1e6), "help": "> 0: pick the noise so this run spends about this epsilon"}
+        default=0.0,
+        metadata={
+            **_range(0.0, 1e6),
+            "help": "> 0: a lifetime target: noise sized so the site's ledger reaches it at the last round",
+        },
     )
     noise_multiplier: float = field(
         default=0.0, metadata={**_range(0.0, 1e3), "help": "used when target-epsilon = 0; 0 = clip only (no guarantee)"}
@@ -194,7 +203,6 @@ class PrivacyConfig:
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
     max_epsilon: float = field(default=0.0, metadata={**_range(0.0, 1e6), "help": "a site's lifetime budget; 0 = none"})
     on_budget: str = field(default="continue", metadata=_choice("continue", "stop"))
-    ledger_dir: str = field(default="", metadata={"help": "'' = <site>/.fedsite-privacy"})
     grad_sample_mode: str = field(default="hooks", metadata=_choice("hooks", "functorch", "ghost"))
     central_dp: bool = False
     central_noise: float = field(
@@ -373,6 +381,12 @@ def _check_cross_field(cfg: RunConfig) -> None:
             f"config keys 'privacy.target-epsilon' = {p.target_epsilon} "
             f"and 'privacy.noise-multiplier' = {p.noise_multiplier} "
             "are both set; set one of them (the other to 0)"
+        )
+    if p.central_dp and cfg.strategy.name not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"config key 'strategy.name' = {cfg.strategy.name!r} cannot be used with 'privacy.central-dp' = true: "
+            "central DP noises the plain average of the clipped site updates, and a server optimizer or FedBN's "
+            "partial averaging would work on un-noised updates; use 'fedavg' or 'fedprox'"
         )
     if p.dp and cfg.model.norm == "batch":
         raise ConfigError(

@@ -109,6 +109,18 @@ def architecture(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> str:
     return "unet" if task.name == "segmentation" else "resnet"
 
 
+def _replace_batchnorm(model: torch.nn.Module, norm: str) -> torch.nn.Module:
+    """Swap every BatchNorm layer of ``model`` for the ``norm`` (``"instance"`` or ``"group"``) layer, in place."""
+    from monai.networks.layers.utils import get_norm_layer
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, get_norm_layer(name=_norm(norm), spatial_dims=2, channels=child.num_features))
+        else:
+            _replace_batchnorm(child, norm)
+    return model
+
+
 def build_model(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.Module:
     """Build the 2D network described by ``cfg`` for ``task``.
 
@@ -124,7 +136,7 @@ def build_model(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.M
     """
     arch = architecture(cfg, task)
     if arch == "resnet":
-        return ResNet(
+        net = ResNet(
             block="basic",
             layers=[1] * len(cfg.channel_tuple),
             block_inplanes=list(cfg.channel_tuple),
@@ -135,6 +147,8 @@ def build_model(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.M
             num_classes=len(task.class_names),
             norm=_norm(cfg.norm),
         )
+        # MONAI's ResNet does not pass ``norm`` to its stages (their blocks and shortcuts stay BatchNorm).
+        return net if cfg.norm == "batch" else _replace_batchnorm(net, cfg.norm)
     if arch == "densenet121":
         return DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(task.class_names), norm=_norm(cfg.norm))
     return SegmentationUNet(cfg.channel_tuple, cfg.num_res_units, _norm(cfg.norm))

@@ -1,13 +1,22 @@
 """Central (site-level) differential privacy: clip each site's update, add noise, account per round.
 
-The guarantee is per *site* (whether a whole hospital took part), not per patient. Each site's
-update is clipped to ``clipping_norm``; the inner strategy averages the clipped updates uniformly
-(every site weighs the same, ``uniform-weight``); Gaussian noise of standard deviation
-``noise_multiplier * clipping_norm / n`` is added for the ``n`` sites aggregated that round; and
-Flower's RDP accountant composes one release per aggregated round. The clipping and noise are
-Flower's own (:mod:`flwr.supercore.differential_privacy`, as in its
-``DifferentialPrivacyServerSideFixedClipping``); unlike that wrapper the number of sites is not a
-fixed setting but the sites that answered this round, or a declared number checked against them.
+The guarantee is per *site* (one hospital's whole update replaced by any other), not per patient,
+and it holds against whoever sees the released global models, not against the server itself (which
+sees every site's update in the clear). Each site's update is clipped to ``clipping_norm``; the
+wrapper averages exactly the ``n`` clipped updates it clipped, uniformly; Gaussian noise of standard
+deviation ``noise_multiplier * clipping_norm / n`` is added for those ``n``; and Flower's RDP
+accountant composes one release per aggregated round.
+
+Neighbouring relation: *replace-one*. A released mean is over a fixed number ``n`` of sites (a
+round with another number is not aggregated when ``num_sites`` is set), so a neighbouring
+federation swaps one site's update for another's: the mean moves by up to ``2 * clipping_norm / n``,
+twice the add/remove-one sensitivity. Each release is therefore accounted as a Gaussian mechanism
+with noise multiplier ``noise_multiplier / 2`` (sensitivity-normalised), without amplification by
+sampling. The clipping and noise are Flower's own (:mod:`flwr.supercore.differential_privacy`).
+
+Only FedAvg-style server averaging (``fedavg``, ``fedprox``) may be wrapped: a server optimizer
+(FedAdam, FedYogi) or FedBN's partial averaging would be fed un-noised updates (Flower refuses the
+combination too); :func:`common.config.parse_run_config` refuses it with a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -31,9 +40,14 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from server.recording import CENTRAL_DELTA, CENTRAL_EPSILON, RoundNotAggregated, site_of
 
-__all__ = ["CentralDP", "nonzero_update"]
+__all__ = ["CentralDP", "default_central_delta", "nonzero_update"]
 
 log = logging.getLogger("fedsite.server")
+
+
+def default_central_delta(population: int) -> float:
+    """Default delta of central DP: 1e-5, or 1/(100 x sites) for federations over 1,000 sites (delta << 1/sites)."""
+    return min(1e-5, 1.0 / (100.0 * max(population, 1)))
 
 
 def nonzero_update(local: Mapping[str, np.ndarray], global_ref: Mapping[str, np.ndarray]) -> str | None:
@@ -60,7 +74,7 @@ class CentralDP(Strategy):
             (``privacy.central-sites``); a round with another number is not aggregated.
             0 = the sites that answer: the noise is scaled for the sites aggregated that round and
             the accountant's population is the number of different sites seen so far.
-        delta: The delta epsilon is reported at; 0 = ``1 / (10 x population)``.
+        delta: The delta epsilon is reported at; 0 = :func:`default_central_delta`.
     """
 
     def __init__(
@@ -93,7 +107,7 @@ class CentralDP(Strategy):
 
     def _new_accountant(self, population: int) -> RdpAccountant:
         config = PrivacyConfig(
-            target_delta=self.delta if self.delta > 0 else 1.0 / (10 * population),
+            target_delta=self.delta if self.delta > 0 else default_central_delta(population),
             population_size=population,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
@@ -125,8 +139,9 @@ class CentralDP(Strategy):
         return self.accountant.get_privacy_spent()
 
     def _event(self, sites: int) -> GaussianPrivacyEvent:
+        # Replace-one: sensitivity 2 x clip against noise noise_multiplier x clip (both over n).
         return GaussianPrivacyEvent(
-            noise_multiplier=self.noise_multiplier, sample_size=sites, population_size=self._population
+            noise_multiplier=self.noise_multiplier / 2.0, sample_size=sites, population_size=self._population
         )
 
     def summary(self) -> None:
@@ -168,19 +183,24 @@ class CentralDP(Strategy):
                 "(0 = those that answer)"
             )
         current = self._current.to_numpy_ndarrays()
+        keys = list(self._current.keys())
+        clipped = []
         for reply in replies:
             record = reply.content["arrays"]
+            if list(record.keys()) != keys:
+                raise RoundNotAggregated("central DP: a reply's weights do not match the global model's layers")
             weights = record.to_numpy_ndarrays()
             compute_clip_model_update(param1=weights, param2=current, clipping_norm=self.clipping_norm)
-            reply.content["arrays"] = ArrayRecord(
-                {k: Array(np.asarray(v)) for k, v in zip(record.keys(), weights, strict=True)}
-            )
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is None:
+            clipped.append(weights)
+            reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(keys, weights, strict=True)})
+        # The inner (FedAvg) strategy gives the round's metrics; the released mean is computed here, over
+        # exactly the n updates clipped above, so the noise is sized for the updates really averaged.
+        inner, metrics = self.strategy.aggregate_train(server_round, replies)
+        if inner is None:
             return None, metrics
-        noisy = arrays.to_numpy_ndarrays()
+        noisy = [np.mean(np.stack([w[i] for w in clipped]), axis=0).astype(current[i].dtype) for i in range(len(keys))]
         add_gaussian_noise_inplace(noisy, compute_stdv(self.noise_multiplier, self.clipping_norm, n))
-        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(arrays.keys(), noisy, strict=True)})
+        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(keys, noisy, strict=True)})
         self._seen.update(site_of(m) or f"node-{m.metadata.src_node_id}" for m in replies)
         spent = self._account(n, self.num_sites or max(n, len(self._seen)))
         log.info(

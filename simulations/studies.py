@@ -4,6 +4,11 @@
 without noise, and target epsilons 8, 3, 1), each with a fresh privacy ledger of its own (each
 setting is a separate hypothetical history of the sites), and writes ``privacy.json`` and a
 privacy-utility plot.
+
+Privacy is each site's own decision (``client/policy.py``): for every setting the study, as the
+operator of its simulated sites, writes each site's ``privacy.json`` (DP on with the setting's
+lifetime budget, the setting's ledger folder, the audit allowed) and removes it afterwards, so the
+shared simulated sites are left as they were.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ PRIVACY_SETTINGS: tuple[PrivacySetting, ...] = (
 )
 
 
-def _setting_config(base: RunConfig, setting: PrivacySetting, ledger_dir: Path) -> RunConfig:
+def _setting_config(base: RunConfig, setting: PrivacySetting) -> RunConfig:
     privacy = replace(
         base.privacy,
         dp=setting.dp,
@@ -50,10 +55,32 @@ def _setting_config(base: RunConfig, setting: PrivacySetting, ledger_dir: Path) 
         noise_multiplier=0.0,
         max_epsilon=0.0,
         audit=True,
-        ledger_dir=str(ledger_dir),
     )
     model = base.model if base.model.norm != "batch" else replace(base.model, norm="instance")
     return replace(base, privacy=privacy, model=model)
+
+
+def setting_policy(setting: PrivacySetting, ledger_dir: Path) -> Any:
+    """The privacy policy each simulated site holds for ``setting`` (the study is the sites' operator).
+
+    DP settings with a target: DP required, the target as lifetime budget. No DP and clipping
+    without noise: DP left to the run (clip-only has no budget: its epsilon is unbounded).
+    """
+    from client.policy import SitePolicy
+
+    if setting.dp and setting.target_epsilon:
+        return SitePolicy(dp=True, max_epsilon=setting.target_epsilon, ledger_dir=str(ledger_dir), audit=True)
+    return SitePolicy(ledger_dir=str(ledger_dir), audit=True)
+
+
+def _write_policies(root: Path, sites: int, policy: Any) -> list[Path]:
+    from client.layout import POLICY_FILE, sim_site_name
+    from client.policy import write_policy
+
+    paths = [root / sim_site_name(i) / POLICY_FILE for i in range(sites)]
+    for path in paths:
+        write_policy(path, policy)
+    return paths
 
 
 def summarize_privacy_run(setting: PrivacySetting, results: dict[str, Any]) -> dict[str, Any]:
@@ -137,28 +164,58 @@ def privacy_study(
     Returns:
         The content of ``privacy.json``.
     """
-    from simulations.runner import simulate
+    from client.layout import POLICY_FILE, sim_site_name
+    from simulations.runner import prepare, simulate
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     entries = []
-    for i, setting in enumerate(settings, 1):
-        progress(
-            f"[{i}/{len(settings)}] {setting.name}: running {base.num_server_rounds} rounds on {base.sim.sites} sites"
-        )
-        cfg = _setting_config(base, setting, out / setting.name / "ledger")
-        results = simulate(cfg, out / setting.name, quiet=True)
-        entry = summarize_privacy_run(setting, results)
-        entries.append(entry)
-        eps = [e for e in entry["epsilon_spent"].values() if e is not None]
-        eps_txt = (
-            "-" if not setting.dp else ("unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}")
-        )
-        progress(
-            f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
-            f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
-        )
+    # The simulated sites, written once; the study then writes their privacy policies.
+    base = replace(base, sim=replace(base.sim, root=prepare(base, out).sim.root))
+    root = Path(base.sim.root)
+    kept = {}
+    for i in range(base.sim.sites):
+        path = root / sim_site_name(i) / POLICY_FILE
+        if path.is_file():
+            kept[path] = path.read_text()
+    try:
+        for i, setting in enumerate(settings, 1):
+            progress(
+                f"[{i}/{len(settings)}] {setting.name}: running {base.num_server_rounds} rounds on "
+                f"{base.sim.sites} sites"
+            )
+            _write_policies(root, base.sim.sites, setting_policy(setting, out / setting.name / "ledger"))
+            results = simulate(_setting_config(base, setting), out / setting.name, quiet=True)
+            entries.append(_report_setting(setting, results, progress))
+    finally:
+        for i in range(base.sim.sites):  # leave the shared simulated sites as they were
+            path = root / sim_site_name(i) / POLICY_FILE
+            if path in kept:
+                path.write_text(kept[path])
+            else:
+                path.unlink(missing_ok=True)
+    return _finish(entries, out, started)
+
+
+def _report_setting(setting: PrivacySetting, results: dict[str, Any], progress: Callable[[str], None]) -> dict:
+    """Summarize one setting's run and print its line."""
+    entry = summarize_privacy_run(setting, results)
+    eps = [e for e in entry["epsilon_spent"].values() if e is not None]
+    if not setting.dp:
+        eps_txt = "-"
+    elif not entry["epsilon_spent"]:
+        eps_txt = "not reported"
+    else:
+        eps_txt = "unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}"
+    progress(
+        f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
+        f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
+    )
+    return entry
+
+
+def _finish(entries: list[dict[str, Any]], out: Path, started: float) -> dict[str, Any]:
     by_name = {e["name"]: e for e in entries}
     report: dict[str, Any] = {"settings": entries, "seconds": time.perf_counter() - started}
     if "no-dp" in by_name and "eps-8" in by_name:

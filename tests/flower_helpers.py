@@ -12,13 +12,19 @@ from common.config import flatten, parse_run_config
 
 
 def site_context(
-    site_dir: Path, config: Mapping[str, object], *, node_id: int = 7, run_id: int = 1, state: RecordDict | None = None
+    site_dir: Path,
+    config: Mapping[str, object],
+    *,
+    node_id: int = 7,
+    run_id: int = 1,
+    state: RecordDict | None = None,
+    node_config: Mapping[str, object] | None = None,
 ) -> Context:
-    """The Context a SuperNode gives the ClientApp: the validated run config and ``data-dir``."""
+    """The Context a SuperNode gives the ClientApp: the validated run config and ``data-dir`` (plus ``node_config``)."""
     return Context(
         run_id=run_id,
         node_id=node_id,
-        node_config={"data-dir": str(site_dir)},
+        node_config={"data-dir": str(site_dir), **(node_config or {})},
         state=state if state is not None else RecordDict(),
         run_config=flatten(parse_run_config(dict(config))),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.dpsgd import epsilon_spent, noise_for_target, train_private
-from client.ledger import LedgerError, PrivacyLedger
+from client.ledger import LedgerError, LedgerState, PrivacyLedger
 from client.membership import membership_auc
 from common.config import ConfigError, parse_run_config
 from common.model import build_model
@@ -40,8 +41,17 @@ def test_noise_for_a_target_epsilon_spends_that_epsilon() -> None:
 def _ctx(
     site_dir: Path, ledger_dir: Path, run_id: int, state: RecordDict | None = None, **overrides: object
 ) -> Context:
+    """A site whose policy (outside the shared site folder) keeps its ledgers in ``ledger_dir``; the run asks DP."""
+    policy = ledger_dir / f"{site_dir.name}-privacy.json"
+    if not policy.exists():
+        policy.write_text(json.dumps({"ledger_dir": str(ledger_dir)}))
     return site_context(
-        site_dir, {**DP, "privacy.ledger-dir": str(ledger_dir), **overrides}, node_id=3, run_id=run_id, state=state
+        site_dir,
+        {**DP, **overrides},
+        node_id=3,
+        run_id=run_id,
+        state=state,
+        node_config={"privacy-policy": str(policy)},
     )
 
 
@@ -79,7 +89,8 @@ def test_weights_sent_after_dp_training_are_plain_and_the_model_trains_again(
     assert keys == set(build_model(parse_run_config(FAST).model).state_dict().keys())
     assert not any(k.startswith("_module.") for k in keys)
     again = train(_train_msg(2), ctx)  # no double Opacus hooks on the cached model
-    assert again.content["metrics"]["steps"] > 0
+    assert "arrays" in again.content.array_records
+    assert again.content["metrics"]["epsilon"] > reply.content["metrics"]["epsilon"]
 
 
 def test_a_site_whose_budget_is_spent_refuses_and_says_why(
@@ -124,7 +135,8 @@ def test_the_server_stops_or_goes_on_without_a_refusing_site_per_config(
 
 def test_the_ledger_survives_a_restart_and_a_damaged_ledger_blocks_dp(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "l.json")
-    ledger.append({"run": 1, "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10})
+    entry = {"run": 1, "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10}
+    ledger.write(LedgerState(id="x", delta=1e-4, accountant="rdp", entries=[entry]))
     assert PrivacyLedger(tmp_path / "l.json").history() == [(1.0, 0.1, 10)]  # a new process reads it back
     (tmp_path / "l.json").write_text("{not json")
     with pytest.raises(LedgerError, match="unreadable"):
@@ -154,7 +166,7 @@ def test_fedsites_own_errors_share_one_base_and_config_errors_stay_value_errors(
 
 
 def test_dp_with_batchnorm_or_two_noise_settings_fails_at_start() -> None:
-    with pytest.raises(ConfigError, match=r"'model\.norm' = 'batch' cannot be used"):
+    with pytest.raises(ConfigError, match=r"'model.norm' = 'batch' cannot be used"):
         parse_run_config({"privacy.dp": True, "model.norm": "batch"})
     with pytest.raises(ConfigError, match="both set"):
         parse_run_config({"privacy.target-epsilon": 3.0, "privacy.noise-multiplier": 1.0})

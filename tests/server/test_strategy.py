@@ -303,12 +303,13 @@ def test_central_dp_with_4_sites_and_the_default_sim_sites_aggregates_every_roun
         assert np.std(agg["w"].numpy()) == pytest.approx(0.125, rel=0.08)
     dp = inner_of(s, CentralDP)
     assert dp.accountant is not None and dp.accountant.config.population_size == 4
-    # the guarantee of 3 releases of the Gaussian mechanism over 4 sites, at the default delta 1/(10 x 4)
+    # 3 releases of the Gaussian mechanism over 4 sites, replace-one (sensitivity 2 x clip: noise ratio 0.5 / 2),
+    # at the default delta 1e-5
     expected = RdpAccountant(
-        PrivacyConfig(0.025, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+        PrivacyConfig(1e-5, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
     )
-    expected.compose(GaussianPrivacyEvent(noise_multiplier=0.5, sample_size=4, population_size=4), count=3)
-    assert s.records[-1].central_privacy == {"epsilon": pytest.approx(expected.get_epsilon(0.025)), "delta": 0.025}
+    expected.compose(GaussianPrivacyEvent(noise_multiplier=0.25, sample_size=4, population_size=4), count=3)
+    assert s.records[-1].central_privacy == {"epsilon": pytest.approx(expected.get_epsilon(1e-5)), "delta": 1e-5}
     assert [len(r.train) for r in s.records] == [4, 4, 4] and all(not r.rejected for r in s.records)
 
 
