@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
+from server.screening import screen_distances, update_distance
 
 __all__ = [
     "CENTRAL_DELTA",
@@ -216,6 +217,8 @@ class RecordingStrategy(Strategy):
             (:class:`StopFederation`).
         metric: The task's primary metric, ``"dice"`` or ``"auc"``.
         checks: Extra checks of each training reply's weights (see :data:`ReplyCheck`).
+        screen_mad: Reject a training update whose distance to the global model is this many scaled
+            MADs above the sites' median (:mod:`server.screening`); 0 = off.
     """
 
     def __init__(
@@ -226,8 +229,10 @@ class RecordingStrategy(Strategy):
         stop_on_budget: bool = False,
         metric: str = "dice",
         checks: Sequence[ReplyCheck] = (),
+        screen_mad: float = 0.0,
     ) -> None:
         self.strategy = strategy
+        self.screen_mad = screen_mad
         self.metric = metric
         self.stop_on_budget = stop_on_budget
         self.checks = tuple(checks)
@@ -277,6 +282,24 @@ class RecordingStrategy(Strategy):
                 rec.privacy[site] = {"epsilon": _epsilon(spent["epsilon"]), "delta": float(spent.get("delta", 0.0))}
         return good, by_site
 
+    def _screen(
+        self, server_round: int, good: list[Message], by_site: dict[str, Message]
+    ) -> tuple[list[Message], dict[str, Message]]:
+        """Drop the updates far outside the others' (``screen_mad``), recording each with its reason."""
+        if self.screen_mad <= 0 or len(by_site) < 3:
+            return good, by_site
+        distances = {
+            site: update_distance({k: v.numpy() for k, v in msg.content["arrays"].items()}, self._global_ref)
+            for site, msg in by_site.items()
+        }
+        outliers = screen_distances(distances, self.screen_mad)
+        rec = self.record(server_round)
+        for site, reason in outliers.items():
+            log.warning("round %d train: rejected reply from %s: %s", server_round, site, reason)
+            rec.rejected.append({"site": site, "phase": "train", "reason": reason})
+        dropped = {id(by_site[site]) for site in outliers}
+        return [m for m in good if id(m) not in dropped], {s: m for s, m in by_site.items() if s not in outliers}
+
     # --- the Strategy interface, delegated ---------------------------------------------------
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -302,6 +325,7 @@ class RecordingStrategy(Strategy):
         """
         good, by_site = self._filter(server_round, replies, is_train=True)
         rec = self.record(server_round)
+        good, by_site = self._screen(server_round, good, by_site)
         for site, msg in by_site.items():
             m = msg.content["metrics"]
             rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
@@ -328,6 +352,8 @@ class RecordingStrategy(Strategy):
             rec.central_privacy = {"epsilon": float(metrics[CENTRAL_EPSILON]), "delta": float(metrics[CENTRAL_DELTA])}
         if arrays is not None:
             self.latest_arrays = arrays
+        elif not rec.skipped:
+            rec.skipped = f"{type(self.strategy).__name__} aggregated none of {len(good)} accepted replies"
         return arrays, metrics
 
     def configure_evaluate(
