@@ -178,6 +178,14 @@ class StrategyConfig:
     krum_select: int = field(
         default=1, metadata={**_range(1, 100_000), "help": "multikrum: sites selected and averaged"}
     )
+    round_timeout: float = field(
+        default=0.0,
+        metadata={
+            **_range(0.0, 1e7),
+            "help": "seconds a round waits for the sites' replies; the round goes on with those in time if at "
+            "least min-sites (0 = wait up to an hour, Flower's default)",
+        },
+    )
     screen_mad: float = field(
         default=0.0,
         metadata={
@@ -272,6 +280,10 @@ class OutputConfig:
         default="", metadata={"help": "MLflow tracking URI ('' = sqlite store in the output folder)"}
     )
     experiment: str = "fedsite"
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run in output.dir from its checkpoint.npz (the last complete round)"},
+    )
 
 
 @dataclass(frozen=True)

@@ -130,4 +130,5 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
         metric=cfg.task.metric,
         checks=checks,
         screen_mad=s.screen_mad,
+        min_sites=s.min_sites,
     )
