@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import FedOpt, Strategy
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from common.errors import FedsiteError
 from server.recording import RoundRecord
