@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = [
     "corrupt_reply",
     "faulty_client_app",
     "faulty_server_app",
+    "observed_server_app",
     "parse_fault",
 ]
 
@@ -161,17 +162,12 @@ def faulty_client_app(faults: Sequence[Fault]) -> ClientApp:
     return app
 
 
-def faulty_server_app(faults: Sequence[Fault]) -> ServerApp:
-    """The real coordinator, killed right after the checkpoint of the round a ``server:kill@R`` fault names."""
+def observed_server_app(after_round: Callable[[int, ArrayRecord], None]) -> ServerApp:
+    """The real coordinator, calling ``after_round(round, global arrays)`` after each round's checkpoint."""
     from common.config import parse_run_config
     from server.app import run_federation
 
-    kill = min((f.round for f in faults if f.who == "server"), default=0)
     app = ServerApp()
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        if kill and server_round == kill:
-            raise ServerKilled(f"injected fault: the server dies after round {server_round}")
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -180,3 +176,18 @@ def faulty_server_app(faults: Sequence[Fault]) -> ServerApp:
         run_federation(grid, parse_run_config(context.run_config), after_round=after_round)
 
     return app
+
+
+def faulty_server_app(
+    faults: Sequence[Fault], after_round: Callable[[int, ArrayRecord], None] | None = None
+) -> ServerApp:
+    """The real coordinator, killed right after the checkpoint of the round a ``server:kill@R`` fault names."""
+    kill = min((f.round for f in faults if f.who == "server"), default=0)
+
+    def hook(server_round: int, arrays: ArrayRecord) -> None:
+        if after_round is not None:
+            after_round(server_round, arrays)
+        if kill and server_round == kill:
+            raise ServerKilled(f"injected fault: the server dies after round {server_round}")
+
+    return observed_server_app(hook)

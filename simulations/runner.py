@@ -162,6 +162,7 @@ def simulate(
     quiet: bool = True,
     synthesize: bool = True,
     faults: Sequence[Fault] = (),
+    after_round: Callable[[int, Any], None] | None = None,
 ) -> dict[str, Any]:
     """Run the federation described by ``cfg`` and return its ``results.json`` content.
 
@@ -173,6 +174,8 @@ def simulate(
         synthesize: Write missing simulated sites first (see :func:`prepare`).
         faults: Injected faults (:mod:`simulations.faults`): the sites and the server run through
             simulation-only wrappers of the real apps.
+        after_round: Called by the server with the round and the global arrays after each round's
+            checkpoint (benchmarks, demos).
 
     Returns:
         The parsed ``results.json``.
@@ -218,7 +221,9 @@ def simulate(
             num_supernodes=cfg.sim.sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=faulty_client_app(faults) if site_faults else client.app.app,
-            server_app=faulty_server_app(faults) if len(site_faults) < len(faults) else server.app.app,
+            server_app=faulty_server_app(faults, after_round)
+            if len(site_faults) < len(faults) or after_round is not None
+            else server.app.app,
             backend_name="ray",
             backend_config=backend_config(cfg),
             server_app_context=context,

@@ -48,7 +48,9 @@ class Sites:
         if msg.metadata.message_type == MessageType.EVALUATE:
             w = np.concatenate([v.numpy().ravel() for v in arrays.values()])
             dice = float(1.0 / (1.0 + np.abs(w).mean()))
-            return eval_reply(node, site, {"dice": dice, "loss": 1 - dice, "num-examples": 10, "uniform-weight": 1.0}, to=msg)
+            return eval_reply(
+                node, site, {"dice": dice, "loss": 1 - dice, "num-examples": 10, "uniform-weight": 1.0}, to=msg
+            )
         self.train_rounds.append(rnd)
         what = self.fail.get((site, rnd))
         if what == "late":
@@ -61,7 +63,9 @@ class Sites:
             k: (scale * (v.numpy() + 0.01 * rng.standard_normal(v.numpy().shape))).astype(v.numpy().dtype)
             for k, v in arrays.items()
         }
-        return train_reply(node, site, weights, {"num-examples": 10 + node, "train-loss": 0.5, "uniform-weight": 1.0}, to=msg)
+        return train_reply(
+            node, site, weights, {"num-examples": 10 + node, "train-loss": 0.5, "uniform-weight": 1.0}, to=msg
+        )
 
 
 def _cfg(out: Path, **extra: object):
