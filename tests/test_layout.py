@@ -86,7 +86,8 @@ def test_the_floor_contracts_cover_every_top_level_package() -> None:
 
 
 #: Modules that talk to Flower: the handlers, the records conversion and the simulation runner.
-FLOWER_FACING = {"common/records.py", "client/app.py", "simulations/runner.py"}
+# simulations/faults.py wraps the real ClientApp and ServerApp for fault injection (simulation only)
+FLOWER_FACING = {"common/records.py", "client/app.py", "simulations/runner.py", "simulations/faults.py"}
 
 
 PLAIN_MODULES = [
