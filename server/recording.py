@@ -454,11 +454,14 @@ class RecordingStrategy(Strategy):
                 except QuorumLost as lost:
                     rec = self.record(current)
                     if attempt == 2:
-                        raise StopFederation(
-                            current,
-                            f"quorum lost twice: {lost}; the run stopped after round {current - 1} "
-                            "(resume it from its checkpoint once enough sites are back)",
-                        ) from lost
+                        after = (
+                            f"the run stopped after round {current - 1} (resume it from its checkpoint once "
+                            "enough sites are back)"
+                            if current > 1
+                            else "no round was completed: start the run again once enough sites are up (in a "
+                            "simulation the first round also starts the sites: give strategy.round-timeout room)"
+                        )
+                        raise StopFederation(current, f"quorum lost twice: {lost}; {after}") from lost
                     log.warning("%s; retrying the round once", lost)
                     missing = [m["site"] for m in rec.missing]
                     self._records[current] = RoundRecord(

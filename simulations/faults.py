@@ -3,8 +3,8 @@
 ``fedsite simulate --fault SPEC`` (repeatable) with ``SPEC = WHO:KIND[@ROUND]``:
 
 * ``site-02:raise@3``  the site raises in round 3 (the server sees an error reply);
-* ``site-02:hang@3``   the site never answers in round 3 (it sleeps past the deadline: set
-  ``strategy.round-timeout``);
+* ``site-02:hang@3``   the site does not answer round 3's training in time (it sleeps 1.5 x
+  ``strategy.round-timeout``, at least 5 s, then fails; set the deadline);
 * ``site-02:nan@3``    the site's trained weights carry a NaN;
 * ``site-02:x1000@3``  the site sends its trained weights multiplied by 1000;
 * ``site-02:arch@3``   the site sends the weights of another architecture;
@@ -47,7 +47,7 @@ log = logging.getLogger("fedsite.faults")
 
 #: What a site can be made to do wrong.
 SITE_KINDS = ("raise", "hang", "nan", "x1000", "arch")
-#: A hanging site sleeps this long at least (and at least twice the round deadline), then fails.
+#: A hanging site sleeps this long at least (and at least 1.5 x the round deadline), then fails.
 HANG_S = 5.0
 _SPEC = re.compile(r"^(?P<who>[A-Za-z0-9._-]+):(?P<kind>[a-z0-9]+)(?:@(?P<round>[0-9]+))?$")
 
@@ -121,7 +121,7 @@ def _site_name(context: Context) -> str:
 
 def _hang_seconds(context: Context) -> float:
     timeout = float(context.run_config.get("strategy.round-timeout", 0.0) or 0.0)
-    return max(HANG_S, 2.0 * timeout)
+    return max(HANG_S, 1.5 * timeout)
 
 
 def faulty_client_app(faults: Sequence[Fault]) -> ClientApp:
@@ -131,10 +131,12 @@ def faulty_client_app(faults: Sequence[Fault]) -> ClientApp:
     site_faults = [f for f in faults if f.who != "server"]
     app = ClientApp()
 
-    def _before(msg: Message, context: Context) -> Fault | None:
+    def _before(msg: Message, context: Context, *, train: bool) -> Fault | None:
         site = _site_name(context)
         server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
         fault = next((f for f in site_faults if f.applies(site, server_round)), None)
+        if fault is not None and fault.kind == "hang" and not train:
+            return None  # a site late for training may still evaluate (its late reply is ignored)
         if fault is None:
             return None
         log.warning("injected fault: %s %s in round %d", site, fault.kind, server_round)
@@ -147,7 +149,7 @@ def faulty_client_app(faults: Sequence[Fault]) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        fault = _before(msg, context)
+        fault = _before(msg, context, train=True)
         reply = real.train(msg, context)
         if fault is not None and "arrays" in reply.content:
             corrupt_reply(reply, fault.kind)
@@ -155,7 +157,7 @@ def faulty_client_app(faults: Sequence[Fault]) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        fault = _before(msg, context)
+        fault = _before(msg, context, train=False)
         del fault  # weight faults concern training replies only
         return real.evaluate(msg, context)
 

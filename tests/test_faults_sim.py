@@ -71,7 +71,7 @@ def test_a_dp_run_killed_after_round_2_of_4_and_resumed_ends_like_the_uninterrup
 
 @pytest.mark.slow
 def test_each_injected_site_fault_is_recorded_and_the_robust_run_stays_near_the_clean_one(tmp_path: Path) -> None:
-    robust = "strategy.name='fedmedian' strategy.screen-mad=3.0 strategy.round-timeout=20.0"
+    robust = "strategy.name='fedmedian' strategy.screen-mad=3.0 strategy.round-timeout=90.0"
     common = ("--sites", "3", "--rounds", "5", "--run-config", robust)
     assert _simulate(tmp_path, "clean", *common) == 0
     faults = ["site-01:raise@1", "site-02:x1000@2", "site-03:nan@3", "site-01:arch@4", "site-02:hang@5"]
