@@ -27,19 +27,53 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def _rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (Linux /proc), 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """``{pid: command line}`` of every process below ``root`` (Linux /proc)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        p = frontier.pop()
+        for child, par in parent.items():
+            if par == p and child not in found:
+                try:
+                    found[child] = (Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")).decode()
+                except OSError:
+                    found[child] = ""
+                frontier.append(child)
+    return found
+
+
 class Sampler:
     """Samples the RSS of this process and of the Ray workers; keeps each round's peaks."""
 
     def __init__(self, interval: float) -> None:
-        import psutil
-
-        self.psutil = psutil
         self.interval = interval
-        self.me = psutil.Process(os.getpid())
+        self.me = os.getpid()
         self.server_peak = 0
         self.site_peak: dict[int, int] = {}
         self.rounds: list[dict] = []
         self._lock = threading.Lock()
+        self._tick = 0
+        self._pids: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -48,22 +82,19 @@ class Sampler:
 
         Only descendants count: other Ray clusters on the machine are not this run's.
         """
-        found = []
-        for p in self.me.children(recursive=True):
-            try:
-                if "ClientAppActor" in " ".join(p.cmdline()):
-                    found.append(p)
-            except self.psutil.Error:
-                continue
-        return found
+        return [
+            pid
+            for pid, cmd in _descendants(self.me).items()
+            if "ClientAppActor" in cmd or (cmd.startswith("ray::") and "IDLE" not in cmd)
+        ]
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                rss = self.me.memory_info().rss
-                workers = {p.pid: p.memory_info().rss for p in self._workers() if p.is_running()}
-            except self.psutil.Error:
-                continue
+            if self._tick % 10 == 0:  # the process tree changes rarely; scanning /proc costs
+                self._pids = self._workers()
+            self._tick += 1
+            rss = _rss(self.me)
+            workers = {pid: _rss(pid) for pid in self._pids}
             with self._lock:
                 self.server_peak = max(self.server_peak, rss)
                 for pid, w in workers.items():
@@ -84,7 +115,7 @@ class Sampler:
                     "t": time.time(),
                 }
             )
-            self.server_peak = self.me.memory_info().rss
+            self.server_peak = _rss(self.me)
             self.site_peak = {}
 
     def stop(self) -> None:
