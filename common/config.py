@@ -72,7 +72,19 @@ TASKS = ("segmentation", "classification")
 
 #: The aggregation strategies ``strategy.name`` may name: the one list (the server maps each to its
 #: builder in ``server.strategies.BUILDERS``; a test keeps the two equal).
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi")
+STRATEGY_NAMES = (
+    "fedavg",
+    "fedprox",
+    "fedbn",
+    "fedadam",
+    "fedyogi",
+    # robust aggregation (Flower 1.41): coordinate-wise median, trimmed mean, (Multi)Krum selection, Bulyan
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,33 @@ class StrategyConfig:
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_sites: int = field(default=2, metadata=_range(1, 100_000))
+    trim_beta: float = field(
+        default=0.2,
+        metadata={**_range(0.0, 0.49), "help": "fedtrimmedavg: fraction of sites cut at each end, per coordinate"},
+    )
+    num_malicious: int = field(
+        default=0,
+        metadata={**_range(0, 10_000), "help": "krum/multikrum/bulyan: sites assumed malicious (bulyan needs 4f+3)"},
+    )
+    krum_select: int = field(
+        default=1, metadata={**_range(1, 100_000), "help": "multikrum: sites selected and averaged"}
+    )
+    round_timeout: float = field(
+        default=0.0,
+        metadata={
+            **_range(0.0, 1e7),
+            "help": "seconds a round waits for the sites' replies; the round goes on with those in time if at "
+            "least min-sites (0 = wait up to an hour, Flower's default)",
+        },
+    )
+    screen_mad: float = field(
+        default=0.0,
+        metadata={
+            **_range(0.0, 1e6),
+            "help": "reject an update whose distance to the global model exceeds the median by this many "
+            "median absolute deviations (needs 3 or more sites; 0 = off)",
+        },
+    )
 
     @property
     def effective_server_lr(self) -> float:
@@ -265,6 +304,10 @@ class OutputConfig:
         default="", metadata={"help": "MLflow tracking URI ('' = sqlite store in the output folder)"}
     )
     experiment: str = "fedsite"
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run in output.dir from its checkpoint.npz (the last complete round)"},
+    )
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,14 @@ Thin over plain modules: :mod:`server.strategies` (which aggregation), :mod:`ser
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -20,6 +23,7 @@ from common.config import RunConfig, flatten, parse_run_config
 from common.metrics import summarize_sites
 from common.model import build_model, load_start_weights
 from common.records import to_arrays
+from server.checkpoint import load_checkpoint, restore_rng, restore_strategy, save_checkpoint
 from server.recording import RoundRecord, StopFederation
 from server.results import build_results, round_metrics, site_table, write_json
 from server.strategies import make_strategy
@@ -72,13 +76,37 @@ def _progress(rec: RoundRecord, total: int, metric: str = "dice") -> str:
     return line
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> dict:
-    """Run all rounds on ``grid`` and write the results; returns the results dict."""
+#: Flower's per-phase wait when ``strategy.round-timeout`` is 0.
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, *, after_round: Callable[[int, ArrayRecord], None] | None = None
+) -> dict:
+    """Run all rounds on ``grid`` and write the results; returns the results dict.
+
+    After every round a checkpoint (:mod:`server.checkpoint`) is written to the output folder; with
+    ``output.resume`` the run continues from it: the checkpoint's model, strategy state, random
+    states and per-site results, from the round after the last complete one (rounds already done are
+    not run again, so no site spends privacy budget on them twice).
+
+    Args:
+        grid: Flower's grid.
+        cfg: The run config.
+        after_round: Called with the round and the global model after each round's checkpoint.
+    """
     started = time.perf_counter()
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     flat = flatten(cfg)
-    tracker = Tracker(out, tracking_uri=cfg.output.tracking_uri, experiment=cfg.output.experiment, run_name=out.name)
+    ckpt = load_checkpoint(out, flat) if cfg.output.resume else None
+    tracker = Tracker(
+        out,
+        tracking_uri=cfg.output.tracking_uri,
+        experiment=cfg.output.experiment,
+        run_name=out.name,
+        resume_run_id=ckpt.mlflow_run_id if ckpt else None,
+    )
     tracker.start(flat)
     log.info("fedsite: %s, %d rounds, results in %s", cfg.strategy.name, cfg.num_server_rounds, out)
 
@@ -89,20 +117,47 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         write_json(out / "results.json", build_results(flat, recorder.records, total_s=time.perf_counter() - started))
 
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # Flower samples the sites of a round with Python's random (fraction-train < 1)
+    np.random.seed(cfg.seed)  # central DP's noise
     model = build_model(cfg.model, cfg.task)
     if cfg.model.init:  # start weights checked against the configured model before any site works
         log.info("start weights: %s", load_start_weights(model, cfg.model.init, fetch=tracker.fetch))
     recorder = make_strategy(cfg, on_round=on_round)
+    initial = to_arrays(model)
+    first_round = 1
+    if ckpt is not None:
+        restore_strategy(recorder, ckpt)
+        recorder.restore(ckpt.records)
+        restore_rng(ckpt)
+        initial, first_round = ckpt.arrays, ckpt.round + 1
+        log.info("resuming %s after round %d of %d", out, ckpt.round, cfg.num_server_rounds)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        save_checkpoint(
+            out,
+            server_round=server_round,
+            config=flat,
+            arrays=arrays,
+            records=recorder.records,
+            strategy=recorder,
+            mlflow_run_id=tracker.wait(),
+        )
+        if after_round is not None:
+            after_round(server_round, arrays)
+
     status = "FAILED"
     stopped: dict | None = None
     try:
         try:
             result = recorder.start(
                 grid=grid,
-                initial_arrays=to_arrays(model),
+                initial_arrays=initial,
                 num_rounds=cfg.num_server_rounds,
+                timeout=cfg.strategy.round_timeout or DEFAULT_TIMEOUT_S,
                 train_config=train_config(cfg),
                 evaluate_config=ConfigRecord({}),
+                first_round=first_round,
+                after_round=checkpoint,
             )
             final_arrays: ArrayRecord = result.arrays if result.arrays is not None else to_arrays(model)
         except StopFederation as stop:

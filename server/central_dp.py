@@ -144,6 +144,21 @@ class CentralDP(Strategy):
             noise_multiplier=self.noise_multiplier / 2.0, sample_size=sites, population_size=self._population
         )
 
+    def checkpoint_state(self) -> dict[str, object]:
+        """The accountant's state as JSON: the releases so far, the population and the sites seen."""
+        return {"releases": list(self._releases), "population": self._population, "seen": sorted(self._seen)}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        """Continue from :meth:`checkpoint_state`: the accountant replays the releases."""
+        self._releases = [int(n) for n in state["releases"]]
+        self._population = int(state["population"])
+        self._seen = set(state["seen"])
+        self.accountant = None
+        if self._population:
+            self.accountant = self._new_accountant(self._population)
+            for n in self._releases:
+                self.accountant.compose(self._event(n))
+
     def summary(self) -> None:
         """Log the DP settings and the inner strategy's summary."""
         log.info("central DP: noise multiplier %s, clipping norm %s", self.noise_multiplier, self.clipping_norm)

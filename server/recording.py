@@ -29,14 +29,16 @@ from typing import TypeVar
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
+from server.screening import screen_distances, update_distance
 
 __all__ = [
     "CENTRAL_DELTA",
     "CENTRAL_EPSILON",
+    "QuorumLost",
     "RecordingStrategy",
     "ReplyCheck",
     "RoundNotAggregated",
@@ -89,6 +91,10 @@ class RoundRecord:
     privacy: dict[str, dict[str, float | None]] = field(default_factory=dict)
     central_privacy: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    #: Sites that did not contribute: late (no reply before the deadline), failed or refusing.
+    missing: list[dict[str, str]] = field(default_factory=list)
+    #: Why the round's first attempt failed and it was run again ("" when it was not).
+    retried: str = ""
     #: Why the round's training was not aggregated ("" when it was, or when no reply was usable).
     skipped: str = ""
     seconds: float = 0.0
@@ -121,6 +127,16 @@ class RoundNotAggregated(RuntimeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class QuorumLost(RuntimeError):
+    """Fewer than ``min_sites`` sites answered a round's training in time (errors and refusals do not count)."""
+
+    def __init__(self, server_round: int, usable: int, needed: int) -> None:
+        super().__init__(f"round {server_round}: {usable} sites answered in time, strategy.min-sites = {needed} needed")
+        self.server_round = server_round
+        self.usable = usable
+        self.needed = needed
 
 
 def _epsilon(value: object) -> float | None:
@@ -216,6 +232,11 @@ class RecordingStrategy(Strategy):
             (:class:`StopFederation`).
         metric: The task's primary metric, ``"dice"`` or ``"auc"``.
         checks: Extra checks of each training reply's weights (see :data:`ReplyCheck`).
+        screen_mad: Reject a training update whose distance to the global model is this many scaled
+            MADs above the sites' median (:mod:`server.screening`); 0 = off.
+        min_sites: The quorum: a round where fewer sites answered in time (errors and refusals do not count;
+            replies rejected by the checks do) raises :class:`QuorumLost`
+            (:meth:`start` retries it once, then stops the federation); 0 = no quorum.
     """
 
     def __init__(
@@ -226,8 +247,13 @@ class RecordingStrategy(Strategy):
         stop_on_budget: bool = False,
         metric: str = "dice",
         checks: Sequence[ReplyCheck] = (),
+        screen_mad: float = 0.0,
+        min_sites: int = 0,
     ) -> None:
         self.strategy = strategy
+        self.screen_mad = screen_mad
+        self.min_sites = min_sites
+        self._node_site: dict[int, str] = {}
         self.metric = metric
         self.stop_on_budget = stop_on_budget
         self.checks = tuple(checks)
@@ -269,15 +295,40 @@ class RecordingStrategy(Strategy):
             if reason is None:
                 good.append(msg)
                 by_site[site] = msg
+                self._node_site[msg.metadata.src_node_id] = site
                 continue
             log.warning("round %d %s: rejected reply from %s: %s", server_round, phase, site, reason)
             rec.rejected.append({"site": site, "phase": phase, "reason": reason})
+            if reason.startswith(("site reported an error", "refused (")):
+                known = site_of(msg) if not msg.has_error() else None
+                if known is not None:
+                    self._node_site[msg.metadata.src_node_id] = known
+                name = self._node_site.get(msg.metadata.src_node_id, site)
+                rec.missing.append({"site": name, "phase": phase, "reason": reason})
             spent = msg.content.metric_records.get("privacy") if not msg.has_error() else None
             if isinstance(spent, MetricRecord) and "epsilon" in spent:
                 rec.privacy[site] = {"epsilon": _epsilon(spent["epsilon"]), "delta": float(spent.get("delta", 0.0))}
         # In site-name order, not arrival order: a float32 sum depends on its order, and one ulp in
         # the global weights can change a later round's Dice (the same seed gave 0.000 and 0.566).
         return [by_site[site] for site in sorted(by_site)], by_site
+
+    def _screen(
+        self, server_round: int, good: list[Message], by_site: dict[str, Message]
+    ) -> tuple[list[Message], dict[str, Message]]:
+        """Drop the updates far outside the others' (``screen_mad``), recording each with its reason."""
+        if self.screen_mad <= 0 or len(by_site) < 3:
+            return good, by_site
+        distances = {
+            site: update_distance({k: v.numpy() for k, v in msg.content["arrays"].items()}, self._global_ref)
+            for site, msg in by_site.items()
+        }
+        outliers = screen_distances(distances, self.screen_mad)
+        rec = self.record(server_round)
+        for site, reason in outliers.items():
+            log.warning("round %d train: rejected reply from %s: %s", server_round, site, reason)
+            rec.rejected.append({"site": site, "phase": "train", "reason": reason})
+        dropped = {id(by_site[site]) for site in outliers}
+        return [m for m in good if id(m) not in dropped], {s: m for s, m in by_site.items() if s not in outliers}
 
     # --- the Strategy interface, delegated ---------------------------------------------------
     def summary(self) -> None:
@@ -302,8 +353,13 @@ class RecordingStrategy(Strategy):
         Raises:
             StopFederation: If a site refused for its privacy budget and ``stop_on_budget`` is set.
         """
-        good, by_site = self._filter(server_round, replies, is_train=True)
+        replies = list(replies)
         rec = self.record(server_round)
+        before = len(rec.missing)
+        good, by_site = self._filter(server_round, replies, is_train=True)
+        # answered in time: every reply but the errors and refusals (now in rec.missing)
+        answered = len(replies) - (len(rec.missing) - before)
+        good, by_site = self._screen(server_round, good, by_site)
         for site, msg in by_site.items():
             m = msg.content["metrics"]
             rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
@@ -317,6 +373,8 @@ class RecordingStrategy(Strategy):
             raise StopFederation(
                 server_round, f"privacy budget spent at {sites}; privacy.on-budget = 'stop' ends the federation"
             )
+        if answered < self.min_sites:
+            raise QuorumLost(server_round, answered, self.min_sites)
         if not good:
             log.warning("round %d: no usable training replies; the global model is unchanged", server_round)
             return None, None
@@ -330,7 +388,107 @@ class RecordingStrategy(Strategy):
             rec.central_privacy = {"epsilon": float(metrics[CENTRAL_EPSILON]), "delta": float(metrics[CENTRAL_DELTA])}
         if arrays is not None:
             self.latest_arrays = arrays
+        elif not rec.skipped:
+            rec.skipped = f"{type(self.strategy).__name__} aggregated none of {len(good)} accepted replies"
         return arrays, metrics
+
+    def restore(self, records: Iterable[RoundRecord]) -> None:
+        """Take the records of the rounds a checkpoint holds (a resumed run continues them)."""
+        for rec in records:
+            self._records[rec.round] = rec
+
+    def _send(
+        self, grid: Grid, messages: Iterable[Message], timeout: float, server_round: int, phase: str
+    ) -> list[Message]:
+        """Send and wait up to ``timeout``; a site that has not answered by then is recorded as missing."""
+        sent = list(messages)
+        replies = list(grid.send_and_receive(sent, timeout=timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        rec = self.record(server_round)
+        for msg in sent:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                site = self._node_site.get(node, f"node-{node}")
+                reason = f"no reply within the round deadline ({timeout:g} s, strategy.round-timeout)"
+                log.warning("round %d %s: %s: %s", server_round, phase, site, reason)
+                rec.missing.append({"site": site, "phase": phase, "reason": reason})
+        return replies
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        after_round: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> Result:
+        """Run rounds ``first_round`` .. ``num_rounds`` as Flower's ``Strategy.start`` runs 1 .. N, and more.
+
+        Flower's loop always starts at round 1 and gives up nothing to a crash. This one starts at
+        ``first_round`` from ``initial_arrays`` (a resumed run: the checkpoint's model and the next
+        round), waits ``timeout`` seconds per phase and records the sites that did not answer, retries a
+        round once when fewer than ``min_sites`` usable training replies arrived, and calls
+        ``after_round(round, global arrays)`` when a round is complete (to write a checkpoint).
+
+        Raises:
+            StopFederation: If a round lost its quorum twice (the checkpoint of the round before stays),
+                or a wrapped check ends the federation.
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        arrays = initial_arrays
+        self.latest_arrays = arrays
+        for current in range(first_round, num_rounds + 1):
+            log.info("[ROUND %d/%d]", current, num_rounds)
+            for attempt in (1, 2):
+                replies = self._send(
+                    grid, self.configure_train(current, arrays, train_config, grid), timeout, current, "train"
+                )
+                try:
+                    agg_arrays, agg_metrics = self.aggregate_train(current, replies)
+                    break
+                except QuorumLost as lost:
+                    rec = self.record(current)
+                    if attempt == 2:
+                        after = (
+                            f"the run stopped after round {current - 1} (resume it from its checkpoint once "
+                            "enough sites are back)"
+                            if current > 1
+                            else "no round was completed: start the run again once enough sites are up (in a "
+                            "simulation the first round also starts the sites: give strategy.round-timeout room)"
+                        )
+                        raise StopFederation(current, f"quorum lost twice: {lost}; {after}") from lost
+                    log.warning("%s; retrying the round once", lost)
+                    missing = [m["site"] for m in rec.missing]
+                    self._records[current] = RoundRecord(
+                        round=current, retried=f"{lost} (missing: {', '.join(missing) or 'none'})"
+                    )
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+                arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[current] = agg_metrics
+            replies = self._send(
+                grid, self.configure_evaluate(current, arrays, evaluate_config, grid), timeout, current, "evaluate"
+            )
+            agg_eval = self.aggregate_evaluate(current, replies)
+            if agg_eval is not None:
+                result.evaluate_metrics_clientapp[current] = agg_eval
+            if evaluate_fn is not None:
+                res = evaluate_fn(current, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current] = res
+            if after_round is not None:
+                after_round(current, arrays)
+        if result.arrays is None:
+            result.arrays = arrays
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

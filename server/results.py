@@ -28,6 +28,8 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         **({"central_privacy": rec.central_privacy} if rec.central_privacy else {}),
         **({"skipped": rec.skipped} if rec.skipped else {}),
         "rejected": rec.rejected,
+        "missing": rec.missing,
+        **({"retried": rec.retried} if rec.retried else {}),
         "seconds": rec.seconds,
     }
 

@@ -10,15 +10,27 @@ builds (a test keeps the two equal). :func:`make_strategy` wraps it, innermost f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common.config import RunConfig
 from server.central_dp import CentralDP, nonzero_update
 from server.fedbn import FedBN
-from server.recording import RecordingStrategy, ReplyCheck, RoundRecord
+from server.recording import RecordingStrategy, ReplyCheck, RoundNotAggregated, RoundRecord
 
 __all__ = ["BUILDERS", "make_strategy"]
 
@@ -31,6 +43,21 @@ def _fedbn(cfg: RunConfig, common: Mapping[str, Any]) -> Strategy:
     from common.model import build_model, norm_keys
 
     return FedBN(FedAvg(**common), local_keys=norm_keys(build_model(cfg.model, cfg.task)))
+
+
+class _Bulyan(Bulyan):
+    """Flower's Bulyan, saying why it skips a round with too few replies (Flower only logs it)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        needed = 4 * self.num_malicious_nodes + 3
+        if len(replies) < needed:
+            raise RoundNotAggregated(
+                f"bulyan needs 4 x strategy.num-malicious + 3 = {needed} accepted replies, got {len(replies)}"
+            )
+        return super().aggregate_train(server_round, replies)
 
 
 #: One builder per name of :data:`common.config.STRATEGY_NAMES`.
@@ -48,6 +75,19 @@ BUILDERS: dict[str, Builder] = {
     "fedyogi": lambda cfg, common: FedYogi(
         eta=cfg.strategy.effective_server_lr, eta_l=cfg.train.lr, tau=cfg.strategy.tau, **common
     ),
+    # Robust aggregation (one bad site cannot pull the model anywhere it likes):
+    # FedMedian: the coordinate-wise median of the sites' weights.
+    "fedmedian": lambda cfg, common: FedMedian(**common),
+    # FedTrimmedAvg: per coordinate, cut strategy.trim-beta of the sites at each end, average the rest.
+    "fedtrimmedavg": lambda cfg, common: FedTrimmedAvg(beta=cfg.strategy.trim_beta, **common),
+    # Krum: the one site update closest to its n - f - 2 nearest others (f = strategy.num-malicious).
+    "krum": lambda cfg, common: Krum(num_malicious_nodes=cfg.strategy.num_malicious, **common),
+    # MultiKrum: the strategy.krum-select best by the Krum score, averaged.
+    "multikrum": lambda cfg, common: MultiKrum(
+        num_malicious_nodes=cfg.strategy.num_malicious, num_nodes_to_select=cfg.strategy.krum_select, **common
+    ),
+    # Bulyan: MultiKrum selection, then a coordinate-wise trimmed mean around the median (needs 4f + 3 sites).
+    "bulyan": lambda cfg, common: _Bulyan(num_malicious_nodes=cfg.strategy.num_malicious, **common),
 }
 
 
@@ -89,4 +129,6 @@ def make_strategy(cfg: RunConfig, *, on_round: Callable[[RoundRecord], None] | N
         stop_on_budget=p.dp and p.on_budget == "stop",
         metric=cfg.task.metric,
         checks=checks,
+        screen_mad=s.screen_mad,
+        min_sites=s.min_sites,
     )

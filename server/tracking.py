@@ -55,16 +55,25 @@ class Tracker:
         tracking_uri: An MLflow tracking URI, or ``""`` for the local SQLite store.
         experiment: Experiment name.
         run_name: Name of the MLflow run.
+        resume_run_id: Continue this MLflow run (a resumed federation) instead of creating one; if it
+            is not in the store, a new run is created.
     """
 
     def __init__(
-        self, out_dir: Path, *, tracking_uri: str = "", experiment: str = "fedsite", run_name: str = ""
+        self,
+        out_dir: Path,
+        *,
+        tracking_uri: str = "",
+        experiment: str = "fedsite",
+        run_name: str = "",
+        resume_run_id: str | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.tracking_uri = tracking_uri or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
         self.experiment = experiment
         self.run_name = run_name
         self.run_id: str | None = None
+        self.resume_run_id = resume_run_id
         self._client: Any = None
         self._starting: threading.Thread | None = None
 
@@ -116,6 +125,13 @@ class Tracker:
                 exp_id = self._client.create_experiment(self.experiment, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id
+            if self.resume_run_id:
+                try:
+                    self._client.update_run(self.resume_run_id, status="RUNNING")
+                    self.run_id = self.resume_run_id
+                    return  # its parameters were logged when it started
+                except Exception as exc:
+                    log.warning("MLflow: run %s cannot be continued (%s); starting a new one", self.resume_run_id, exc)
             run = self._client.create_run(exp_id, run_name=self.run_name or None)
             self.run_id = run.info.run_id
             flat = {k: str(v) for k, v in params.items()}

@@ -51,6 +51,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--out", type=Path, help="output folder (default ./fedsite-runs/<time>)")
     sim.add_argument("--data-root", type=Path, help="folder of the simulated sites (written if missing)")
     sim.add_argument("--run-config", action="append", default=[], metavar=_RUN_CONFIG_METAVAR, help=_RUN_CONFIG_HELP)
+    sim.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="WHO:KIND[@ROUND]",
+        help="inject a fault (repeatable): site-02:raise|hang|nan|x1000|arch[@ROUND], or server:kill@ROUND "
+        "(the server dies after that round's checkpoint); see simulations/faults.py",
+    )
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last complete round (its checkpoint.npz and config)",
+    )
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
     study = subparsers.add_parser("study", help="compare several federations on the same sites and seeds")
@@ -283,17 +297,45 @@ def _simulate_config(args: argparse.Namespace, defaults: dict[str, object] | Non
     return cfg
 
 
+def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The config of the run in ``--resume RUN_DIR`` (from its checkpoint), set to continue it."""
+    from server.checkpoint import CheckpointError, load_checkpoint
+
+    conflicting = [f"--{a.replace('_', '-')}" for a in _RESUME_CONFLICTS if getattr(args, a, None)]
+    if conflicting or args.run_config:
+        given = ", ".join(conflicting + (["--run-config"] if args.run_config else []))
+        raise ConfigError(f"--resume continues a run with its own config; drop {given}")
+    out = args.resume.expanduser().resolve()
+    try:
+        ckpt = load_checkpoint(out)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    flat = dict(ckpt.config)
+    flat["output.resume"] = True
+    print(f"fedsite simulate: resuming {out} after round {ckpt.round}", flush=True)
+    return parse_run_config(flat), out
+
+
+#: Options that would change a resumed run's config (the checkpoint's config is used as it is).
+_RESUME_CONFLICTS = ("sites", "rounds", "local_epochs", "strategy", "seed", "out", "data_root")
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.faults import parse_fault
     from simulations.runner import simulate
 
-    cfg = _simulate_config(args)
-    out = args.out or Path("fedsite-runs", time.strftime("%Y%m%d-%H%M%S"))
+    faults = [parse_fault(spec) for spec in args.fault]
+    if args.resume is not None:
+        cfg, out = _resume_config(args)
+    else:
+        cfg = _simulate_config(args)
+        out = args.out or Path("fedsite-runs", time.strftime("%Y%m%d-%H%M%S"))
     print(
         f"fedsite simulate: {cfg.sim.sites} sites, {cfg.num_server_rounds} rounds x {cfg.train.local_epochs} "
         f"local epochs, strategy {cfg.strategy.name}, seed {cfg.seed}",
         flush=True,
     )
-    results = simulate(cfg, out, progress=lambda m: print(m, flush=True), quiet=not args.verbose)
+    results = simulate(cfg, out, progress=lambda m: print(m, flush=True), quiet=not args.verbose, faults=faults)
     final = results["final"]
     if not final["per_site"]:
         print("no site returned evaluation results; see the rejections in results.json", file=sys.stderr)

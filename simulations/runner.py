@@ -16,13 +16,16 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig, flatten
 from simulations.sitefolder import GENERATOR_VERSION
+
+if TYPE_CHECKING:
+    from simulations.faults import Fault
 
 __all__ = ["SimulationError", "app_dir", "default_sites_root", "prepare", "simulate", "start_ray", "synth_options"]
 
@@ -158,6 +161,8 @@ def simulate(
     progress: Callable[[str], None] | None = None,
     quiet: bool = True,
     synthesize: bool = True,
+    faults: Sequence[Fault] = (),
+    after_round: Callable[[int, Any], None] | None = None,
 ) -> dict[str, Any]:
     """Run the federation described by ``cfg`` and return its ``results.json`` content.
 
@@ -167,6 +172,10 @@ def simulate(
         progress: Called with a line of text as sites are written.
         quiet: Show only warnings from Flower and Ray (fedsite's own progress is always shown).
         synthesize: Write missing simulated sites first (see :func:`prepare`).
+        faults: Injected faults (:mod:`simulations.faults`): the sites and the server run through
+            simulation-only wrappers of the real apps.
+        after_round: Called by the server with the round and the global arrays after each round's
+            checkpoint (benchmarks, demos).
 
     Returns:
         The parsed ``results.json``.
@@ -190,6 +199,9 @@ def simulate(
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.WARNING)
         flwr_log.propagate = False
+    from simulations.faults import faulty_client_app, faulty_server_app
+
+    site_faults = [f for f in faults if f.who != "server"]
     cfg = prepare(cfg, out, progress=progress, synthesize=synthesize)
     overrides = flatten(cfg)
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -208,8 +220,10 @@ def simulate(
         _run_simulation(
             num_supernodes=cfg.sim.sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client.app.app,
-            server_app=server.app.app,
+            client_app=faulty_client_app(faults) if site_faults else client.app.app,
+            server_app=faulty_server_app(faults, after_round)
+            if len(site_faults) < len(faults) or after_round is not None
+            else server.app.app,
             backend_name="ray",
             backend_config=backend_config(cfg),
             server_app_context=context,

@@ -46,7 +46,7 @@ class FakeGrid:
     Args:
         node_ids: The connected nodes.
         answer: For :meth:`send_and_receive` (a whole federation without Flower): called with each
-            instruction, returns the site's reply.
+            instruction, returns the site's reply, or None for a site that does not answer in time.
     """
 
     def __init__(
@@ -60,7 +60,8 @@ class FakeGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         assert self.answer is not None, "FakeGrid(answer=...) is needed to run rounds"
-        return [self.answer(m) for m in messages]
+        replies = (self.answer(m) for m in messages)
+        return [r for r in replies if r is not None]
 
 
 def instruction(node: int, kind: str) -> Message:

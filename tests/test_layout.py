@@ -107,6 +107,8 @@ FLOWER_FACING = {
     "client/approval.py",
     "client/approved_exec.py",
     "simulations/runner.py",
+    # wraps the real ClientApp and ServerApp for fault injection (simulation only)
+    "simulations/faults.py",
 }
 
 
