@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,8 +77,17 @@ def prewarm() -> None:
     """Ray's ``worker_process_setup_hook`` in simulation: importing this module is the warm-up.
 
     Each virtual site's process then imports torch, MONAI and the handlers while the server is
-    still starting, instead of inside round 1.
+    still starting, instead of inside round 1. With ``FEDSITE_SITE_LOG=1`` in its environment the
+    site's own log lines (``fedsite.client``, INFO) go to the process' standard error, which Ray
+    forwards to the simulation's output when it runs with ``--verbose``.
     """
+    if os.environ.get("FEDSITE_SITE_LOG") == "1":
+        site_log = logging.getLogger("fedsite")
+        if not site_log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            site_log.addHandler(handler)
+        site_log.setLevel(logging.INFO)
 
 
 # Context.state keys: what a site keeps between rounds (never sent).

@@ -149,7 +149,11 @@ def start_ray(*, quiet: bool) -> bool:
         include_dashboard=False,
         logging_level=logging.WARNING if quiet else logging.INFO,
         log_to_driver=not quiet,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": "client.app.prewarm"},
+        runtime_env={
+            # the sites' own log lines reach this output with --verbose (client.app.prewarm)
+            "env_vars": {"PYTHONPATH": pythonpath, "FEDSITE_SITE_LOG": "0" if quiet else "1"},
+            "worker_process_setup_hook": "client.app.prewarm",
+        },
     )
     return True
 
