@@ -15,10 +15,9 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig, flatten, parse_run_config
+from common.config import ConfigError, RunConfig, flatten, parse_overrides, parse_run_config
 from server.deploy import CONNECTION, DeployError, flwr, flwr_command
 
 __all__ = ["app_folder", "keep_line", "run_config_overrides", "submit"]
@@ -54,16 +53,7 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, object]:
     Raises:
         ConfigError: If a key is unknown or a value invalid (named like ``fedsite simulate`` does).
     """
-    out: dict[str, object] = {}
-    for item in args.run_config:
-        for part in item.split():
-            if "=" not in part:
-                raise ConfigError(f"--run-config expects key=value pairs, got {part!r}")
-            key, value = part.split("=", 1)
-            try:
-                out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                out[key.strip()] = value
+    out: dict[str, object] = dict(parse_overrides(args.run_config))
     named = {
         "num-server-rounds": args.rounds,
         "train.local-epochs": args.local_epochs,
