@@ -16,7 +16,7 @@ from fedsite.cli import main
 SMALL = "data.image-size=32 data.spacing-mm=7.5 sim.patients=3 sim.slices=6 model.channels='8,16'"
 
 
-def _simulate(tmp_path: Path, out: str, *extra: str) -> int:
+def _simulate(tmp_path: Path, out: str, *extra: str, sites: str = "sites") -> int:
     return main(
         [
             "simulate",
@@ -27,7 +27,7 @@ def _simulate(tmp_path: Path, out: str, *extra: str) -> int:
             "--out",
             str(tmp_path / out),
             "--data-root",
-            str(tmp_path / "sites"),
+            str(tmp_path / sites),
             "--run-config",
             SMALL,
             *extra,
@@ -37,35 +37,25 @@ def _simulate(tmp_path: Path, out: str, *extra: str) -> int:
 
 @pytest.mark.slow
 def test_a_dp_run_killed_after_round_2_of_4_and_resumed_ends_like_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Each run on its own copy of the sites, so each site's ledger (in its own folder) counts one run only."""
     dp = "privacy.dp=true privacy.noise-multiplier=1.0"
-    assert (
-        _simulate(
-            tmp_path,
-            "whole",
-            "--sites",
-            "2",
-            "--rounds",
-            "4",
-            "--run-config",
-            f"{dp} privacy.ledger-dir='{tmp_path}/la'",
-        )
-        == 0
-    )
-    args = ("--sites", "2", "--rounds", "4", "--run-config", f"{dp} privacy.ledger-dir='{tmp_path}/lb'")
-    assert _simulate(tmp_path, "cut", *args, "--fault", "server:kill@2") == 1
+    assert _simulate(tmp_path, "whole", "--sites", "2", "--rounds", "4", "--run-config", dp, sites="sites-a") == 0
+    args = ("--sites", "2", "--rounds", "4", "--run-config", dp)
+    assert _simulate(tmp_path, "cut", *args, "--fault", "server:kill@2", sites="sites-b") == 1
     assert main(["simulate", "--resume", str(tmp_path / "cut")]) == 0
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     cut = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert [r["round"] for r in cut["rounds"]] == [1, 2, 3, 4]
-    # Tolerance 1e-5: each site trains from the same global model with the same per-round seed; only
-    # the order of float sums across a fresh process's threads may differ (about 1e-7 on these sizes).
-    for site, metrics in whole["final"]["per_site"].items():
-        for key, value in metrics.items():
-            assert cut["final"]["per_site"][site][key] == pytest.approx(value, abs=1e-5), (site, key)
+    # The metrics themselves cannot be compared under DP: its noise and sampling come from a secret
+    # generator (issue 9), so two DP runs differ by design. Without DP the resumed run equals the
+    # uninterrupted one exactly (tests/server/test_resume.py). Both runs report every site every round:
+    assert set(cut["final"]["per_site"]) == set(whole["final"]["per_site"]) == {"site-01", "site-02"}
     # the sites spent the same privacy: 4 rounds each, none re-run, none forgotten
     for site, spent in whole["final"]["privacy"].items():
         assert cut["final"]["privacy"][site]["epsilon"] == pytest.approx(spent["epsilon"], rel=1e-9)
-    for ledger in (tmp_path / "lb").glob("*.json"):
+    ledgers = list((tmp_path / "sites-b").glob("site-*/.fedsite-privacy/*.json"))
+    assert len(ledgers) == 2
+    for ledger in ledgers:
         assert sorted(e["round"] for e in json.loads(ledger.read_text())["entries"]) == [1, 2, 3, 4]
 
 
