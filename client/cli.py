@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from client.guard import run_guarded
 from client.layout import LABELS_DIR, SITE_FILE
 from common.config import RunConfig
-from common.errors import FedsiteError
 
 __all__ = ["add_parser", "run"]
 
@@ -250,29 +250,18 @@ def _check(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run a ``fedsite site`` subcommand; returns the exit code and never raises."""
-    try:
-        if args.site_command == "check":
-            return _check(args)
-        if args.site_command == "pull":
-            from client.predict_cli import run_pull
+    commands = {"check": _check, "start": _start, "approve": _approve, "pull": _pull}
+    if args.site_command not in commands:
+        print(f"fedsite site: unknown command {args.site_command!r}", file=sys.stderr)
+        return 2
+    return run_guarded(
+        f"fedsite site {args.site_command}",
+        lambda: commands[args.site_command](args),
+        unexpected="nothing was written",
+    )
 
-            return run_pull(args)
-        if args.site_command == "start":
-            return _start(args)
-        if args.site_command == "approve":
-            return _approve(args)
-    except FedsiteError as exc:
-        print(f"fedsite site {args.site_command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedsite site: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(
-            f"fedsite site {args.site_command}: error: unexpected {type(exc).__name__}; nothing was written. "
-            "Please report this with the command you ran (not the data).",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"fedsite site: unknown command {args.site_command!r}", file=sys.stderr)
-    return 2
+
+def _pull(args: argparse.Namespace) -> int:
+    from client.predict_cli import run_pull
+
+    return run_pull(args)

@@ -249,20 +249,6 @@ def run_pull(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fedsite predict``; returns the exit code and never shows a traceback."""
-    from common.errors import FedsiteError
+    from client.guard import run_guarded
 
-    try:
-        return _predict(args)
-    except FedsiteError as exc:
-        print(f"fedsite predict: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedsite predict: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(
-            f"fedsite predict: error: unexpected {type(exc).__name__}; nothing was stored in a PACS. "
-            "Please report this with the command you ran (not the data).",
-            file=sys.stderr,
-        )
-        return 2
+    return run_guarded("fedsite predict", lambda: _predict(args), unexpected="nothing was stored in a PACS")
