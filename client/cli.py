@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from client.guard import run_guarded
@@ -80,6 +81,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_start(sub)
 
 
+#: How long ``fedsite site start`` keeps trying to join after the SuperLink refused to activate the site.
+REJOIN_WAIT_S = 180.0
+REJOIN_PAUSE_S = 10.0
+
+
 def _add_start(sub: argparse._SubParsersAction) -> None:
     from common.locations import certs_dir
 
@@ -109,6 +115,17 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--runtime-port", type=int, default=9094, help="local Runtime API port (loopback; default 9094)")
     start.add_argument(
         "--max-retries", type=int, help="give up after this many failed connection attempts (default: never)"
+    )
+    start.add_argument(
+        "--rejoin-wait",
+        type=float,
+        default=REJOIN_WAIT_S,
+        metavar="SECONDS",
+        help=(
+            "after a crash the SuperLink holds the site as online until its heartbeat expires (about a minute) "
+            f"and refuses to activate it again: keep trying to join for this long (default {REJOIN_WAIT_S:g} s; "
+            "not with --max-retries)"
+        ),
     )
     start.add_argument(
         "--headers-only", action="store_true", help="check headers only (faster; damaged pixel data goes unnoticed)"
@@ -168,16 +185,30 @@ def _start(args: argparse.Namespace) -> int:
         f"site {name}: joining {args.superlink} ({'NO TLS' if args.insecure else 'TLS, signed with the site key'})",
         flush=True,
     )
-    from client.deploy import executor_command
+    from client.deploy import ACTIVATION_REFUSED, executor_command
+    from common.processes import run_foreground, start_watched
 
     env = supernode_env(spec)
-    procs = [subprocess.Popen(cmd, env=env)]
     if spec.approved is not None:
         print(f"site {name}: runs only apps approved in {spec.approved}", flush=True)
-        procs.append(subprocess.Popen(executor_command(spec, procs[0].pid), env=env))
-    from common.processes import run_foreground
-
-    return run_foreground(procs)
+    give_up = time.monotonic() + args.rejoin_wait
+    while True:
+        node, refused = start_watched(cmd, env, ACTIVATION_REFUSED)
+        procs = [node]
+        if spec.approved is not None:
+            procs.append(subprocess.Popen(executor_command(spec, procs[0].pid), env=env))
+        code = run_foreground(procs)
+        if code == 0 or not refused.wait(5) or spec.max_retries is not None or time.monotonic() > give_up:
+            break
+        print(
+            f"site {name}: the SuperLink did not let this site join; after a crash it still holds the site as "
+            f"online until the heartbeat expires (about a minute): trying again in {REJOIN_PAUSE_S:g} s "
+            f"(for up to {args.rejoin_wait:g} s in all; if it keeps refusing, check that the coordinator "
+            "enrolled this site's public key: `fedsite server sites`)",
+            flush=True,
+        )
+        time.sleep(REJOIN_PAUSE_S)
+    return code
 
 
 def _approve(args: argparse.Namespace) -> int:

@@ -87,6 +87,11 @@ def check_folder(data_dir: Path, *, decode: bool = True) -> str:
     return summary
 
 
+#: What Flower's SuperNode prints when the SuperLink refuses to activate it (key not enrolled, or the
+#: site is still held as online after a crash).
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+
+
 def _exe(name: str) -> str:
     exe = shutil.which(name, path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if exe is None:

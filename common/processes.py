@@ -9,8 +9,35 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
+import threading
+from collections.abc import Mapping
 
-__all__ = ["run_foreground"]
+__all__ = ["run_foreground", "start_watched"]
+
+
+def start_watched(
+    cmd: list[str], env: Mapping[str, str] | None, marker: str
+) -> tuple[subprocess.Popen, threading.Event]:
+    """Start ``cmd`` with its output passed through to ours, and watch that output for ``marker``.
+
+    Returns:
+        The process, and an event set once a line holding ``marker`` was printed (the event is
+        final once the process has ended and its output is read to the end).
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = threading.Event()
+
+    def echo() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            if marker.encode() in raw:
+                seen.set()
+
+    threading.Thread(target=echo, daemon=True).start()
+    return proc, seen
 
 
 def run_foreground(procs: list[subprocess.Popen], *, grace_s: float = 20.0) -> int:

@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -254,6 +255,9 @@ class RecordingStrategy(Strategy):
         self.screen_mad = screen_mad
         self.min_sites = min_sites
         self._node_site: dict[int, str] = {}
+        #: The node each sent instruction went to, by message id: an error reply the SuperLink writes
+        #: for a node that stopped answering comes from the SuperLink, not from that node.
+        self._sent_to: dict[str, int] = {}
         self.metric = metric
         self.stop_on_budget = stop_on_budget
         self.checks = tuple(checks)
@@ -284,6 +288,7 @@ class RecordingStrategy(Strategy):
         by_site: dict[str, Message] = {}
         phase = "train" if is_train else "evaluate"
         for msg in replies:
+            node = self._origin(msg)
             site, reason = check_reply(
                 msg,
                 is_train=is_train,
@@ -295,15 +300,17 @@ class RecordingStrategy(Strategy):
             if reason is None:
                 good.append(msg)
                 by_site[site] = msg
-                self._node_site[msg.metadata.src_node_id] = site
+                self._learn_site(node, site)
                 continue
+            if node != msg.metadata.src_node_id:  # the SuperLink answered for the node
+                site = self._node_site.get(node, f"node-{node}")
             log.warning("round %d %s: rejected reply from %s: %s", server_round, phase, site, reason)
             rec.rejected.append({"site": site, "phase": phase, "reason": reason})
             if reason.startswith(("site reported an error", "refused (")):
                 known = site_of(msg) if not msg.has_error() else None
                 if known is not None:
-                    self._node_site[msg.metadata.src_node_id] = known
-                name = self._node_site.get(msg.metadata.src_node_id, site)
+                    self._learn_site(node, known)
+                name = self._node_site.get(node, site)
                 rec.missing.append({"site": name, "phase": phase, "reason": reason})
             spent = msg.content.metric_records.get("privacy") if not msg.has_error() else None
             if isinstance(spent, MetricRecord) and "epsilon" in spent:
@@ -397,13 +404,35 @@ class RecordingStrategy(Strategy):
         for rec in records:
             self._records[rec.round] = rec
 
+    def _origin(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or, for an error the SuperLink wrote, the instruction's node."""
+        if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+            return self._sent_to.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
+        return reply.metadata.src_node_id
+
+    def _learn_site(self, node: int, site: str) -> None:
+        """Remember which site answers from ``node``; earlier rounds' ``node-N`` entries get the site's name.
+
+        A site that crashed before it ever answered is first recorded by its node id; once it rejoins
+        and answers, its missing entries in earlier rounds name it.
+        """
+        if self._node_site.get(node) == site:
+            return
+        self._node_site[node] = site
+        placeholder = f"node-{node}"
+        for rec in self._records.values():
+            for entry in rec.missing:
+                if entry.get("site") == placeholder:
+                    entry["site"] = site
+
     def _send(
         self, grid: Grid, messages: Iterable[Message], timeout: float, server_round: int, phase: str
     ) -> list[Message]:
         """Send and wait up to ``timeout``; a site that has not answered by then is recorded as missing."""
         sent = list(messages)
         replies = list(grid.send_and_receive(sent, timeout=timeout))
-        answered = {m.metadata.src_node_id for m in replies}
+        self._sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id})
+        answered = {self._origin(m) for m in replies}
         rec = self.record(server_round)
         for msg in sent:
             node = msg.metadata.dst_node_id

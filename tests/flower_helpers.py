@@ -60,6 +60,9 @@ class FakeGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         assert self.answer is not None, "FakeGrid(answer=...) is needed to run rounds"
+        messages = list(messages)
+        for m in messages:  # as Flower's grid does when it pushes a message
+            m.metadata.__dict__["_message_id"] = m.object_id
         replies = (self.answer(m) for m in messages)
         return [r for r in replies if r is not None]
 

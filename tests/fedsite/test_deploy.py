@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import subprocess
 from pathlib import Path
@@ -44,6 +45,7 @@ class _NoProcess:
 
     def __init__(self, cmd: list[str], *_args: object, **_kwargs: object) -> None:
         _NoProcess.started.append(list(cmd))
+        self.stdout = io.BytesIO(b"")  # what the process printed (read by fedsite when it watches the output)
 
     pid = 4242
 
@@ -166,6 +168,73 @@ def test_site_start_runs_the_supernode_with_the_ca_the_key_and_the_data_folder(
     assert f"data-dir='{small_sites / 'site-02'}'" in args["--node-config"]
     assert "site-name='site-02'" in args["--node-config"]
     assert "--insecure" not in cmd and "--max-retries" not in cmd  # keeps retrying while the SuperLink is down
+
+
+class _RefusedTwice(_NoProcess):
+    """A SuperNode the SuperLink refuses to activate twice (a crashed site still held as online), then joins."""
+
+    def __init__(self, cmd: list[str], *args: object, **kwargs: object) -> None:
+        super().__init__(cmd, *args, **kwargs)
+        refused = len(_NoProcess.started) <= 2
+        self.code = 1 if refused else 0
+        if refused:  # Flower's own words when activation fails (flwr.supernode.fleet_http_connection)
+            self.stdout = io.BytesIO(
+                b"ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+                b"[code: 1103] Failed to activate SuperNode.\n"
+            )
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.code
+
+    def poll(self) -> int:
+        return self.code
+
+
+def _start_site(small_sites: Path, pki: Path, tmp_path: Path, *extra: str) -> int:
+    return main(
+        [
+            "site",
+            "start",
+            "--data",
+            str(small_sites / "site-02"),
+            "--superlink",
+            "fl.example.org:8000",
+            "--headers-only",
+            "--ca",
+            str(pki / "ca.pem"),
+            "--key",
+            str(pki / "sites" / "site-01.key"),
+            "--state-dir",
+            str(tmp_path / "st"),
+            *extra,
+        ]
+    )
+
+
+def test_a_restarted_site_keeps_trying_to_join_while_the_superlink_still_holds_it_online(
+    small_sites: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import client.cli
+
+    _NoProcess.started = []
+    monkeypatch.setattr(subprocess, "Popen", _RefusedTwice)
+    monkeypatch.setattr(client.cli, "REJOIN_PAUSE_S", 0.0)
+    assert _start_site(small_sites, pki, tmp_path) == 0
+    assert len(_NoProcess.started) == 3  # refused, refused, joined
+    assert "check that the coordinator enrolled this site's public key" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limit", [["--max-retries", "1"], ["--rejoin-wait", "0"]])
+def test_a_site_refused_activation_stops_at_once_with_max_retries_or_no_rejoin_wait(
+    limit: list[str], small_sites: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.cli
+
+    _NoProcess.started = []
+    monkeypatch.setattr(subprocess, "Popen", _RefusedTwice)
+    monkeypatch.setattr(client.cli, "REJOIN_PAUSE_S", 0.0)
+    assert _start_site(small_sites, pki, tmp_path, *limit) == 1
+    assert len(_NoProcess.started) == 1
 
 
 def test_site_start_without_the_site_key_names_the_command_that_makes_it(

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -160,32 +161,58 @@ def _site_start(address: str, pki: Path, data: Path, key: Path, state: Path, *ex
     ]
 
 
+@dataclass
+class Site:
+    """A site's running `fedsite site start`: its command, its state folder and its process group."""
+
+    cmd: list[str]
+    state: Path
+    proc: subprocess.Popen
+
+    def log(self) -> str:
+        return Path(self.proc._log.name).read_text(errors="replace")  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="module")
-def supernodes(superlink, pki: Path, small_sites: Path, tmp_path_factory) -> Iterator[list[subprocess.Popen]]:
-    """Three enrolled sites joined through `fedsite site start`, each its own process group."""
+def supernodes(superlink, pki: Path, small_sites: Path, tmp_path_factory) -> Iterator[dict[str, Site]]:
+    """Three enrolled sites joined through `fedsite site start`, each its own process group.
+
+    A test may replace a site's process (a restart); whatever runs at the end is stopped here.
+    """
     address, home = superlink
-    procs: list[subprocess.Popen] = []
+    sites: dict[str, Site] = {}
     try:
         for name in SITES:
             state = tmp_path_factory.mktemp(name)
             cmd = _site_start(address, pki, small_sites / name, pki / "sites" / f"{name}.key", state)
-            procs.append(_start(cmd, state / "site.log"))
+            sites[name] = Site(cmd, state, _start(cmd, state / "site.log"))
 
         def online() -> bool:
-            for p in procs:
-                assert p.poll() is None, "a site stopped: " + Path(p._log.name).read_text()[-2000:]  # type: ignore[attr-defined]
+            for s in sites.values():
+                assert s.proc.poll() is None, "a site stopped: " + s.log()[-2000:]
             return sum(n["status"] == "online" for n in deploy.list_sites(home)) == len(SITES)
 
         _wait_for(online, 120, "three sites online")
-        yield procs
+        yield sites
     finally:
-        for p in procs:
-            _stop(p)
+        for s in sites.values():
+            _stop(s.proc)
 
 
-def test_a_deployed_federation_runs_to_the_end_with_results_per_site(
-    superlink, supernodes, pki: Path, tmp_path: Path
+#: The round deadline of the deployed run, a safety net: a deployed site's first message installs the app
+#: and starts a ClientApp process (2-6 minutes on a loaded 2-core machine). A crashed site is noticed
+#: sooner: its heartbeat stops and the SuperLink answers for it ("Node Unavailable", about a minute).
+ROUND_TIMEOUT_S = 900
+
+
+def test_a_deployed_federation_survives_a_site_killed_mid_round_and_ends_with_results_per_site(
+    superlink, supernodes: dict[str, Site], pki: Path, tmp_path: Path
 ) -> None:
+    # site-03's SuperNode is killed (SIGKILL: a crash, no goodbye to the SuperLink) as round 1's training
+    # reaches it, and started again at once. The SuperLink reports the node unavailable once its heartbeat
+    # stops (the deadline is the safety net if it did not), and the quorum (2 of 3) lets round 1 go on
+    # with the two others; the restarted site rejoins (once the SuperLink lets its stale registration
+    # expire) and trains in round 2.
     address, home = superlink
     out = tmp_path / "run"
     cmd = [
@@ -200,25 +227,36 @@ def test_a_deployed_federation_runs_to_the_end_with_results_per_site(
         "--state-dir",
         str(home.parent),
         "--rounds",
-        "1",
+        "2",
         "--local-epochs",
         "1",
         "--out",
         str(out),
         "--run-config",
-        "data.image-size=32",
+        f"data.image-size=32 strategy.min-sites=2 strategy.round-timeout={ROUND_TIMEOUT_S}",
     ]
     proc = _start(cmd, tmp_path / "run.log")
+    victim = supernodes["site-03"]
     try:
-        code = proc.wait(timeout=900)
+        _wait_for(lambda: "Receiving: train message" in victim.log(), 600, "round 1's training to reach site-03")
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        _stop(victim.proc)
+        victim.proc = _start(victim.cmd, victim.state / "site-restarted.log")
+        code = proc.wait(timeout=1200)
     finally:
         _stop(proc)
     printed = (tmp_path / "run.log").read_text()
     assert code == 0, printed[-3000:]
     results = json.loads((out / "results.json").read_text())
+    first, second = results["rounds"]
+    assert sorted(first["train"]) == ["site-01", "site-02"] and not first.get("skipped")
+    (late,) = [m for m in first["missing"] if m["phase"] == "train"]
+    assert late["site"] == "site-03"
+    assert "Node Unavailable" in late["reason"] or "no reply within the round deadline" in late["reason"]
+    assert sorted(second["train"]) == list(SITES)  # the restarted site rejoined
     assert sorted(results["final"]["per_site"]) == list(SITES)
-    assert len(results["rounds"]) == 1
-    assert "round 1/1: mean dice" in printed
+    assert "Receiving: train message" in victim.log()  # the restarted SuperNode got round 2
+    assert "round 2/2: mean dice" in printed
     assert "finished:completed" in printed
     assert "HTTP Request" not in printed
     lines = [ln for ln in printed.splitlines() if ln.strip()]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Error, Message, MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from common.config import parse_run_config
 from server.app import run_federation
@@ -32,7 +33,7 @@ class Sites:
     """Deterministic sites: a training reply moves the model by a site- and round-seeded step.
 
     Args:
-        fail: ``{(site, round): "error" | "late" | "x1000"}`` for a training instruction.
+        fail: ``{(site, round): "error" | "late" | "unavailable" | "x1000"}`` for a training instruction.
     """
 
     def __init__(self, fail: dict[tuple[str, int], str] | None = None) -> None:
@@ -56,6 +57,10 @@ class Sites:
             return None
         if what == "error":
             return Message(error=Error(code=0, reason="site handler raised"), reply_to=msg)
+        if what == "unavailable":  # the SuperLink answers for a node whose heartbeat stopped (a crash)
+            reply = Message(error=Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            return reply
         rng = np.random.default_rng([node, rnd])
         scale = 1000.0 if what == "x1000" else 1.0
         weights = {
@@ -182,6 +187,29 @@ def test_a_late_site_is_recorded_missing_and_the_round_goes_on_with_the_quorum(
     (failed,) = r3["missing"]
     assert failed["site"] == "site-03" and "site reported an error" in failed["reason"]
     assert res["rounds"][0]["missing"] == [] and len(res["rounds"]) == 4
+
+
+def test_a_site_that_crashed_before_it_ever_answered_is_named_in_the_rounds_it_missed_once_it_rejoins(
+    tmp_path: Path, task_identity: None
+) -> None:
+    # site-03 dies in round 1's training before any reply told the server which node it is
+    sites = Sites({("site-03", 1): "late"})
+    res = run_federation(FakeGrid(list(NODES), answer=sites), _cfg(tmp_path, **{"strategy.round-timeout": 5.0}))
+    (late,) = res["rounds"][0]["missing"]
+    assert late["site"] == "site-03" and late["phase"] == "train"
+    assert sorted(res["rounds"][1]["train"]) == ["site-01", "site-02", "site-03"]
+
+
+def test_a_crashed_site_the_superlink_reports_unavailable_is_recorded_missing_under_its_name(
+    tmp_path: Path, task_identity: None
+) -> None:
+    sites = Sites({("site-02", 2): "unavailable"})
+    res = run_federation(FakeGrid(list(NODES), answer=sites), _cfg(tmp_path))
+    r2 = res["rounds"][1]
+    (gone,) = r2["missing"]
+    assert gone["site"] == "site-02" and "Node Unavailable" in gone["reason"]
+    assert [r["site"] for r in r2["rejected"]] == ["site-02"]
+    assert sorted(r2["train"]) == ["site-01", "site-03"]
 
 
 def test_a_round_below_quorum_is_retried_once_and_goes_on_if_the_sites_come_back(
