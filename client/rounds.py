@@ -204,7 +204,8 @@ def train_round(
             per_sample_losses(model, site.audit).tolist(),
         )
     if not granted.dp:
-        outcome = TrainOutcome(result=task.train(model, site.train, **kwargs))
+        # DP-SGD trains on the images as they are (augmentation there is a per-sample choice of its own)
+        outcome = TrainOutcome(result=task.train(model, site.train, augment=cfg.train.augment, **kwargs))
     else:
         ledger = ledger_for(site_dir, site.name, policy)
         try:

@@ -150,6 +150,14 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata=_range(1, 4_096))
     lr: float = field(default=3e-3, metadata=_range(0.0, 10.0, lo_open=True))
     optimizer: str = field(default="adam", metadata=_choice("adam", "sgd"))
+    augment: str = field(
+        default="intensity",
+        metadata={
+            **_choice("intensity", "none"),
+            "help": "'intensity' = random gamma, contrast, brightness and noise per training image (what "
+            "another scanner might make of it); 'none' = the images as they are",
+        },
+    )
     threads: int = field(
         default=0, metadata={**_range(0, 256), "help": "torch threads per site process (0 = what the runtime gives)"}
     )

@@ -118,6 +118,7 @@ def pretrain(
         lr=cfg.train.lr,
         optimizer=cfg.train.optimizer,
         seed=site_seed(cfg.seed, "pretrain", 0),
+        augment=cfg.train.augment,
     )
     held_out = {s["profile"]: round(task.evaluate(model, v)["dice"], 4) for s, v in zip(seen, val_parts, strict=True)}
     say(f"pretrain: {result.steps} steps, held-out Dice {held_out}")

@@ -141,6 +141,7 @@ def train_rounds(
             seed=site_seed(cfg.seed, seed_name, r),
             task=cfg.task.name,
             weights=weights,
+            augment=cfg.train.augment,
         )
         samples += res.samples_seen
         if evaluate_on:
