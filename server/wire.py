@@ -45,6 +45,8 @@ ALLOWED_RECORDS: dict[str, dict[str, tuple[type, frozenset[str] | None]]] = {
     },
 }
 
+_LABELS = {"train": "a training reply", "refusal": "a refusal", "evaluate": "an evaluation reply"}
+
 
 def _shown(name: str) -> str:
     """A record or key name as results.json and logs show it (a name a site chose may not be printable)."""
@@ -104,7 +106,7 @@ def unexpected_content(msg: Message, *, phase: str) -> str | None:
     for name, record in sorted(msg.content.items()):
         if name not in allowed:
             return (
-                f"reply carries a record '{_shown(name)}' that a {phase} reply may not carry "
+                f"reply carries a record '{_shown(name)}' not allowed in {_LABELS[phase]} "
                 f"(allowed: {', '.join(sorted(allowed))})"
             )
         kind, keys = allowed[name]
@@ -113,7 +115,7 @@ def unexpected_content(msg: Message, *, phase: str) -> str | None:
         extra = sorted(set(record.keys()) - keys) if keys is not None else []
         if extra:
             return (
-                f"record '{name}' carries key '{_shown(extra[0])}' that a reply may not carry "
+                f"record '{name}' carries a key '{_shown(extra[0])}' not allowed in a reply "
                 f"(allowed: {', '.join(sorted(keys or ()))})"
             )
         if isinstance(record, MetricRecord):
