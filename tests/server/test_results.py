@@ -212,3 +212,21 @@ def test_a_reply_carrying_a_record_beyond_weights_metrics_and_the_name_is_reject
     listed = res["rounds"][0]["network"]["per_site"]["site-02"]["train"]["reply_records"]
     assert listed["patient"] == ["birth-date"]  # the key is listed, never its value
     assert "19700101" not in (tmp_path / "run" / "results.json").read_text()
+
+
+def test_the_summary_line_gives_the_mean_bytes_per_site_and_round_over_both_phases() -> None:
+    from server.results import network_line
+
+    def site(sent: int, received: int) -> dict:
+        return {
+            "train": {"sent_bytes": sent, "received_bytes": received},
+            "evaluate": {"sent_bytes": sent, "received_bytes": 0},
+        }
+
+    rounds = [
+        {"network": {"per_site": {"site-01": site(1_000_000, 1_000_000), "site-02": site(2_000_000, 3_000_000)}}},
+        {"network": {"per_site": {"site-01": site(1_000_000, 1_000_000)}}},  # site-02 was not sampled
+    ]
+    # per site and round: sent (2 + 4 + 2) / 3 MB, received (1 + 3 + 1) / 3 MB
+    line = network_line({"rounds": rounds})
+    assert "mean of 3" in line and "sent 2.667 MB" in line and "received 1.667 MB" in line
