@@ -25,7 +25,7 @@ from common.model import build_model, load_start_weights
 from common.records import to_arrays
 from server.checkpoint import load_checkpoint, restore_rng, restore_strategy, save_checkpoint
 from server.recording import RoundRecord, StopFederation
-from server.results import build_results, round_metrics, site_table, write_json
+from server.results import build_results, network_line, round_metrics, site_table, write_json
 from server.strategies import make_strategy
 from server.tracking import Tracker, library_versions, ui_hint
 
@@ -188,6 +188,7 @@ def run_federation(
         tracker.log_metrics({"total-s": total}, step=cfg.num_server_rounds)
         tracker.finish(status)
     log.info("per-site results:\n%s", site_table(results, metric=cfg.task.metric))
+    log.info(network_line(results))
     log.info("results: %s", out / "results.json")
     log.info("open the MLflow store with: %s", ui_hint(tracker.tracking_uri))
     return results

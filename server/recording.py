@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
 from server.screening import screen_distances, update_distance
+from server.wire import message_bytes, phase_of, reply_records, unexpected_content
 
 __all__ = [
     "CENTRAL_DELTA",
@@ -99,6 +100,10 @@ class RoundRecord:
     #: Why the round's training was not aggregated ("" when it was, or when no reply was usable).
     skipped: str = ""
     seconds: float = 0.0
+    #: What crossed the network, per site and phase: ``sent_bytes`` and ``received_bytes`` (Flower's serialised
+    #: messages, :func:`server.wire.message_bytes`; a retried round adds both attempts) and the reply's
+    #: ``reply_records`` (record names and keys, :func:`server.wire.reply_records`).
+    network: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def mean(self) -> dict[str, float]:
         """Unweighted mean over sites of each evaluation metric (every site counts the same)."""
@@ -175,7 +180,8 @@ def check_reply(
 
     Returns:
         ``(site label, reason to reject or None)``; the label is ``node-<id>`` when the reply
-        names no valid site.
+        names no valid site. A reply holding a record, key or list beyond weights, counts, metrics and
+        the site's name is rejected (:func:`server.wire.unexpected_content`).
     """
     node = f"node-{msg.metadata.src_node_id}"
     if msg.has_error():
@@ -185,6 +191,9 @@ def check_reply(
         return node, "reply has no valid 'site' name (letters, digits, '.', '_', '-'; at most 64)"
     if site in seen:
         return f"{site}@{node}", f"a second node claims the site name '{site}'"
+    surplus = unexpected_content(msg, phase=phase_of(msg, is_train=is_train))
+    if surplus is not None:
+        return site, surplus
     refusal = msg.content.config_records.get("refusal")
     if isinstance(refusal, ConfigRecord):
         return site, f"refused ({refusal.get('kind', 'unspecified')}): {refusal.get('reason', 'no reason given')}"
@@ -434,6 +443,7 @@ class RecordingStrategy(Strategy):
         self._sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id})
         answered = {self._origin(m) for m in replies}
         rec = self.record(server_round)
+        self._measure(rec, sent, replies, phase)
         for msg in sent:
             node = msg.metadata.dst_node_id
             if node not in answered:
@@ -442,6 +452,30 @@ class RecordingStrategy(Strategy):
                 log.warning("round %d %s: %s: %s", server_round, phase, site, reason)
                 rec.missing.append({"site": site, "phase": phase, "reason": reason})
         return replies
+
+    def _measure(self, rec: RoundRecord, sent: list[Message], replies: list[Message], phase: str) -> None:
+        """Add each site's sent and received bytes and its reply's record keys to ``rec.network``."""
+        names: dict[int, str] = {}
+        for msg in replies:
+            name = None if msg.has_error() else site_of(msg)
+            if name is not None:  # a second node claiming a name is counted apart from the first
+                node = msg.metadata.src_node_id
+                names[node] = name if name not in names.values() else f"{name}@node-{node}"
+
+        def label(node: int) -> str:
+            return names.get(node) or self._node_site.get(node) or f"node-{node}"
+
+        def entry(node: int) -> dict:
+            site = rec.network.setdefault(label(node), {})
+            return site.setdefault(phase, {"sent_bytes": 0, "received_bytes": 0})
+
+        sizes: dict[str, int] = {}  # the global model is one object tree in every instruction
+        for msg in sent:
+            entry(msg.metadata.dst_node_id)["sent_bytes"] += message_bytes(msg, sizes)
+        for msg in replies:
+            e = entry(msg.metadata.src_node_id)
+            e["received_bytes"] += message_bytes(msg, sizes)
+            e["reply_records"] = reply_records(msg, self._global_ref)
 
     def start(
         self,
@@ -496,7 +530,9 @@ class RecordingStrategy(Strategy):
                     log.warning("%s; retrying the round once", lost)
                     missing = [m["site"] for m in rec.missing]
                     self._records[current] = RoundRecord(
-                        round=current, retried=f"{lost} (missing: {', '.join(missing) or 'none'})"
+                        round=current,
+                        retried=f"{lost} (missing: {', '.join(missing) or 'none'})",
+                        network=rec.network,  # the first attempt's bytes crossed the network too
                     )
             if agg_arrays is not None:
                 result.arrays = agg_arrays

@@ -11,7 +11,17 @@ from typing import Any
 from common.metrics import summarize_sites as summarize
 from server.recording import RoundRecord
 
-__all__ = ["build_results", "round_entry", "round_metrics", "site_table", "write_json"]
+__all__ = ["build_results", "network_entry", "network_line", "round_entry", "round_metrics", "site_table", "write_json"]
+
+
+def network_entry(rec: RoundRecord) -> dict[str, Any]:
+    """A round's ``network``: per site and phase the bytes sent and received and the reply's records; totals."""
+    phases = [p for site in rec.network.values() for p in site.values()]
+    return {
+        "per_site": rec.network,
+        "sent_bytes": sum(p["sent_bytes"] for p in phases),
+        "received_bytes": sum(p["received_bytes"] for p in phases),
+    }
 
 
 def round_entry(rec: RoundRecord) -> dict[str, Any]:
@@ -30,6 +40,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         "rejected": rec.rejected,
         "missing": rec.missing,
         **({"retried": rec.retried} if rec.retried else {}),
+        "network": network_entry(rec),
         "seconds": rec.seconds,
     }
 
@@ -102,6 +113,24 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
     out["round-s"] = rec.seconds
     out["rejected"] = float(len(rec.rejected))
     return out
+
+
+def network_line(results: dict[str, Any]) -> str:
+    """One line: the bytes sent to and received from a site in a round (train and evaluate), mean over both."""
+    pairs = [
+        (sum(p["sent_bytes"] for p in site.values()), sum(p["received_bytes"] for p in site.values()))
+        for r in results["rounds"]
+        for site in r.get("network", {}).get("per_site", {}).values()
+    ]
+    if not pairs:
+        return "network: nothing measured"
+    sent = sum(p[0] for p in pairs) / len(pairs)
+    received = sum(p[1] for p in pairs) / len(pairs)
+    return (
+        f"network per site per round (mean of {len(pairs)}): "
+        f"sent {sent / 1e6:.3f} MB, received {received / 1e6:.3f} MB "
+        "(Flower's serialised messages, train + evaluate; results.json rounds[].network)"
+    )
 
 
 def site_table(results: dict[str, Any], *, metric: str = "dice") -> str:

@@ -123,3 +123,110 @@ def test_results_of_central_dp_over_4_sites_report_the_site_level_epsilon_every_
     assert 0 < central[0]["epsilon"] < central[1]["epsilon"]
     assert res["final"]["central_privacy"] == central[1]
     assert all(not r["rejected"] and "skipped" not in r for r in res["rounds"]) and "stopped" not in res
+
+
+def _model_keys_and_bytes() -> tuple[set[str], int]:
+    """The small model's state-dict keys and the bytes of its float32 weights, as built from the config."""
+    from common.model import build_model
+
+    cfg = parse_run_config(SMALL_MODEL)
+    state = build_model(cfg.model, cfg.task).state_dict()
+    return set(state), sum(t.numel() * t.element_size() for t in state.values())
+
+
+#: Flower's serialisation adds per array three 64-hex object ids and a few headers (measured: 455 bytes);
+#: per message a few hundred bytes of metadata, records and config.
+PER_ARRAY, PER_MESSAGE = 512, 1024
+
+
+def _noisy(msg: Message, node: int, r: int) -> dict[str, np.ndarray]:
+    """The global weights plus noise: every array distinct, as after real training (no two arrays alike)."""
+    rng = np.random.default_rng([node, r])
+    return {
+        k: (v.numpy() + 0.01 * rng.standard_normal(v.numpy().shape)).astype(v.numpy().dtype)
+        for k, v in msg.content["arrays"].items()
+    }
+
+
+def test_results_keep_each_rounds_bytes_per_site_and_phase_and_the_replies_record_keys(
+    tmp_path, monkeypatch, task_identity
+) -> None:
+    names = {11: "site-01", 12: "site-02", 13: "site-03"}
+    keys, model_bytes = _model_keys_and_bytes()
+
+    def site(r: int, kind: str, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if kind == MessageType.TRAIN:
+            return train_reply(node, names[node], _noisy(msg, node, r), {"num-examples": 10, "train-loss": 0.5}, to=msg)
+        return eval_reply(node, names[node], {"dice": 0.5, "loss": 0.5, "num-examples": 5}, to=msg)
+
+    res = _run(tmp_path, monkeypatch, {"num-server-rounds": 2}, site, list(names))
+    assert len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        net = r["network"]
+        assert set(net["per_site"]) == set(names.values())
+        for s in names.values():
+            train, evaluate = net["per_site"][s]["train"], net["per_site"][s]["evaluate"]
+            # a training reply carries the weights, each array once: the model's bytes and a little more
+            assert model_bytes <= train["received_bytes"] <= model_bytes + PER_ARRAY * len(keys) + PER_MESSAGE
+            assert train["reply_records"] == {
+                "arrays": {"count": len(keys), "model_keys": True},
+                "metrics": ["num-examples", "train-loss"],
+                "site": ["name"],
+            }
+            # an evaluation reply carries no weights: metrics and the name only
+            assert evaluate["received_bytes"] < PER_MESSAGE
+            assert evaluate["reply_records"] == {"metrics": ["dice", "loss", "num-examples"], "site": ["name"]}
+        phases = [p for s in net["per_site"].values() for p in s.values()]
+        assert net["sent_bytes"] == sum(p["sent_bytes"] for p in phases)
+        assert net["received_bytes"] == sum(p["received_bytes"] for p in phases)
+    # round 2's global model is the average of distinct noisy weights: every array travels, each instruction
+    # (train and evaluate) is the model's bytes and a little more
+    for s in names.values():
+        for phase in ("train", "evaluate"):
+            sent = res["rounds"][1]["network"]["per_site"][s][phase]["sent_bytes"]
+            assert model_bytes <= sent <= model_bytes + PER_ARRAY * len(keys) + PER_MESSAGE
+
+
+def test_a_reply_carrying_a_record_beyond_weights_metrics_and_the_name_is_rejected_and_listed(
+    tmp_path, monkeypatch, task_identity
+) -> None:
+    from flwr.app import ConfigRecord
+
+    names = {11: "site-01", 12: "site-02", 13: "site-03"}
+
+    def site(r: int, kind: str, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if kind == MessageType.TRAIN:
+            reply = train_reply(node, names[node], _learnt(msg, 0.01), {"num-examples": 10}, to=msg)
+            if node == 12:
+                reply.content["patient"] = ConfigRecord({"birth-date": "19700101"})
+            return reply
+        return eval_reply(node, names[node], {"dice": 0.5, "loss": 0.5, "num-examples": 5}, to=msg)
+
+    res = _run(tmp_path, monkeypatch, {"num-server-rounds": 1}, site, list(names))
+    (rejected,) = res["rounds"][0]["rejected"]
+    assert rejected["site"] == "site-02" and rejected["phase"] == "train"
+    assert "record 'patient'" in rejected["reason"] and "allowed: arrays, metrics, site" in rejected["reason"]
+    assert sorted(res["rounds"][0]["train"]) == ["site-01", "site-03"]  # its weights are not averaged
+    listed = res["rounds"][0]["network"]["per_site"]["site-02"]["train"]["reply_records"]
+    assert listed["patient"] == ["birth-date"]  # the key is listed, never its value
+    assert "19700101" not in (tmp_path / "run" / "results.json").read_text()
+
+
+def test_the_summary_line_gives_the_mean_bytes_per_site_and_round_over_both_phases() -> None:
+    from server.results import network_line
+
+    def site(sent: int, received: int) -> dict:
+        return {
+            "train": {"sent_bytes": sent, "received_bytes": received},
+            "evaluate": {"sent_bytes": sent, "received_bytes": 0},
+        }
+
+    rounds = [
+        {"network": {"per_site": {"site-01": site(1_000_000, 1_000_000), "site-02": site(2_000_000, 3_000_000)}}},
+        {"network": {"per_site": {"site-01": site(1_000_000, 1_000_000)}}},  # site-02 was not sampled
+    ]
+    # per site and round: sent (2 + 4 + 2) / 3 MB, received (1 + 3 + 1) / 3 MB
+    line = network_line({"rounds": rounds})
+    assert "mean of 3" in line and "sent 2.667 MB" in line and "received 1.667 MB" in line

@@ -228,6 +228,9 @@ def test_a_round_below_quorum_is_retried_once_and_goes_on_if_the_sites_come_back
     r2 = res["rounds"][1]
     assert "1 sites answered in time, strategy.min-sites = 2 needed" in r2["retried"]
     assert sorted(r2["train"]) == ["site-01", "site-02", "site-03"] and len(res["rounds"]) == 4
+    # both attempts' instructions crossed the network: round 2 sent each site twice round 3's training bytes
+    sent = [r["network"]["per_site"]["site-01"]["train"]["sent_bytes"] for r in res["rounds"]]
+    assert sent[1] == 2 * sent[2]
 
 
 def test_a_round_below_quorum_twice_stops_the_run_with_a_resumable_checkpoint(

@@ -364,3 +364,54 @@ def test_averaged_weights_are_bit_identical_whatever_order_the_replies_arrive_in
         arrays, _ = s.aggregate_train(1, replies)
         results.append(arrays["w"].numpy())
     assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+def _with(reply: Message, name: str, record) -> Message:
+    reply.content[name] = record
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (
+            lambda: _with(_train_reply(12, "site-b", np.ones(2), 10), "patient", ConfigRecord({"id": "P-1"})),
+            "record 'patient' not allowed in a training reply (allowed: arrays, metrics, site)",
+        ),
+        (
+            lambda: _with(
+                _train_reply(12, "site-b", np.ones(2), 10), "site", ConfigRecord({"name": "site-b", "ip": 1})
+            ),
+            "record 'site' carries a key 'ip' not allowed in a reply (allowed: name)",
+        ),
+        (
+            lambda: _with(
+                _train_reply(12, "site-b", np.ones(2), 10),
+                "metrics",
+                MetricRecord({"num-examples": 10, "per-patient-loss": [0.1, 0.9]}),
+            ),
+            "metric 'per-patient-loss' is a list; a reply carries single numbers",
+        ),
+        (
+            lambda: _with(_train_reply(12, "site-b", np.ones(2), 10), "metrics", ConfigRecord({"num-examples": 10})),
+            "record 'metrics' is a ConfigRecord, expected a MetricRecord",
+        ),
+    ],
+    ids=["extra-record", "extra-site-key", "list-metric", "wrong-record-type"],
+)
+def test_a_training_reply_carrying_more_than_weights_counts_metrics_and_the_name_is_rejected(
+    strategy, make, reason
+) -> None:
+    s, _ = strategy
+    arrays, _ = s.aggregate_train(1, [_train_reply(11, "site-a", np.ones(2), 30), make()])
+    assert np.allclose(arrays["w"].numpy(), 1.0)  # only site-a's weights
+    (rej,) = s.records[0].rejected
+    assert rej["site"] == "site-b" and reason in rej["reason"]
+
+
+def test_an_evaluation_reply_carrying_weights_is_rejected(strategy) -> None:
+    s, rounds = strategy
+    leaky = _with(_eval_reply(12, "site-b", 0.5, 5), "arrays", ArrayRecord({"w": Array(np.ones(2, np.float32))}))
+    s.aggregate_evaluate(1, [_eval_reply(11, "site-a", 0.8, 20), leaky])
+    assert set(rounds[0].per_site) == {"site-a"}
+    assert "record 'arrays' not allowed in an evaluation reply" in rounds[0].rejected[0]["reason"]
