@@ -459,7 +459,7 @@ class RecordingStrategy(Strategy):
         for msg in replies:
             name = None if msg.has_error() else site_of(msg)
             if name is not None:  # a second node claiming a name is counted apart from the first
-                node = msg.metadata.src_node_id
+                node = self._origin(msg)
                 names[node] = name if name not in names.values() else f"{name}@node-{node}"
 
         def label(node: int) -> str:
@@ -473,7 +473,7 @@ class RecordingStrategy(Strategy):
         for msg in sent:
             entry(msg.metadata.dst_node_id)["sent_bytes"] += message_bytes(msg, sizes)
         for msg in replies:
-            e = entry(msg.metadata.src_node_id)
+            e = entry(self._origin(msg))
             e["received_bytes"] += message_bytes(msg, sizes)
             e["reply_records"] = reply_records(msg, self._global_ref)
 
