@@ -56,7 +56,7 @@ def _outputs(out: Path, folder: Path) -> tuple[list[dict], dict[str, np.ndarray]
     doc = json.loads((out / "predictions.json").read_text())
     entries = [{k: v for k, v in e.items() if k != "seconds"} for e in doc["series"]]
     masks = {}
-    for series in scan_images(folder, skip=("labels", "site.json")).series:
+    for series in scan_images(folder).series:
         shape = (len(series.slices), series.rows, series.columns)
         masks[series.series_hash] = read_mask(out / f"{series.series_hash}.seg.dcm", series, shape)
     return [doc["model"], *entries], masks
@@ -69,7 +69,11 @@ def test_a_runs_uri_predicts_what_the_run_folder_predicts(
     give the run folder's numbers and masks; the SEG names the MLflow run as the algorithm's version."""
     import pydicom
 
-    folder = small_sites / "site-03"
+    series = scan_images(small_sites / "site-03", skip=("labels", "site.json")).series[0]
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in series.files:
+        shutil.copy(path, folder / path.name)
     assert main(["predict", str(tracked_run.folder), str(folder), "--out", str(tmp_path / "folder")]) == 0
     expected = _outputs(tmp_path / "folder", folder)
     assert expected[0][0] == {"run_id": tracked_run.run_id, "task": "segmentation"}
