@@ -20,8 +20,13 @@ probabilities are averaged over the series' images.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
+import os
+import re
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ __all__ = [
     "check_task",
     "classify_series",
     "dice",
+    "fetch_run",
     "load_model",
     "predict_series",
     "segment_series",
@@ -50,6 +56,8 @@ log = logging.getLogger("fedsite.client")
 
 #: Output name of the algorithm in every DICOM object fedsite writes.
 ALGORITHM_NAME = "fedsite"
+#: The run's resolved configuration, beside its ``final_model.pt`` (a run folder, an MLflow run's artifacts).
+RESULTS = "results.json"
 
 
 class PredictError(FedsiteError):
@@ -64,7 +72,8 @@ class LoadedModel:
     cfg: RunConfig
     run_id: str
     """The run's MLflow run id when it has one, else the run folder's name (the algorithm version)."""
-    source: Path
+    source: Path | str
+    """The run folder, or the MLflow URI the model was downloaded from."""
 
     @property
     def task(self) -> str:
@@ -93,7 +102,7 @@ def _run_folder(path: Path) -> tuple[Path, Path]:
         folder, weights = path, path / "final_model.pt"
     else:
         folder, weights = path.parent, path
-    results = folder / "results.json"
+    results = folder / RESULTS
     if not weights.is_file():
         raise PredictError(
             f"no model weights at {weights}: give a run folder (results.json, final_model.pt) or its final_model.pt"
@@ -106,19 +115,116 @@ def _run_folder(path: Path) -> tuple[Path, Path]:
     return results, weights
 
 
-def load_model(path: Path) -> LoadedModel:
-    """Rebuild a run's final model from its folder.
+def load_model(model: str | Path, *, tracking_uri: str | None = None, timeout: float = 60.0) -> LoadedModel:
+    """Rebuild a run's final model from its folder, its ``final_model.pt``, or its MLflow run.
 
     Args:
-        path: A run folder (``results.json`` with the resolved config, ``final_model.pt``) or
-            the ``final_model.pt`` inside one.
+        model: A run folder (``results.json`` with the resolved config, ``final_model.pt``), the
+            ``final_model.pt`` inside one, or an MLflow URI (:data:`common.model.MLFLOW_SCHEMES`):
+            ``runs:/RUN_ID/final_model.pt`` (its ``results.json`` beside it is downloaded too),
+            ``runs:/RUN_ID`` or ``models:/NAME/VERSION`` (a folder holding both files).
+        tracking_uri: The MLflow tracking server or store of an MLflow URI; default the
+            ``MLFLOW_TRACKING_URI`` environment variable.
+        timeout: Seconds to wait for each request to an MLflow server.
 
     Returns:
         The model in evaluation mode on the CPU, its config and run id.
 
     Raises:
-        PredictError: If a file is missing, the config is unusable or the weights do not fit.
+        PredictError: If a file is missing, the MLflow run or artifact cannot be fetched, the
+            config is unusable or the weights do not fit.
     """
+    from common.model import MLFLOW_SCHEMES
+
+    if str(model).startswith(MLFLOW_SCHEMES):
+        uri = str(model)
+        # without a run id in results.json: the one in a runs:/ URI, else the model's name and version
+        name = uri.split(":/", 1)[1].strip("/").split("/")[0] if uri.startswith("runs:/") else uri.split(":/", 1)[1]
+        with tempfile.TemporaryDirectory(prefix="fedsite-model-") as tmp:
+            loaded = _load_local(fetch_run(uri, tracking_uri, Path(tmp), timeout=timeout), default_run_id=name)
+        return dataclasses.replace(loaded, source=uri)
+    return _load_local(Path(model))
+
+
+def fetch_run(uri: str, tracking_uri: str | None, dst: Path, *, timeout: float = 60.0) -> Path:
+    """Download the model an MLflow URI names, with the run's ``results.json``, into ``dst``.
+
+    Returns:
+        What :func:`load_model` takes locally: the downloaded ``.pt`` file (``results.json`` beside
+        it) or the downloaded folder.
+
+    Raises:
+        PredictError: No tracking URI, an unreachable server, an unknown run or model, a missing artifact.
+    """
+    from common.mlflow_artifacts import download_artifact, shown_uri
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking_uri:
+        raise PredictError(
+            f"{uri} is an MLflow URI but no tracking server is given: add --tracking-uri URI (or set "
+            "MLFLOW_TRACKING_URI), e.g. http://mlflow.example:5000 or a run's own store sqlite:///RUN_FOLDER/mlflow.db"
+        )
+    shown = shown_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+        if not db.is_file():  # MLflow would create an empty store there
+            raise PredictError(
+                f"no MLflow store at {db} (--tracking-uri {shown}); give the mlflow.db of the run's output folder"
+            )
+    wanted = [uri]
+    if uri.endswith(".pt"):  # the run's configuration sits beside its weights
+        wanted.append(uri.rsplit("/", 1)[0] + "/" + RESULTS)
+    got: list[Path] = []
+    with _mlflow_http(timeout):
+        for item in wanted:
+            try:
+                got.append(download_artifact(item, tracking_uri, dst))
+            except Exception as exc:  # MLflow raises many types; the message names the fix
+                raise PredictError(_mlflow_problem(exc, item, shown, is_results=item != uri)) from None
+    return got[0]
+
+
+@contextlib.contextmanager
+def _mlflow_http(timeout: float):
+    """Fail fast on an unreachable MLflow server (2 retries, ``timeout`` s) unless the user set MLflow's own."""
+    values = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout))),
+    }
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _mlflow_problem(exc: Exception, uri: str, shown: str, *, is_results: bool) -> str:
+    """One line for an MLflow download failure: what is missing or unreachable, and what to check."""
+    text = re.sub(r"//[^/@\s]+@", "//***@", (str(exc).strip().splitlines() or [""])[0])[:200]
+    if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+        if is_results:
+            return (
+                f"the MLflow run of {uri.rsplit('/', 1)[0]} has no {RESULTS} beside its weights: "
+                "the run's configuration is needed to rebuild the model; give the run folder instead"
+            )
+        return (
+            f"MLflow at {shown} has no {uri} ({text}); check the run id (or model name and version) and --tracking-uri"
+        )
+    if "Max retries exceeded" in text or "onnection" in text or isinstance(exc, ConnectionError):
+        return (
+            f"the MLflow tracking server {shown} is unreachable; check --tracking-uri and the network, "
+            "or copy the run folder here and give it instead"
+        )
+    return (
+        f"MLflow could not download {uri} from {shown} ({type(exc).__name__}: {text}); check the URI and --tracking-uri"
+    )
+
+
+def _load_local(path: Path, *, default_run_id: str | None = None) -> LoadedModel:
+    """:func:`load_model` of a run folder or its ``.pt`` file on this machine."""
     from common.model import build_model
 
     results_path, weights = _run_folder(path)
@@ -144,7 +250,7 @@ def load_model(path: Path) -> LoadedModel:
             f"{weights} does not hold this run's model weights ({type(exc).__name__}); was it replaced?"
         ) from None
     model.eval()
-    run_id = ((results.get("mlflow") or {}).get("run_id")) or results_path.parent.name
+    run_id = ((results.get("mlflow") or {}).get("run_id")) or default_run_id or results_path.parent.name
     return LoadedModel(model=model, cfg=cfg, run_id=str(run_id), source=results_path.parent)
 
 

@@ -1,7 +1,9 @@
 """``fedsite predict`` and ``fedsite site pull``: the model at the hospital, on folders and on its PACS.
 
-* ``fedsite predict MODEL INPUT --out DIR``: every series under INPUT (a folder of DICOM, or a
-  site folder whose ``labels/`` then gives reference masks) -> ``DIR/<series-hash>.seg.dcm`` (a
+* ``fedsite predict MODEL INPUT --out DIR``: MODEL is a run folder, its ``final_model.pt``, or an
+  MLflow URI (``runs:/RUN_ID/final_model.pt`` with ``--tracking-uri URI``); every series under
+  INPUT (a folder of DICOM, or a site folder whose ``labels/`` then gives reference masks) ->
+  ``DIR/<series-hash>.seg.dcm`` (a
   segmentation model) or ``DIR/<series-hash>.sr.dcm`` (a classification model), and
   ``DIR/predictions.json`` with the per-series numbers (lesion volume ml, slices with findings,
   Dice against a reference mask; or the finding and its probability) and the rejected series
@@ -38,7 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Apply a trained fedsite model to every series of INPUT (or of a PACS study) at its native grid.",
     )
     p.add_argument(
-        "model", type=Path, metavar="MODEL", help="a run folder (results.json, final_model.pt) or its final_model.pt"
+        "model",
+        metavar="MODEL",
+        help="a run folder (results.json, final_model.pt), its final_model.pt, or an MLflow URI "
+        "(runs:/RUN_ID/final_model.pt, models:/NAME/VERSION)",
     )
     p.add_argument(
         "input", type=Path, nargs="?", metavar="INPUT", help="a folder of DICOM series (or a site folder with labels/)"
@@ -53,7 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--study", metavar="UID", help="with --pacs: the StudyInstanceUID to predict")
     p.add_argument("--no-store", action="store_true", help="with --pacs: do not store the outputs back into the PACS")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each PACS request (default 60)")
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="with an MLflow MODEL: the tracking server or store (default: the MLFLOW_TRACKING_URI variable)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for each PACS or MLflow request (default 60)"
+    )
 
 
 def add_pull_parser(site_subparsers: argparse._SubParsersAction) -> None:
@@ -191,7 +203,7 @@ def _predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, tracking_uri=args.tracking_uri, timeout=args.timeout)
     started = time.perf_counter()
     if args.pacs is None:
         result = predict_folder(loaded, args.input, args.out)

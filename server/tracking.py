@@ -1,4 +1,4 @@
-"""MLflow tracking of a run: the only module that imports MLflow.
+"""MLflow tracking of a run: the only server module that imports MLflow (artifact downloads: common.mlflow_artifacts).
 
 Default store: a SQLite file in the run's output folder (``mlflow.db``) with artifacts next to it
 (``mlartifacts/``), so nothing has to be started. Open it with the command :func:`ui_hint` returns.
@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from common.mlflow_artifacts import download_artifact
 
 __all__ = ["Tracker", "download_artifact", "library_versions", "ui_hint"]
 
@@ -35,16 +37,6 @@ def library_versions() -> dict[str, str]:
 def ui_hint(tracking_uri: str) -> str:
     """The command that opens this store in the MLflow UI."""
     return f"mlflow ui --backend-store-uri {tracking_uri}"
-
-
-def download_artifact(uri: str, tracking_uri: str) -> Path:
-    """Download an MLflow artifact (``runs:/RUN_ID/final_model.pt``, ``models:/...``) to a local path.
-
-    Used for ``model.init`` given as an MLflow URI; errors propagate (the caller names the fix).
-    """
-    import mlflow.artifacts
-
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
 
 
 class Tracker:
