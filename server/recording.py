@@ -430,9 +430,11 @@ class RecordingStrategy(Strategy):
         self._node_site[node] = site
         placeholder = f"node-{node}"
         for rec in self._records.values():
-            for entry in rec.missing:
+            for entry in (*rec.missing, *rec.rejected):
                 if entry.get("site") == placeholder:
                     entry["site"] = site
+            if placeholder in rec.network:
+                rec.network.setdefault(site, {}).update(rec.network.pop(placeholder))
 
     def _send(
         self, grid: Grid, messages: Iterable[Message], timeout: float, server_round: int, phase: str
