@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "restore_strategy",
+    "resume_config",
     "save_checkpoint",
     "strategy_chain",
 ]
@@ -213,3 +214,20 @@ def load_checkpoint(out: Path, config: dict[str, Any] | None = None) -> Checkpoi
         rng_arrays={k: v for k, v in data.items() if k.startswith("rng/")},
         mlflow_run_id=meta.get("mlflow_run_id"),
     )
+
+
+def resume_config(out: Path) -> tuple[dict[str, Any], int]:
+    """The flat run config that continues the run in ``out``: its checkpoint's config, ``output.resume`` on.
+
+    Returns:
+        ``(config, last complete round)``.
+
+    Raises:
+        CheckpointError: If ``out`` holds no readable checkpoint.
+    """
+    out = Path(out).expanduser().resolve()
+    ckpt = load_checkpoint(out)
+    flat = dict(ckpt.config)
+    flat["output.dir"] = str(out)
+    flat["output.resume"] = True
+    return flat, ckpt.round

@@ -80,6 +80,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     runp.add_argument("--seed", type=int)
     runp.add_argument("--out", type=Path, help="results folder on the coordinator (results.json, MLflow store)")
     runp.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (on the coordinator) from its last complete round, with its own config",
+    )
+    runp.add_argument(
         "--run-config", action="append", default=[], metavar="'KEY=VALUE ...'", help="any key of [tool.flwr.app.config]"
     )
     runp.add_argument("-v", "--verbose", action="store_true", help="also show Flower's own log lines")

@@ -53,6 +53,8 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, object]:
     Raises:
         ConfigError: If a key is unknown or a value invalid (named like ``fedsite simulate`` does).
     """
+    if getattr(args, "resume", None) is not None:
+        return _resume_overrides(args)
     out: dict[str, object] = dict(parse_overrides(args.run_config))
     named = {
         "num-server-rounds": args.rounds,
@@ -66,6 +68,27 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, object]:
     flat.update(out)
     parse_run_config(flat)  # fails here, before anything is submitted
     return out
+
+
+#: ``fedsite run`` options that would change a resumed run's config (the checkpoint's is used as it is).
+_RESUME_CONFLICTS = ("rounds", "local_epochs", "strategy", "seed", "out")
+
+
+def _resume_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The whole run config of the run in ``--resume RUN_DIR``, set to continue from its checkpoint."""
+    from server.checkpoint import CheckpointError, resume_config
+
+    conflicting = [f"--{a.replace('_', '-')}" for a in _RESUME_CONFLICTS if getattr(args, a, None) is not None]
+    if conflicting or args.run_config:
+        given = ", ".join(conflicting + (["--run-config"] if args.run_config else []))
+        raise ConfigError(f"--resume continues a run with its own config; drop {given}")
+    try:
+        flat, last = resume_config(args.resume)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    parse_run_config(flat)
+    print(f"fedsite run: resuming {flat['output.dir']} after round {last}", flush=True)
+    return flat
 
 
 def keep_line(line: str, *, verbose: bool) -> bool:

@@ -299,7 +299,7 @@ def _simulate_config(args: argparse.Namespace, defaults: dict[str, object] | Non
 
 def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The config of the run in ``--resume RUN_DIR`` (from its checkpoint), set to continue it."""
-    from server.checkpoint import CheckpointError, load_checkpoint
+    from server.checkpoint import CheckpointError, resume_config
 
     conflicting = [f"--{a.replace('_', '-')}" for a in _RESUME_CONFLICTS if getattr(args, a, None)]
     if conflicting or args.run_config:
@@ -307,12 +307,10 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         raise ConfigError(f"--resume continues a run with its own config; drop {given}")
     out = args.resume.expanduser().resolve()
     try:
-        ckpt = load_checkpoint(out)
+        flat, last = resume_config(out)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    flat = dict(ckpt.config)
-    flat["output.resume"] = True
-    print(f"fedsite simulate: resuming {out} after round {ckpt.round}", flush=True)
+    print(f"fedsite simulate: resuming {out} after round {last}", flush=True)
     return parse_run_config(flat), out
 
 

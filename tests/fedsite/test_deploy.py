@@ -278,6 +278,67 @@ def test_fedsite_run_rejects_an_unknown_run_config_key_before_submitting() -> No
         submit.run_config_overrides(args)
 
 
+def _run_args(**given: object):
+    import argparse
+
+    base = {"run_config": [], "rounds": None, "local_epochs": None, "strategy": None, "seed": None, "out": None}
+    return argparse.Namespace(**{**base, **given})
+
+
+def test_fedsite_run_resume_submits_the_checkpointed_runs_own_config_set_to_continue(
+    tmp_path: Path, task_identity: None, capsys
+) -> None:
+    from common.config import parse_run_config
+    from server.app import run_federation
+    from tests.flower_helpers import FakeGrid
+
+    out = tmp_path / "run"
+    cfg = parse_run_config(
+        {
+            "num-server-rounds": 2,
+            "model.channels": "4,8",
+            "data.image-size": 32,
+            "train.lr": 0.002,
+            "output.dir": str(out),
+            "output.tracking-uri": "file:///nonexistent-dir-for-tests/mlruns",
+        }
+    )
+
+    class Stop(RuntimeError):
+        pass
+
+    def kill_after_1(rnd: int, _arrays: object) -> None:
+        if rnd == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_federation(FakeGrid([11, 12], answer=_EchoSites()), cfg, after_round=kill_after_1)
+    overrides = submit.run_config_overrides(_run_args(resume=out))
+    assert overrides["output.resume"] is True and overrides["output.dir"] == str(out.resolve())
+    assert overrides["train.lr"] == 0.002 and overrides["num-server-rounds"] == 2  # the run's own config
+    assert f"resuming {out.resolve()} after round 1" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="drop --rounds"):
+        submit.run_config_overrides(_run_args(resume=out, rounds=5))
+    with pytest.raises(ConfigError, match="checkpoint"):
+        submit.run_config_overrides(_run_args(resume=tmp_path / "nothing-here"))
+
+
+class _EchoSites:
+    """Sites that send the global model back unchanged (enough for the server to write a checkpoint)."""
+
+    def __call__(self, msg):
+        from flwr.app import MessageType
+
+        from tests.flower_helpers import eval_reply, train_reply
+
+        node = msg.metadata.dst_node_id
+        site = {11: "site-01", 12: "site-02"}[node]
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return eval_reply(node, site, {"dice": 0.5, "loss": 0.5, "num-examples": 4, "uniform-weight": 1.0}, to=msg)
+        weights = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        return train_reply(node, site, weights, {"num-examples": 4, "train-loss": 0.5, "uniform-weight": 1.0}, to=msg)
+
+
 def _tiny_app(root: Path, body: str) -> Path:
     app = root / "tinyapp"
     app.mkdir(parents=True)
