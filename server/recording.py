@@ -30,7 +30,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import MultiKrum, Result, Strategy
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
@@ -97,6 +98,8 @@ class RoundRecord:
     missing: list[dict[str, str]] = field(default_factory=list)
     #: Why the round's first attempt failed and it was run again ("" when it was not).
     retried: str = ""
+    #: Krum / MultiKrum: the sites whose updates were chosen and averaged (empty for other strategies).
+    selected: list[str] = field(default_factory=list)
     #: Why the round's training was not aggregated ("" when it was, or when no reply was usable).
     skipped: str = ""
     seconds: float = 0.0
@@ -404,6 +407,7 @@ class RecordingStrategy(Strategy):
             rec.central_privacy = {"epsilon": float(metrics[CENTRAL_EPSILON]), "delta": float(metrics[CENTRAL_DELTA])}
         if arrays is not None:
             self.latest_arrays = arrays
+            rec.selected = self._krum_selected(good, by_site)
         elif not rec.skipped:
             rec.skipped = f"{type(self.strategy).__name__} aggregated none of {len(good)} accepted replies"
         return arrays, metrics
@@ -412,6 +416,20 @@ class RecordingStrategy(Strategy):
         """Take the records of the rounds a checkpoint holds (a resumed run continues them)."""
         for rec in records:
             self._records[rec.round] = rec
+
+    def _krum_selected(self, good: list[Message], by_site: dict[str, Message]) -> list[str]:
+        """The sites Krum / MultiKrum chose this round (Flower's own selection rule, run on the same replies)."""
+        try:
+            krum = inner_of(self.strategy, MultiKrum)
+        except LookupError:
+            return []
+        chosen = select_multikrum(
+            [m.content for m in good],
+            num_malicious_nodes=krum.num_malicious_nodes,
+            num_nodes_to_select=krum.num_nodes_to_select,
+        )
+        site_of_content = {id(msg.content): site for site, msg in by_site.items()}
+        return sorted(site_of_content[id(c)] for c in chosen if id(c) in site_of_content)
 
     def _origin(self, reply: Message) -> int:
         """The node a reply answers for: its sender, or, for an error the SuperLink wrote, the instruction's node."""

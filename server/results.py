@@ -37,6 +37,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
         "privacy": rec.privacy,
         **({"central_privacy": rec.central_privacy} if rec.central_privacy else {}),
         **({"skipped": rec.skipped} if rec.skipped else {}),
+        **({"selected": rec.selected} if rec.selected else {}),
         "rejected": rec.rejected,
         "missing": rec.missing,
         **({"retried": rec.retried} if rec.retried else {}),

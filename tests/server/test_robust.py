@@ -102,3 +102,26 @@ def test_bulyan_with_too_few_sites_skips_the_round_and_says_how_many_it_needs(ta
     arrays, _ = s.aggregate_train(1, _replies(3, attacker=False))
     assert arrays is None
     assert "4 x strategy.num-malicious + 3 = 7" in s.records[0].skipped
+
+
+@pytest.mark.parametrize(
+    ("overrides", "honest", "chosen"),
+    [
+        ({"strategy.name": "krum", "strategy.num-malicious": 1}, 3, 1),
+        ({"strategy.name": "multikrum", "strategy.num-malicious": 1, "strategy.krum-select": 2}, 4, 2),
+    ],
+)
+def test_the_sites_krum_chose_are_recorded_and_never_the_x1000_site(task_identity, overrides, honest, chosen) -> None:
+    s = _strategy(**overrides)
+    arrays, _ = s.aggregate_train(1, _replies(honest))
+    selected = s.records[0].selected
+    assert len(selected) == chosen and "site-bad" not in selected
+    # the aggregate is the mean of exactly the recorded sites' weights (equal num-examples)
+    by_site = {r.content["site"]["name"]: r.content["arrays"]["w"].numpy() for r in _replies(honest)}
+    np.testing.assert_allclose(arrays["w"].numpy(), np.mean([by_site[x] for x in selected], axis=0), rtol=1e-6)
+
+
+def test_strategies_without_a_selection_record_none(task_identity) -> None:
+    s = _strategy(**{"strategy.name": "fedmedian"})
+    s.aggregate_train(1, _replies(3))
+    assert s.records[0].selected == []
