@@ -182,7 +182,7 @@ def train_private(
     max_grad_norm: float,
     history: Sequence[HistoryEntry] = (),
     accountant: str = "rdp",
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "vmap",
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
