@@ -182,7 +182,7 @@ def train_private(
     max_grad_norm: float,
     history: Sequence[HistoryEntry] = (),
     accountant: str = "rdp",
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "vmap",
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -205,7 +205,10 @@ def train_private(
         max_grad_norm: Per-sample gradient clipping norm.
         history: The site's accountant history before this call.
         accountant: ``"rdp"`` or ``"prv"``.
-        grad_sample_mode: Opacus per-sample gradient mode: ``"hooks"``, ``"functorch"`` or ``"ghost"``.
+        grad_sample_mode: How per-sample gradients are computed: ``"vmap"``
+            (:func:`client.per_sample.vmap_grad_samples`, ``torch.func`` over the whole model), or Opacus'
+            ``"hooks"`` (with :mod:`client.per_sample`'s grad samplers), ``"functorch"`` or ``"ghost"``. All
+            give the same clipped sum; ``benchmarks/dp_overhead.py`` checks and times them.
         proximal_mu: FedProx weight, applied as a data-independent pull towards the global weights
             after each private step (post-processing: it costs no privacy).
         seed: Seeds only what is not private (e.g. dropout); batch sampling and noise use
@@ -232,6 +235,9 @@ def train_private(
         raise ValueError(
             f"the model cannot be trained with DP-SGD: {problems[0]}; use model.norm = 'instance' or 'group'"
         )
+    from client.per_sample import prepare, vmap_grad_samples
+
+    prepare(model)  # fedsite's grad samplers on, in-place activations off (Opacus' hooks refuse them)
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
@@ -271,7 +277,8 @@ def train_private(
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm,
-                grad_sample_mode=grad_sample_mode,
+                # vmap: per-sample gradients from vmap_grad_samples; Opacus' optimizer clips, noises, accounts
+                grad_sample_mode="no_op" if grad_sample_mode == "vmap" else grad_sample_mode,
                 poisson_sampling=True,
                 noise_generator=secret,
             )
@@ -289,8 +296,11 @@ def train_private(
                         continue
                     x, y = x.to(device), y.to(device)
                     dp_opt.zero_grad(set_to_none=True)
-                    loss = dp_loss(dp_model(x), y)
-                    loss.backward()
+                    if grad_sample_mode == "vmap":
+                        loss = vmap_grad_samples(model, dp_loss, x, y)
+                    else:
+                        loss = dp_loss(dp_model(x), y)
+                        loss.backward()
                     dp_opt.step()
                     if proximal_mu > 0:
                         with torch.no_grad():

@@ -250,7 +250,7 @@ class PrivacyConfig:
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
     max_epsilon: float = field(default=0.0, metadata={**_range(0.0, 1e6), "help": "a site's lifetime budget; 0 = none"})
     on_budget: str = field(default="continue", metadata=_choice("continue", "stop"))
-    grad_sample_mode: str = field(default="hooks", metadata=_choice("hooks", "functorch", "ghost"))
+    grad_sample_mode: str = field(default="vmap", metadata=_choice("vmap", "hooks", "functorch", "ghost"))
     central_dp: bool = False
     central_noise: float = field(
         default=1.0,

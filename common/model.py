@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from monai.networks.nets import DenseNet121, ResNet, UNet
+from monai.networks.nets.resnet import ResNetBlock
 
 from common.config import ConfigError, ModelConfig, TaskConfig
 
@@ -102,6 +103,26 @@ class SegmentationUNet(torch.nn.Module):
         return self.head(self.unet(x))
 
 
+class _ResNetBlock(ResNetBlock):
+    """MONAI's basic ResNet block without in-place operations (same parameters, same output).
+
+    MONAI's block adds the shortcut with ``out += residual`` and uses ``ReLU(inplace=True)``; Opacus'
+    per-sample gradient hooks refuse an in-place change of a hooked layer's output, so DP-SGD could
+    not train the classification ResNet.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(getattr(self.act, "inplace", None), bool):
+            self.act.inplace = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
 def architecture(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> str:
     """The network ``cfg`` names for ``task``: ``model.name``, or for ``"auto"`` UNet/ResNet by task."""
     if cfg.name != "auto":
@@ -137,7 +158,7 @@ def build_model(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.M
     arch = architecture(cfg, task)
     if arch == "resnet":
         net = ResNet(
-            block="basic",
+            block=_ResNetBlock,
             layers=[1] * len(cfg.channel_tuple),
             block_inplanes=list(cfg.channel_tuple),
             spatial_dims=2,
@@ -146,6 +167,7 @@ def build_model(cfg: ModelConfig, task: TaskConfig = TaskConfig()) -> torch.nn.M
             conv1_t_stride=1,
             num_classes=len(task.class_names),
             norm=_norm(cfg.norm),
+            act=("relu", {"inplace": False}),
         )
         # MONAI's ResNet does not pass ``norm`` to its stages (their blocks and shortcuts stay BatchNorm).
         return net if cfg.norm == "batch" else _replace_batchnorm(net, cfg.norm)
