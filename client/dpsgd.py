@@ -39,7 +39,6 @@ import torch
 from common.task import Batchable, TrainResult, loss_function, make_optimizer
 
 __all__ = [
-    "UNITS",
     "HistoryEntry",
     "PatientSchedule",
     "PrivateTrainResult",
@@ -58,8 +57,6 @@ __all__ = [
     "train_private_patients",
 ]
 
-UNITS = ("patient", "slice")
-"""The units a site's guarantee can be stated in: one patient (all of its slices) or one slice."""
 
 HistoryEntry = tuple[float, float, int]
 """(noise multiplier, sample rate, steps) of one DP-SGD training call."""
