@@ -537,6 +537,7 @@ def train_private_patients(
         raise ValueError("no training samples: the site's training split is empty")
     if patients.shape != (len(data),):
         raise ValueError(f"patients has shape {tuple(patients.shape)}; one patient per training slice ({len(data)})")
+    model.train()  # the validator checks training mode (the model may come from evaluation)
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
         raise ValueError(
