@@ -47,7 +47,7 @@ def test_patient_level_epsilon_is_an_opacus_accountant_over_patients_at_the_step
     data, patients = _data([2, 6, 2, 6, 2, 6])
     before = [(2.0, 0.1, 10)]  # the site's ledger before this call
     out = train_private_patients(
-        build_model(parse_run_config(TINY).model),
+        build_model(parse_run_config(TINY).model).eval(),  # e.g. after evaluation: training puts it in train mode
         data,
         patients,
         epochs=2,
