@@ -156,7 +156,8 @@ def test_a_ledger_spent_per_slice_refuses_to_continue_per_patient_and_says_how(t
 def _train(site_dir: Path, policy: Path, server_round: int = 1):
     from client.app import train
 
-    ctx = site_context(site_dir, DP, node_id=3, node_config={"privacy-policy": str(policy)})
+    run = {**DP, "train.batch-size": 4}  # 4 slices a step: q = 1/3 over 3 patients of 6 slices, 1/5 over 18 slices
+    ctx = site_context(site_dir, run, node_id=3, node_config={"privacy-policy": str(policy)})
     arrays = to_arrays(build_model(parse_run_config(FAST).model))
     msg = site_message(arrays, MessageType.TRAIN, node_id=3, **{"server-round": server_round, "local-epochs": 1})
     return train(msg, ctx)
@@ -178,7 +179,8 @@ def test_a_site_trains_per_patient_by_default_and_its_ledger_and_reply_say_so(
     state = PrivacyLedger(tmp_path / "site-03.json").read()
     assert state.unit == "patient"
     (entry,) = state.entries
-    # 6 slices per patient and 8 per step: one patient expected per step, q = 1/3, 3 steps an epoch
+    # 6 slices per patient and 4 per step: one patient expected per step, q = 1/3, 3 steps an epoch
+    # (at slice level it would be q = 4/18 -> 1/5 and 5 steps)
     assert entry["n_patients"] == 3 and entry["sample_rate"] == pytest.approx(1 / 3) and entry["steps"] == 3
     assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon_spent([(1.0, 1 / 3, 3)], delta=state.delta))
     # the site's operator now says slice: the patient-level ledger does not continue at slice level
