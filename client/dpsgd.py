@@ -463,7 +463,9 @@ def clipped_patient_sum(
             p.grad_sample = None
             p.grad = None
         loss = loss_of(gsm(x[start : start + chunk]), y[start : start + chunk])
-        loss.sum().backward()
+        with warnings.catch_warnings():  # the images need no gradient: Opacus' hooks still fire, as meant
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.sum().backward()
         g = group[start : start + chunk].to(x.device)
         for acc, p in zip(per_patient, params, strict=True):
             if p.grad_sample is not None:  # None: the parameter took no part in this pass
