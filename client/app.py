@@ -5,7 +5,8 @@ count of training or validation samples, not batches) and the site's public name
 the server can keep results per site. A site that refuses a round (its privacy budget would be
 exceeded) replies with a ``refusal`` record and the reason instead of weights. No patient value
 is ever put in a reply. Under DP a training reply carries only what the accountant covers
-(epsilon, delta, noise) and what the site's policy publishes (:func:`_train_metrics`).
+(epsilon, delta, noise, and the unit epsilon protects: :data:`common.units.UNIT_KEY`) and what the
+site's policy publishes (:func:`_train_metrics`).
 
 The handlers only translate: the round itself is :func:`client.rounds.train_round` and
 :func:`client.rounds.evaluate_round`, plain code without Flower.
@@ -40,6 +41,7 @@ from common.config import RunConfig, parse_run_config
 from common.errors import FedsiteError
 from common.model import pick_device
 from common.records import load_arrays, to_arrays
+from common.units import UNIT_KEY, unit_code
 
 __all__ = ["SiteError", "app", "evaluate", "prewarm", "train"]
 
@@ -145,6 +147,7 @@ def _train_metrics(outcome: TrainOutcome, policy: SitePolicy, threads: int, star
                 "epsilon": outcome.epsilon,
                 "delta": outcome.delta,
                 "noise-multiplier": outcome.noise_multiplier,
+                UNIT_KEY: unit_code(outcome.unit or "slice"),
             }
         )
     return MetricRecord(
@@ -211,7 +214,10 @@ def train(msg: Message, context: Context) -> Message:
         refusal = ConfigRecord({"kind": outcome.kind, "reason": outcome.reason})
         content = RecordDict({"site": _site_record(site), "refusal": refusal})
         if math.isfinite(outcome.delta):  # a budget refusal says what was spent; a policy refusal has no ledger
-            content["privacy"] = MetricRecord({"epsilon": outcome.epsilon, "delta": outcome.delta})
+            spent = {"epsilon": outcome.epsilon, "delta": outcome.delta}
+            if outcome.unit is not None:
+                spent[UNIT_KEY] = unit_code(outcome.unit)
+            content["privacy"] = MetricRecord(spent)
         return Message(content=content, reply_to=msg)
     metrics = _train_metrics(outcome, policy, threads, start)
     content = RecordDict({"arrays": to_arrays(model), "metrics": metrics, "site": _site_record(site)})

@@ -1,4 +1,4 @@
-"""Sample-level differential privacy at the site: DP-SGD with Opacus and its accountant. No Flower.
+"""Differential privacy at the site: DP-SGD with Opacus and its accountant, per patient or per slice. No Flower.
 
 The accountant's state is its *history*: a list of ``(noise_multiplier, sample_rate, steps)``
 entries, one per training call. A site keeps that history for its whole life
@@ -7,8 +7,15 @@ entries, one per training call. A site keeps that history for its whole life
 restored from it through Opacus' public state API (``load_state_dict``), so epsilon accumulates
 across rounds and runs instead of restarting at zero.
 
-Guarantee: (epsilon, delta)-DP for the site's training samples (one slice is one sample: slices
-of one patient are not grouped, so the guarantee is per slice, not per patient).
+Guarantee, and its *unit* (the site's policy chooses it, :class:`client.policy.SitePolicy.unit`):
+
+* ``"patient"`` (:func:`train_private_patients`): (epsilon, delta)-DP for each training *patient*.
+  Every step Poisson-samples patients, takes all of a sampled patient's slices, and clips the sum of
+  their gradients as one unit; the accountant runs over patients (sample rate = expected patients
+  per step / training patients). Adding or removing a whole patient is what epsilon bounds.
+* ``"slice"`` (:func:`train_private`): (epsilon, delta)-DP for each training *slice*: slices of one
+  patient are sampled and clipped one by one. For a patient with k slices this is, by group
+  privacy, only (k epsilon, k e^{(k-1) epsilon} delta): per patient it can be far weaker.
 
 Randomness: the Gaussian noise and the Poisson batch sampling come from :func:`secret_generator`, a
 ``torch.Generator`` seeded from the operating system's entropy (``secrets``) for every call. Nothing in
@@ -18,11 +25,12 @@ Opacus' ``secure_mode`` would use torchcsprng instead, which has no wheel for th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +40,23 @@ from common.task import Batchable, TrainResult, loss_function, make_optimizer
 
 __all__ = [
     "HistoryEntry",
+    "PatientSchedule",
     "PrivateTrainResult",
     "accountant_state",
+    "clipped_patient_sum",
     "default_delta",
     "epsilon_spent",
     "noise_for_remaining",
     "noise_for_target",
+    "patient_index",
+    "patient_schedule",
+    "per_sample_loss",
+    "per_sample_module",
     "secret_generator",
     "train_private",
+    "train_private_patients",
 ]
+
 
 HistoryEntry = tuple[float, float, int]
 """(noise multiplier, sample rate, steps) of one DP-SGD training call."""
@@ -327,3 +343,268 @@ def train_private(
         samples_seen=samples_seen,
     )
     return PrivateTrainResult(result=result, history=new_history, sample_rate=sample_rate, steps=steps)
+
+
+# --- Patient-level DP-SGD: every patient's slices form one unit ---------------------------------------
+
+
+def patient_index(patients: Sequence[str]) -> torch.Tensor:
+    """Per slice, the ordinal of its patient among the distinct patient keys (sorted): ``(N,)`` int64.
+
+    The ordinals are site-local bookkeeping for grouping slices; no key leaves the site.
+    """
+    order = {key: i for i, key in enumerate(sorted(set(patients)))}
+    return torch.tensor([order[k] for k in patients], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class PatientSchedule:
+    """How patient-level DP-SGD samples a site's training patients."""
+
+    expected_patients: int
+    """Patients expected per step: ``max(1, batch_size // slices per patient)``, so that a step
+    holds about ``batch_size`` slices on average."""
+    sample_rate: float
+    """Each patient's chance to join a step (Poisson): 1 / steps per epoch."""
+    steps_per_epoch: int
+
+
+def patient_schedule(n_slices: int, n_patients: int, batch_size: int) -> PatientSchedule:
+    """The Poisson schedule over patients for a split of ``n_slices`` slices from ``n_patients`` patients.
+
+    As Opacus' Poisson loader does for slices: ``steps_per_epoch = ceil(patients / expected)`` and
+    the sample rate is its inverse.
+
+    Raises:
+        ValueError: If there are no patients.
+    """
+    if n_patients <= 0:
+        raise ValueError("no training patients: the site's training split is empty")
+    per_patient = max(1, round(n_slices / n_patients))
+    expected = min(max(1, batch_size // per_patient), n_patients)
+    steps = math.ceil(n_patients / expected)
+    return PatientSchedule(expected_patients=expected, sample_rate=1.0 / steps, steps_per_epoch=steps)
+
+
+def per_sample_loss(
+    task: str = "segmentation", weights: torch.Tensor | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task loss as one value per sample, ``(B,)``: no sample's loss depends on another.
+
+    Segmentation: the task loss (:func:`common.task.loss_function`, Dice per sample plus
+    cross-entropy) on each sample alone. Classification: cross-entropy per sample, times the fixed
+    weight of its class (a weighted *mean* over a batch would divide by the batch's weight sum and
+    couple the samples).
+    """
+    if task == "classification":
+        import torch.nn.functional as F
+
+        def classify(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            w = None if weights is None else weights.to(logits.device)
+            return F.cross_entropy(logits, y, weight=w, reduction="none")
+
+        return classify
+    loss_fn = loss_function(task)
+
+    def segment(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([loss_fn(logits[i : i + 1], y[i : i + 1]) for i in range(len(logits))])
+
+    return segment
+
+
+@contextlib.contextmanager
+def per_sample_module(model: torch.nn.Module, grad_sample_mode: str = "hooks") -> Iterator[Any]:
+    """``model`` wrapped in Opacus' ``GradSampleModule`` (per-sample gradients of a summed loss) for the block.
+
+    The wrapper's hooks are removed on exit, leaving the plain model. ``"functorch"`` uses
+    ``torch.func`` per-sample gradients; any other mode (e.g. ``"ghost"``, which yields no
+    per-sample gradients) uses hooks.
+    """
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(
+        model, batch_first=True, loss_reduction="sum", force_functorch=grad_sample_mode == "functorch"
+    )
+    try:
+        yield gsm
+    finally:
+        gsm._close()
+        for p in model.parameters():
+            p.grad_sample = None
+
+
+def clipped_patient_sum(
+    gsm: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    patients: torch.Tensor,
+    *,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    max_grad_norm: float,
+    chunk: int = 32,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One step's sum over patients of each patient's clipped gradient (no noise).
+
+    Each slice's gradient is computed alone (per-sample gradients), the slices of one patient are
+    summed, and that patient's sum is clipped to ``max_grad_norm``: a patient's whole contribution
+    has norm at most ``max_grad_norm``, however many slices it holds.
+
+    Args:
+        gsm: The model in :func:`per_sample_module`.
+        x, y: The step's slices (all slices of the sampled patients) and their labels.
+        patients: ``(B,)`` patient of each slice (any integers; equal = same patient).
+        loss_of: Per-sample loss (:func:`per_sample_loss`).
+        max_grad_norm: The clipping norm C, per patient.
+        chunk: Slices per forward/backward pass (bounds memory; the result does not depend on it).
+
+    Returns:
+        ``(sums, losses)``: one tensor per trainable parameter (shaped like it), and the ``(B,)`` per-slice
+        losses (detached).
+    """
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    if len(x) == 0:
+        return [torch.zeros_like(p) for p in params], torch.zeros(0)
+    _, group = torch.unique(patients, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    per_patient = [torch.zeros((n_groups, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+    losses = []
+    for start in range(0, len(x), chunk):
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+        loss = loss_of(gsm(x[start : start + chunk]), y[start : start + chunk])
+        with warnings.catch_warnings():  # the images need no gradient: Opacus' hooks still fire, as meant
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.sum().backward()
+        g = group[start : start + chunk].to(x.device)
+        for acc, p in zip(per_patient, params, strict=True):
+            if p.grad_sample is not None:  # None: the parameter took no part in this pass
+                acc.index_add_(0, g, p.grad_sample)
+        losses.append(loss.detach())
+    for p in params:
+        p.grad_sample = None
+        p.grad = None
+    norms = torch.sqrt(sum(acc.reshape(n_groups, -1).pow(2).sum(1) for acc in per_patient))
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    sums = [torch.einsum("g,g...->...", factor, acc) for acc in per_patient]
+    return sums, torch.cat(losses).cpu()
+
+
+def train_private_patients(
+    model: torch.nn.Module,
+    data: Batchable,
+    patients: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "adam",
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: Sequence[HistoryEntry] = (),
+    accountant: str = "rdp",
+    grad_sample_mode: str = "hooks",
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    task: str = "segmentation",
+    weights: torch.Tensor | None = None,
+) -> PrivateTrainResult:
+    """Patient-level DP-SGD: Poisson sampling of patients, clipping per patient, accountant over patients.
+
+    Each step draws every training patient with probability ``q`` (:func:`patient_schedule`), takes
+    all of the drawn patients' slices, sums their per-slice gradients per patient, clips each patient's
+    sum to ``max_grad_norm`` (:func:`clipped_patient_sum`), adds Gaussian noise of std
+    ``noise_multiplier x max_grad_norm`` and divides by the expected number of patients per step. A
+    step that drew nobody still adds the noise and is accounted (the mechanism does not depend on
+    who was drawn). The sampling and the noise come from :func:`secret_generator`.
+
+    Args:
+        model: The network (no BatchNorm); trained in place and left without Opacus hooks.
+        data: The site's training split.
+        patients: ``(N,)`` patient of each training slice (:func:`patient_index`); never leaves the site.
+        epochs: Local epochs (each ``steps_per_epoch`` steps).
+        batch_size: Expected batch size in slices; the expected patients per step follow from it.
+        lr, optimizer: As for :func:`train_private`.
+        noise_multiplier: Noise std / clipping norm; 0 clips without noise (no DP guarantee).
+        max_grad_norm: Clipping norm of one patient's summed gradient.
+        history: The site's accountant history (over patients) before this call.
+        accountant: ``"rdp"`` or ``"prv"``.
+        grad_sample_mode: ``"hooks"`` or ``"functorch"`` (:func:`per_sample_module`).
+        proximal_mu: FedProx pull towards the global weights after each step (post-processing).
+        seed: Seeds only non-private randomness (never sampling or noise).
+        device: Where to train.
+        task: ``"segmentation"`` or ``"classification"``.
+        weights: Classification only: fixed per-class loss weights.
+
+    Returns:
+        The training result and the accountant history including this call (sample rate over patients).
+
+    Raises:
+        ValueError: If ``data`` is empty, ``patients`` does not match it, or the model holds BatchNorm.
+    """
+    from opacus.validators import ModuleValidator
+
+    if len(data) == 0:
+        raise ValueError("no training samples: the site's training split is empty")
+    if patients.shape != (len(data),):
+        raise ValueError(f"patients has shape {tuple(patients.shape)}; one patient per training slice ({len(data)})")
+    model.train()  # the validator checks training mode (the model may come from evaluation)
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise ValueError(
+            f"the model cannot be trained with DP-SGD: {problems[0]}; use model.norm = 'instance' or 'group'"
+        )
+    start = time.perf_counter()
+    device = torch.device(device)
+    model.to(device).train()
+    torch.manual_seed(seed)  # reproducibility of non-private randomness only
+    secret = secret_generator()  # DP noise and Poisson sampling: OS entropy, never the run seed
+    _, group = torch.unique(patients, return_inverse=True)
+    n_patients = int(group.max()) + 1
+    plan = patient_schedule(len(data), n_patients, batch_size)
+    q = plan.sample_rate
+    expected = q * n_patients
+    slices_of = [torch.nonzero(group == i).flatten() for i in range(n_patients)]
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    opt = make_optimizer(model, optimizer, lr)
+    loss_of = per_sample_loss(task, weights)
+    acc = _accountant(accountant)
+    acc.load_state_dict(accountant_state(history, accountant))
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = samples_seen = 0
+    epoch_loss = 0.0
+    with per_sample_module(model, grad_sample_mode) as gsm, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(epochs):
+            total, seen = 0.0, 0
+            for _ in range(plan.steps_per_epoch):
+                drawn = torch.nonzero(torch.rand(n_patients, generator=secret) < q).flatten().tolist()
+                rows = torch.cat([slices_of[i] for i in drawn]) if drawn else torch.zeros(0, dtype=torch.long)
+                x, y = data.images[rows].to(device), data.labels[rows].to(device)
+                sums, losses = clipped_patient_sum(
+                    gsm, x, y, group[rows], loss_of=loss_of, max_grad_norm=max_grad_norm, chunk=max(batch_size, 1)
+                )
+                opt.zero_grad(set_to_none=True)
+                for p, s in zip(params, sums, strict=True):
+                    noise = torch.normal(0.0, noise_multiplier * max_grad_norm, size=p.shape, generator=secret)
+                    p.grad = (s + noise.to(device)) / expected
+                opt.step()
+                if proximal_mu > 0:
+                    with torch.no_grad():
+                        for p, g in zip(model.parameters(), global_params, strict=True):
+                            p.sub_(lr * proximal_mu * (p - g))
+                acc.step(noise_multiplier=noise_multiplier, sample_rate=q)
+                steps += 1
+                samples_seen += len(rows)
+                total += float(losses.sum())
+                seen += len(rows)
+            epoch_loss = total / max(seen, 1)
+    result = TrainResult(
+        num_examples=len(data),
+        steps=steps,
+        loss=epoch_loss,
+        seconds=time.perf_counter() - start,
+        samples_seen=samples_seen,
+    )
+    return PrivateTrainResult(result=result, history=_history_of(acc), sample_rate=q, steps=steps)

@@ -3,10 +3,13 @@
 The ledger is the site's accountant for its whole life: an append-only JSON file on the site's
 disk, in the place the site's policy names (:class:`client.policy.SitePolicy`, ``ledger_dir``;
 default ``<site>/.fedsite-privacy/ledger.json``), never in the repository and never chosen by
-the coordinator. Its header fixes, when it is created, its ``id``, ``delta`` and ``accountant``;
-every DP-SGD call on the site's data adds one entry
-``{"run", "round", "noise_multiplier", "sample_rate", "steps", "n_train", "max_grad_norm"}``, and
-epsilon is always computed over all entries at the ledger's own delta, so it only grows.
+the coordinator. Its header fixes, when it is created, its ``id``, ``delta``, ``accountant`` and
+``unit`` (``"patient"`` or ``"slice"``, from the site's policy: what one entry's sample rate is a
+rate *of*, and what epsilon protects); every DP-SGD call on the site's data adds one entry
+``{"run", "round", "noise_multiplier", "sample_rate", "steps", "n_train", "max_grad_norm"}`` (plus
+``n_patients`` at patient level), and epsilon is always computed over all entries at the ledger's
+own delta, so it only grows. A ledger spent at one unit never continues at the other: the site stops
+with :class:`LedgerError` instead (a ledger written before the unit was recorded was spent per slice).
 
 The ledger is locked (``fcntl`` on ``<ledger>.lock``) from reading it to writing the round's
 entry, so two processes cannot both spend the same budget. When the ledger is created its id is
@@ -31,9 +34,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from client.dpsgd import HistoryEntry, default_delta, epsilon_spent, noise_for_remaining, train_private
+from client.dpsgd import (
+    HistoryEntry,
+    default_delta,
+    epsilon_spent,
+    noise_for_remaining,
+    patient_schedule,
+    train_private,
+    train_private_patients,
+)
 from client.layout import LEDGER_DIR
-from client.policy import Grant, SitePolicy, write_policy
+from client.policy import UNITS, Grant, SitePolicy, write_policy
 from common.config import RunConfig
 from common.errors import FedsiteError
 from common.task import Batchable, TrainResult
@@ -79,6 +90,8 @@ class LedgerState:
     delta: float
     accountant: str
     entries: list[dict[str, Any]] = field(default_factory=list)
+    unit: str = "slice"
+    """``"patient"`` or ``"slice"``: the unit epsilon protects (a ledger from before units were recorded: slice)."""
 
     def epsilon(self, extra: Sequence[HistoryEntry] = ()) -> float:
         """Epsilon of every entry (plus ``extra`` planned calls) at the ledger's delta."""
@@ -139,9 +152,13 @@ class PrivacyLedger:
                 acc = entries[0].get("accountant", "rdp") if entries else "rdp"
                 return LedgerState(id="", delta=default_delta(int(first)), accountant=acc, entries=entries)
             state = LedgerState(
-                id=str(data["id"]), delta=float(data["delta"]), accountant=str(data["accountant"]), entries=entries
+                id=str(data["id"]),
+                delta=float(data["delta"]),
+                accountant=str(data["accountant"]),
+                entries=entries,
+                unit=str(data.get("unit", "slice")),
             )
-            if not 0 < state.delta < 1 or state.accountant not in ("rdp", "prv"):
+            if not 0 < state.delta < 1 or state.accountant not in ("rdp", "prv") or state.unit not in UNITS:
                 raise ValueError("bad header")
             return state
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
@@ -166,6 +183,7 @@ class PrivacyLedger:
             "id": state.id,
             "delta": state.delta,
             "accountant": state.accountant,
+            "unit": state.unit,
             "entries": list(state.entries),
         }
         try:
@@ -197,15 +215,17 @@ def open_ledger(
 ) -> tuple[LedgerState, SitePolicy]:
     """Read the ledger (the caller holds its lock), or create it on the site's first DP round.
 
-    Creating fixes delta (the grant's, else 1/(10 x ``n_train``)) and the accountant, and writes the
-    ledger's id into the policy file. Entries this run kept in ``Context.state`` that the file lost
-    are restored.
+    Creating fixes delta (the grant's, else 1/(10 x ``n_train``) with ``n_train`` the training
+    *slices*, also at patient level: stricter than 1/(10 x patients)), the accountant and the unit,
+    and writes the ledger's id into the policy file. Entries this run kept in ``Context.state`` that
+    the file lost are restored.
 
     Returns:
         The ledger's content and the policy (with ``ledger_id`` once written).
 
     Raises:
-        LedgerError: If the policy names a ledger that is missing or a different one.
+        LedgerError: If the policy names a ledger that is missing or a different one, or the ledger was
+            spent at another unit than the grant's.
     """
     state = ledger.read()
     if state is None and policy.ledger_id:
@@ -221,12 +241,14 @@ def open_ledger(
         )
     if state is None:
         delta = granted.delta if granted.delta > 0 else default_delta(n_train)
-        state = LedgerState(id=uuid.uuid4().hex, delta=delta, accountant=granted.accountant)
+        state = LedgerState(id=uuid.uuid4().hex, delta=delta, accountant=granted.accountant, unit=granted.unit)
         ledger.write(state)
-        log.info("privacy: new ledger %s (delta %.2g fixed)", ledger.path, delta)
+        log.info("privacy: new ledger %s (delta %.2g, unit %s fixed)", ledger.path, delta, granted.unit)
     elif not state.id:
         state = replace(state, id=uuid.uuid4().hex)  # an old ledger gets its id now
         ledger.write(state)
+    if state.unit != granted.unit:
+        raise LedgerError(_unit_mismatch(ledger, state, granted.unit))
     if policy.path and policy.ledger_id != state.id:
         policy = write_policy(Path(policy.path), replace(policy, ledger_id=state.id))
     if len(state_entries) > len(state.entries):
@@ -234,6 +256,26 @@ def open_ledger(
         state = replace(state, entries=list(state_entries))
         ledger.write(state)
     return state, policy
+
+
+def _unit_mismatch(ledger: PrivacyLedger, state: LedgerState, unit: str) -> str:
+    spent = state.epsilon()
+    if state.unit == "slice":
+        why = (
+            f"its epsilon {spent:.3g} is per slice, and per patient it is larger (group privacy), so a patient-level "
+            "ledger cannot continue it. Either set unit = 'slice' in the site's privacy policy to keep training at "
+            "slice level, or start a patient-level ledger (a new ledger_dir, and remove ledger_id from the policy) "
+            "only if the site's governance accepts that the slice-level spending is not counted in it"
+        )
+    else:
+        why = (
+            f"its epsilon {spent:.3g} is per patient. Set unit = 'patient' in the site's privacy policy again; a "
+            "slice-level guarantee is weaker and would start a separate account"
+        )
+    return (
+        f"privacy ledger {ledger.path} was created at {state.unit} level but the site's privacy policy now asks "
+        f"{unit} level; DP training is refused: {why}"
+    )
 
 
 @dataclass(frozen=True)
@@ -245,19 +287,34 @@ class PrivateRound:
     epsilon: float
     delta: float
     noise_multiplier: float
+    unit: str = "slice"
+    """What epsilon protects: ``"patient"`` or ``"slice"`` (the ledger's unit)."""
 
 
 def _plan(
-    cfg: RunConfig, state: LedgerState, n_train: int, *, epochs: int, batch_size: int, server_round: int
+    cfg: RunConfig,
+    state: LedgerState,
+    n_train: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    server_round: int,
+    n_patients: int = 0,
 ) -> tuple[float, int, float]:
-    """(sample rate, steps this round, noise multiplier) for a round.
+    """(sample rate, steps this round, noise multiplier) for a round, in the ledger's unit.
 
+    At slice level the rate is over slices (as Opacus' Poisson loader samples them); at patient level
+    over ``n_patients`` patients (:func:`client.dpsgd.patient_schedule`).
     With ``privacy.target-epsilon`` the target is a *lifetime* one: the noise is sized so that the
     ledger so far plus this run's remaining rounds (this one included) spend it.
     """
     p = cfg.privacy
-    batches = math.ceil(n_train / min(batch_size, n_train))
-    sample_rate = 1.0 / batches  # as Opacus' Poisson data loader samples
+    if state.unit == "patient":
+        schedule = patient_schedule(n_train, n_patients, batch_size)
+        batches, sample_rate = schedule.steps_per_epoch, schedule.sample_rate
+    else:
+        batches = math.ceil(n_train / min(batch_size, n_train))
+        sample_rate = 1.0 / batches  # as Opacus' Poisson data loader samples
     steps = epochs * batches
     if p.target_epsilon > 0:
         rounds_left = max(cfg.num_server_rounds - server_round + 1, 1)
@@ -294,6 +351,7 @@ def private_round(
     device: Any,
     task: str = "segmentation",
     weights: Any = None,
+    patients: Any = None,
 ) -> PrivateRound:
     """Check the budget, train with DP-SGD, and record the round in the ledger (all under its lock).
 
@@ -307,19 +365,26 @@ def private_round(
         state_entries: The history kept in ``Context.state`` during this run.
         run_id, server_round: Recorded with the entry.
         epochs, batch_size, lr, optimizer, proximal_mu, seed, device, task, weights: As for training.
+        patients: ``(N,)`` patient of each training slice (:func:`client.dpsgd.patient_index`); needed when
+            the grant's unit is ``"patient"``. Never leaves the site.
 
     Returns:
         The training result, the full ledger after the round, and epsilon/delta so far.
 
     Raises:
         PrivacyBudgetExceeded: If this round would take the site past its budget (or lifetime target).
-        LedgerError: If the ledger cannot be read or written, or is missing for a site that trained before.
+        LedgerError: If the ledger cannot be read or written, is missing for a site that trained before,
+            or was spent at another unit than the policy's.
+        ValueError: At patient level without ``patients``.
     """
     n = len(data)
+    if granted.unit == "patient" and (patients is None or len(patients) != n):
+        raise ValueError("patient-level DP needs the patient of each training slice (patients); none was given")
+    n_patients = len(set(patients.tolist())) if granted.unit == "patient" else 0
     with ledger.locked():
         state, _ = open_ledger(ledger, policy, granted, n, state_entries)
         sample_rate, steps, sigma = _plan(
-            cfg, state, n, epochs=epochs, batch_size=batch_size, server_round=server_round
+            cfg, state, n, epochs=epochs, batch_size=batch_size, server_round=server_round, n_patients=n_patients
         )
         spent = state.epsilon()
         projected = state.epsilon([(sigma, sample_rate, steps)]) if math.isfinite(sigma) else math.inf
@@ -330,9 +395,7 @@ def private_round(
                 "policy's max_epsilon and the run's privacy.max-epsilon / target-epsilon); the site refuses to "
                 "train. Raise the budget only if the site's governance allows it"
             )
-        out = train_private(
-            model,
-            data,
+        settings = dict(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -348,6 +411,10 @@ def private_round(
             task=task,
             weights=weights,
         )
+        if state.unit == "patient":
+            out = train_private_patients(model, data, patients, **settings)
+        else:
+            out = train_private(model, data, **settings)
         # What was really released: the optimizer steps taken at the loader's sample rate.
         new = {
             "run": int(run_id),
@@ -357,17 +424,24 @@ def private_round(
             "steps": out.steps,
             "n_train": n,
             "max_grad_norm": cfg.privacy.max_grad_norm,
+            **({"n_patients": n_patients} if state.unit == "patient" else {}),
         }
         state = replace(state, entries=[*state.entries, new])
         ledger.write(state)
     eps = state.epsilon()
     log.info(
-        "privacy: round %d spent; site epsilon now %.3g at delta %.2g (noise %.3g)",
+        "privacy: round %d spent; site epsilon now %.3g per %s at delta %.2g (noise %.3g)",
         server_round,
         eps,
+        state.unit,
         state.delta,
         sigma,
     )
     return PrivateRound(
-        result=out.result, entries=state.entries, epsilon=eps, delta=state.delta, noise_multiplier=sigma
+        result=out.result,
+        entries=state.entries,
+        epsilon=eps,
+        delta=state.delta,
+        noise_multiplier=sigma,
+        unit=state.unit,
     )

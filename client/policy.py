@@ -1,18 +1,22 @@
 """The site's own privacy policy, and what it grants a run. Plain code; no Flower.
 
-Whether DP is on, the lifetime budget, delta, the accountant, the ledger's place and whether the
-membership audit may run are the *site's* settings, not the coordinator's. They live in a policy
-file the site's operator writes: ``<site>/privacy.json`` (:data:`client.layout.POLICY_FILE`), or
-the file named by the node config key ``privacy-policy`` (e.g. outside the data folder)::
+Whether DP is on, the unit of its guarantee (a patient or a slice), the lifetime budget, delta, the
+accountant, the ledger's place and whether the membership audit may run are the *site's* settings,
+not the coordinator's. They live in a policy file the site's operator writes: ``<site>/privacy.json``
+(:data:`client.layout.POLICY_FILE`), or the file named by the node config key ``privacy-policy``
+(e.g. outside the data folder)::
 
-    {"dp": true, "max_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp", "ledger_dir": "",
-     "audit": false, "class_weights": [1.0, 3.0], "public_size": 0}
+    {"dp": true, "unit": "patient", "max_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp",
+     "ledger_dir": "", "audit": false, "class_weights": [1.0, 3.0], "public_size": 0}
 
 The run config (``privacy.*``, sent by the coordinator) only *asks*: :func:`grant` accepts a run
 that asks for at least the policy's protection and returns a refusal reason for one that asks for
 less (DP off, a larger budget or delta). A run may ask for more protection (DP on a site whose
 policy leaves it off, a smaller budget). A site without a policy file has the default policy (DP
-off, no budget): there the run's request decides, as it is the only wish there is.
+off, no budget, patient-level unit): there the run's request decides, as it is the only wish there is.
+The unit is the site's alone (the run config has no key for it): ``"patient"`` by default, the
+guarantee a privacy officer expects; ``"slice"`` only when the site's policy says so. It is fixed in
+the ledger when the ledger is created.
 
 When the site's ledger is created, its id is written into the policy file (``ledger_id``): from
 then on a missing or replaced ledger stops DP training instead of counting epsilon from zero.
@@ -32,7 +36,10 @@ from client.layout import POLICY_FILE
 from common.config import RunConfig
 from common.errors import FedsiteError
 
-__all__ = ["NODE_KEY", "Grant", "PolicyError", "SitePolicy", "grant", "load_policy", "write_policy"]
+__all__ = ["NODE_KEY", "UNITS", "Grant", "PolicyError", "SitePolicy", "grant", "load_policy", "write_policy"]
+
+#: The units a guarantee can be stated in: one patient (all of its slices) or one slice.
+UNITS = ("patient", "slice")
 
 #: Node config key naming the policy file (default: ``<site>/privacy.json``).
 NODE_KEY = "privacy-policy"
@@ -48,6 +55,9 @@ class SitePolicy:
 
     dp: bool = False
     """DP-SGD on every training round of this site; a run asking ``privacy.dp = false`` is refused."""
+    unit: str = "patient"
+    """The unit of the guarantee: ``"patient"`` (all of a patient's slices are sampled and clipped as
+    one) or ``"slice"`` (each slice alone: per patient epsilon can be far larger). Fixed in the ledger."""
     max_epsilon: float = 0.0
     """Lifetime epsilon budget over the site's whole ledger; 0 = none (required when ``dp``)."""
     delta: float = 0.0
@@ -83,6 +93,7 @@ def _checked(raw: Mapping[str, Any], where: Path) -> SitePolicy:
     try:
         policy = SitePolicy(
             dp=bool(raw.get("dp", False)),
+            unit=str(raw.get("unit", "patient")),
             max_epsilon=float(raw.get("max_epsilon", 0.0)),
             delta=float(raw.get("delta", 0.0)),
             accountant=str(raw.get("accountant", "")),
@@ -95,6 +106,10 @@ def _checked(raw: Mapping[str, Any], where: Path) -> SitePolicy:
         )
     except (TypeError, ValueError) as exc:
         raise PolicyError(f"privacy policy {where}: a value has the wrong type ({exc})") from None
+    if policy.unit not in UNITS:
+        raise PolicyError(
+            f"privacy policy {where}: unit = {policy.unit!r}; use 'patient' (a guarantee per patient) or 'slice'"
+        )
     if policy.accountant not in ("", "rdp", "prv"):
         raise PolicyError(f"privacy policy {where}: accountant = {policy.accountant!r}; use 'rdp' or 'prv'")
     if policy.max_epsilon < 0 or not 0 <= policy.delta < 1 or policy.public_size < 0:
@@ -159,6 +174,8 @@ class Grant:
     """Delta asked for a new ledger (0 = default); an existing ledger keeps its own."""
     accountant: str
     audit: bool
+    unit: str = "patient"
+    """The unit of the guarantee (the site's policy's: the run cannot change it)."""
 
 
 def grant(policy: SitePolicy, cfg: RunConfig) -> Grant | str:
@@ -187,4 +204,5 @@ def grant(policy: SitePolicy, cfg: RunConfig) -> Grant | str:
         delta=delta,
         accountant=policy.accountant or ask.accountant,
         audit=ask.audit and (policy.audit or not dp),
+        unit=policy.unit,
     )

@@ -78,6 +78,8 @@ class TrainOutcome:
     """Under DP: the site's epsilon over its whole ledger after this round (else None)."""
     delta: float | None = None
     noise_multiplier: float | None = None
+    unit: str | None = None
+    """Under DP: what epsilon protects, ``"patient"`` or ``"slice"`` (the ledger's unit)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Refusal:
     reason: str
     epsilon: float
     delta: float
+    unit: str | None = None
+    """The unit of ``epsilon`` when a ledger exists (a budget refusal)."""
 
 
 @dataclass(frozen=True)
@@ -219,16 +223,22 @@ def train_round(
                 state_entries=memory.privacy_entries,
                 run_id=run_id,
                 server_round=request.server_round,
+                patients=site.train_patients,
                 **kwargs,
             )
         except PrivacyBudgetExceeded as exc:
             log.warning("site %s refuses round %d: %s", site.name, request.server_round, exc)
             state = ledger.read()
             eps, delta = (state.epsilon(), state.delta) if state is not None else (0.0, float("nan"))
-            return Refusal(kind="privacy-budget", reason=str(exc), epsilon=eps, delta=delta)
+            unit = state.unit if state is not None else None
+            return Refusal(kind="privacy-budget", reason=str(exc), epsilon=eps, delta=delta, unit=unit)
         memory.privacy_entries = list(done.entries)
         outcome = TrainOutcome(
-            result=done.result, epsilon=done.epsilon, delta=done.delta, noise_multiplier=done.noise_multiplier
+            result=done.result,
+            epsilon=done.epsilon,
+            delta=done.delta,
+            noise_multiplier=done.noise_multiplier,
+            unit=done.unit,
         )
     if request.fedbn:
         _keep_local_norms(model, memory)

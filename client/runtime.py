@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from client.dataset import SiteData, load_site
+from client.dpsgd import patient_index
 from client.errors import DicomError
 from client.layout import sim_site_name
 from common.config import DataConfig, ModelConfig, RunConfig, TaskConfig
@@ -40,6 +41,9 @@ class LoadedSite:
     audit: Batchable | None = None
     """Training-patient slices held out of training for the membership audit (same distribution
     as the training slices, so the attack measures memorisation, not patient differences)."""
+    train_patients: torch.Tensor | None = None
+    """``(N,)`` int64: the patient of each training slice, as a site-local ordinal (patient-level DP
+    groups slices by it; it never leaves the site)."""
 
     @property
     def name(self) -> str:
@@ -109,7 +113,13 @@ def _load(
         data.series_used,
         len(data.rejected),
     )
-    return LoadedSite(data=data, train=stack_samples(train), val=stack_samples(data.val), audit=audit)
+    return LoadedSite(
+        data=data,
+        train=stack_samples(train),
+        val=stack_samples(data.val),
+        audit=audit,
+        train_patients=patient_index([s["patient"] for s in train]),
+    )
 
 
 def loaded_site(site_dir: Path, cfg: RunConfig) -> LoadedSite:

@@ -72,7 +72,8 @@ def _progress(rec: RoundRecord, total: int, metric: str = "dice") -> str:
     if rec.privacy:
         eps = [p["epsilon"] for p in rec.privacy.values()]
         shown = "unbounded (no noise)" if any(e is None for e in eps) else f"{max(e for e in eps if e is not None):.3g}"
-        line += f"; max site epsilon {shown}"
+        units = sorted({p["unit"] for p in rec.privacy.values() if p.get("unit")})
+        line += f"; max site epsilon {shown}" + (f" (per {'/'.join(units)})" if units else "")
     return line
 
 

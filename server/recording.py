@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -35,6 +35,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from common.metrics import summarize_sites
 from common.records import RecordError, check_arrays
+from common.units import UNIT_KEY, unit_name
 from server.screening import screen_distances, update_distance
 from server.wire import message_bytes, phase_of, reply_records, unexpected_content
 
@@ -91,7 +92,8 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_timing: dict[str, dict[str, float]] = field(default_factory=dict)
-    privacy: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per site: ``epsilon`` (None = unbounded), ``delta`` and, when the site names it, ``unit`` ("patient"/"slice")."""
     central_privacy: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     #: Sites that did not contribute: late (no reply before the deadline), failed or refusing.
@@ -151,6 +153,15 @@ class QuorumLost(RuntimeError):
 def _epsilon(value: object) -> float | None:
     """Epsilon for results: None when unbounded (clipping without noise gives no guarantee)."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _spent(m: MetricRecord) -> dict[str, Any]:
+    """A site's privacy account from its reply: epsilon, delta and, when the site names it, the unit."""
+    out: dict[str, Any] = {"epsilon": _epsilon(m["epsilon"]), "delta": float(m.get("delta", 0.0))}
+    unit = unit_name(m.get(UNIT_KEY))
+    if unit is not None:
+        out["unit"] = unit  # "patient" or "slice": what epsilon protects
+    return out
 
 
 def site_of(msg: Message) -> str | None:
@@ -326,7 +337,7 @@ class RecordingStrategy(Strategy):
                 rec.missing.append({"site": name, "phase": phase, "reason": reason})
             spent = msg.content.metric_records.get("privacy") if not msg.has_error() else None
             if isinstance(spent, MetricRecord) and "epsilon" in spent:
-                rec.privacy[site] = {"epsilon": _epsilon(spent["epsilon"]), "delta": float(spent.get("delta", 0.0))}
+                rec.privacy[site] = _spent(spent)
         # In site-name order, not arrival order: a float32 sum depends on its order, and one ulp in
         # the global weights can change a later round's Dice (the same seed gave 0.000 and 0.566).
         return [by_site[site] for site in sorted(by_site)], by_site
@@ -383,7 +394,7 @@ class RecordingStrategy(Strategy):
             m = msg.content["metrics"]
             rec.train[site] = {k: float(m[k]) for k in _REPORTED_TRAIN if k in m}
             if "epsilon" in m:
-                rec.privacy[site] = {"epsilon": _epsilon(m["epsilon"]), "delta": float(m.get("delta", 0.0))}
+                rec.privacy[site] = _spent(m)
         refused = [
             r for r in rec.rejected if r["phase"] == "train" and r["reason"].startswith("refused (privacy-budget)")
         ]

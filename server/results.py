@@ -134,25 +134,40 @@ def network_line(results: dict[str, Any]) -> str:
     )
 
 
+def _epsilon_cell(p: dict[str, Any] | None) -> str:
+    """A site's epsilon with its unit, e.g. ``4.68 per patient``; ``unbounded`` without noise."""
+    if not p:
+        return "-"
+    value = "unbounded" if p.get("epsilon") is None else f"{p['epsilon']:.3g}"
+    return f"{value} per {p['unit']}" if p.get("unit") else value
+
+
 def site_table(results: dict[str, Any], *, metric: str = "dice") -> str:
-    """A plain-text table: one row per site, first and final ``metric``, final loss; then mean and worst."""
+    """A plain-text table: one row per site, first and final ``metric``, final loss; then mean and worst.
+
+    Under site DP a last column gives each site's epsilon with its unit (``per patient`` or ``per slice``).
+    """
     rounds = [r for r in results["rounds"] if r["per_site"]]
     if not rounds:
         return "no site reported evaluation results"
     first, final = rounds[0], results["final"]
+    spent = final.get("privacy", {})
     rows = [("site", f"{metric} r{first['round']}", f"{metric} r{final['round']}", "loss", "val samples")]
+    if spent:
+        rows[0] += ("epsilon",)
     for site in sorted(final["per_site"]):
         f = first["per_site"].get(site, {})
         last_round = rounds[-1]["per_site"].get(site, {})
-        rows.append(
-            (
-                site,
-                f"{f[metric]:.3f}" if metric in f else "-",
-                f"{final['per_site'][site].get(metric, float('nan')):.3f}",
-                f"{final['per_site'][site].get('loss', float('nan')):.3f}",
-                f"{int(last_round.get('num-examples', 0))}",
-            )
+        row: tuple[str, ...] = (
+            site,
+            f"{f[metric]:.3f}" if metric in f else "-",
+            f"{final['per_site'][site].get(metric, float('nan')):.3f}",
+            f"{final['per_site'][site].get('loss', float('nan')):.3f}",
+            f"{int(last_round.get('num-examples', 0))}",
         )
+        if spent:
+            row += (_epsilon_cell(spent.get(site)),)
+        rows.append(row)
     for label in ("mean", "worst"):
         fv = first[label].get(metric)
         rows.append(
@@ -163,6 +178,7 @@ def site_table(results: dict[str, Any], *, metric: str = "dice") -> str:
                 f"{final[label].get('loss', float('nan')):.3f}",
                 "",
             )
+            + (("",) if spent else ())
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [

@@ -103,6 +103,7 @@ def summarize_privacy_run(setting: PrivacySetting, results: dict[str, Any]) -> d
         },
         "epsilon_spent": spent,
         "delta": {site: p.get("delta") for site, p in final.get("privacy", {}).items()},
+        "unit": {site: p.get("unit") for site, p in final.get("privacy", {}).items()},
         "attack_auc": attack,
         "attack_auc_initial_model": initial,
         "seconds": results["timing"]["total_s"],

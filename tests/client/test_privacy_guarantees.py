@@ -118,7 +118,9 @@ def test_under_dp_no_training_data_metric_reaches_the_server(
     run = {**DP, "privacy.audit": True}
     reply = _train(small_sites / "site-02", policy, run)
     metrics = dict(reply.content["metrics"])
-    assert set(metrics) == {"num-examples", "threads", "uniform-weight", "epsilon", "delta", "noise-multiplier"}
+    accounted = {"epsilon", "delta", "noise-multiplier", "privacy-unit"}  # privacy-unit: the policy's unit, a code
+    assert set(metrics) == {"num-examples", "threads", "uniform-weight"} | accounted
+    assert metrics["privacy-unit"] == 1.0  # per patient: the policy's default unit
     assert metrics["num-examples"] == 1  # the training-set size is withheld (policy public_size = 0)
     # the audit (training slices, outside the accountant) does not run: the policy does not allow it
     ctx = site_context(small_sites / "site-02", run, node_id=3, node_config={"privacy-policy": str(policy)})

@@ -101,6 +101,30 @@ def test_results_keep_rejections_site_epsilons_and_why_the_federation_stopped(
     assert "central_privacy" not in res["final"]
 
 
+def test_results_and_the_site_table_name_the_unit_each_sites_epsilon_protects(
+    tmp_path, monkeypatch, task_identity
+) -> None:
+    from server.results import site_table
+
+    names = {11: "site-01", 12: "site-02"}
+    unit = {11: 1.0, 12: 2.0}  # the reply's privacy-unit code: site-01 per patient, site-02 per slice
+
+    def site(r: int, kind: str, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if kind == MessageType.TRAIN:
+            spent = {"num-examples": 1, "epsilon": 1.5 * r, "delta": 1e-5, "privacy-unit": unit[node]}
+            return train_reply(node, names[node], _learnt(msg, 0.01), spent, to=msg)
+        return eval_reply(node, names[node], {"dice": 0.5, "loss": 0.5, "num-examples": 5}, to=msg)
+
+    res = _run(tmp_path, monkeypatch, {"num-server-rounds": 2, "privacy.dp": True}, site, list(names))
+    assert res["final"]["privacy"] == {
+        "site-01": {"epsilon": 3.0, "delta": 1e-5, "unit": "patient"},
+        "site-02": {"epsilon": 3.0, "delta": 1e-5, "unit": "slice"},
+    }
+    rows = {line.split()[0]: line for line in site_table(res).splitlines()}
+    assert rows["site-01"].endswith("3 per patient") and rows["site-02"].endswith("3 per slice")
+
+
 def test_results_of_central_dp_over_4_sites_report_the_site_level_epsilon_every_round(
     tmp_path, monkeypatch, task_identity
 ) -> None:
