@@ -557,6 +557,9 @@ def train_private_patients(
         )
     start = time.perf_counter()
     device = torch.device(device)
+    from client.per_sample import prepare
+
+    prepare(model)  # fedsite's grad samplers (PReLU, transposed convolutions) for Opacus' hooks
     model.to(device).train()
     torch.manual_seed(seed)  # reproducibility of non-private randomness only
     secret = secret_generator()  # DP noise and Poisson sampling: OS entropy, never the run seed

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from common.units import UNIT_KEY
+
 __all__ = ["ALLOWED_RECORDS", "message_bytes", "phase_of", "reply_records", "unexpected_content"]
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -37,7 +39,7 @@ ALLOWED_RECORDS: dict[str, dict[str, tuple[type, frozenset[str] | None]]] = {
     "refusal": {
         "site": (ConfigRecord, frozenset({"name"})),
         "refusal": (ConfigRecord, frozenset({"kind", "reason"})),
-        "privacy": (MetricRecord, frozenset({"epsilon", "delta"})),
+        "privacy": (MetricRecord, frozenset({"epsilon", "delta", UNIT_KEY})),
     },
     "evaluate": {
         "metrics": (MetricRecord, None),
