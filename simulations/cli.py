@@ -355,7 +355,7 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         flush=True,
     )
     report = privacy_study(cfg, args.out, progress=lambda m: print(m, flush=True))
-    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC")]
+    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC", "calibrated AUC [95% CI]", "n")]
     for s in report["settings"]:
         eps = list(s["epsilon_spent"].values())
         eps_txt = "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}")
@@ -366,8 +366,12 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
                 f"{s['utility']['worst'].get('dice', float('nan')):.3f}",
                 eps_txt,
                 f"{s['attack_auc'].get('mean', float('nan')):.3f}",
+                *_calibrated_cells(s.get("calibrated_attack")),
             )
         )
+    if "overfit_attack" in report:
+        o = report["overfit_attack"]
+        rows.append((f"over-fit ({o['slices']} slices x {o['epochs']} ep)", "-", "-", "-", "-", *_calibrated_cells(o)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
@@ -379,6 +383,14 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         )
     print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
     return 0
+
+
+def _calibrated_cells(attack: dict | None) -> tuple[str, str]:
+    """The calibrated attack's table cells: ``AUC [low, high]`` and ``members+non-members``."""
+    if not attack:
+        return "-", "-"
+    low, high = attack["interval"]
+    return f"{attack['auc']:.3f} [{low:.3f}, {high:.3f}]", f"{attack['members']}+{attack['non_members']}"
 
 
 def _cmd_study_shift(args: argparse.Namespace) -> int:
