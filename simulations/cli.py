@@ -344,7 +344,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_privacy(args: argparse.Namespace) -> int:
-    from simulations.studies import privacy_study
+    from simulations.studies import OverfitArm, privacy_study
 
     quick: dict[str, object] = (
         {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
@@ -354,7 +354,8 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}",
         flush=True,
     )
-    report = privacy_study(cfg, args.out, progress=lambda m: print(m, flush=True))
+    overfit = OverfitArm(slices=32, epochs=40) if args.quick else OverfitArm()
+    report = privacy_study(cfg, args.out, overfit=overfit, progress=lambda m: print(m, flush=True))
     rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC", "calibrated AUC [95% CI]", "n")]
     for s in report["settings"]:
         eps = list(s["epsilon_spent"].values())
