@@ -98,7 +98,7 @@ def attack_game(small_sites: Path) -> dict:
     cfg = parse_run_config(TINY)
     samples = []
     for name in ("site-01", "site-02", "site-03"):
-        data = load_site(small_sites / name, cfg.data, seed=cfg.seed, use_cache=False)
+        data = load_site(small_sites / name, cfg.data, seed=cfg.seed)
         samples += data.train + data.val
     pool = stack_samples(samples)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
