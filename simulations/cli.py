@@ -372,7 +372,11 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         )
     if "overfit_attack" in report:
         o = report["overfit_attack"]
-        rows.append((f"over-fit ({o['slices']} slices x {o['epochs']} ep)", "-", "-", "-", "-", *_calibrated_cells(o)))
+        label = f"over-fit ({o['slices']} slices x {o['epochs']} ep)"
+        rows.append((label, "-", "-", "-", "-", *_calibrated_cells(o)))
+        if "dp" in o:
+            eps = f"{o['dp']['epsilon']:g}"
+            rows.append((f"{label}, DP-SGD", "-", "-", eps, "-", *_calibrated_cells(o["dp"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))

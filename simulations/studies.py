@@ -33,6 +33,7 @@ from common.config import RunConfig
 
 __all__ = [
     "PRIVACY_SETTINGS",
+    "AttackGame",
     "OverfitArm",
     "PrivacySetting",
     "attack_game",
@@ -72,6 +73,8 @@ class OverfitArm:
 
     slices: int = 48
     epochs: int = 100
+    dp_epsilon: float | None = 8.0
+    """Also train the same model on the same slices under DP-SGD at this epsilon (per slice); None: don't."""
 
 
 @dataclass(frozen=True)
@@ -159,17 +162,22 @@ def calibrated_audit(cfg: RunConfig, model_path: Path, reference: Any, game: Att
 
 
 def overfit_audit(cfg: RunConfig, game: AttackGame, arm: OverfitArm = OverfitArm()) -> dict[str, Any]:
-    """The calibrated attack where there is membership to see: no DP, ``arm.epochs`` epochs on ``arm.slices`` slices.
+    """The calibrated attack where there is membership to see: ``arm.epochs`` epochs on ``arm.slices`` slices.
 
-    The target is trained (outside the federation) on ``arm.slices`` training slices drawn at random;
-    the reference with the same recipe on as many validation slices; the non-members are as many
-    audit slices.
+    The target is trained without DP (outside the federation) on ``arm.slices`` training slices
+    drawn at random; the reference with the same recipe on as many validation slices; the
+    non-members are as many audit slices. With ``arm.dp_epsilon``, a twin of the target is trained on
+    the same slices with the same recipe under DP-SGD (:func:`client.dpsgd.train_private`, noise for
+    that epsilon per slice over the arm's steps, clipping at ``privacy.max-grad-norm``) and attacked
+    the same way.
 
     Returns:
-        :meth:`client.membership.AttackResult.as_dict` plus ``slices`` and ``epochs``.
+        :meth:`client.membership.AttackResult.as_dict` plus ``slices`` and ``epochs``; with
+        ``arm.dp_epsilon``, ``dp``: the twin's result plus its ``epsilon``, ``delta`` and ``noise_multiplier``.
     """
     import numpy as np
 
+    from client.dpsgd import default_delta, noise_for_target, train_private
     from client.membership import calibrated_attack
     from common.task import Batchable, train
 
@@ -181,22 +189,37 @@ def overfit_audit(cfg: RunConfig, game: AttackGame, arm: OverfitArm = OverfitArm
         return Batchable(data.images[idx], data.labels[idx])
 
     members, others, ref_data = draw(game.members), draw(game.non_members), draw(game.reference_data)
+    recipe = {
+        "epochs": arm.epochs,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "optimizer": cfg.train.optimizer,
+        "seed": cfg.seed,
+        "task": cfg.task.name,
+    }
     models = []
     for data in (members, ref_data):
         model = _fresh_model(cfg)
-        train(
-            model,
-            data,
-            epochs=arm.epochs,
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            optimizer=cfg.train.optimizer,
-            seed=cfg.seed,
-            task=cfg.task.name,
-        )
+        train(model, data, **recipe)
         models.append(model)
-    result = calibrated_attack(models[0], models[1], members, others, seed=cfg.seed).as_dict()
-    return {"slices": n, "epochs": arm.epochs, **result}
+    target, reference = models
+    out: dict[str, Any] = {"slices": n, "epochs": arm.epochs}
+    out.update(calibrated_attack(target, reference, members, others, seed=cfg.seed).as_dict())
+    if arm.dp_epsilon:
+        batch = min(cfg.train.batch_size, n)
+        delta = default_delta(n)
+        sigma = noise_for_target(
+            arm.dp_epsilon, delta=delta, sample_rate=batch / n, steps=arm.epochs * max(1, round(n / batch))
+        )
+        twin = _fresh_model(cfg)
+        train_private(twin, members, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, **recipe)
+        out["dp"] = {
+            "epsilon": arm.dp_epsilon,
+            "delta": delta,
+            "noise_multiplier": sigma,
+            **calibrated_attack(twin, reference, members, others, seed=cfg.seed).as_dict(),
+        }
+    return out
 
 
 def _setting_config(base: RunConfig, setting: PrivacySetting) -> RunConfig:
@@ -377,6 +400,8 @@ def privacy_study(
         progress(f"over-fit arm: no DP, {overfit.epochs} epochs on {overfit.slices} training slices")
         over = overfit_audit(_setting_config(base, PRIVACY_SETTINGS[0]), game, overfit)
         progress(f"    calibrated attack AUC {_interval_text(over)}")
+        if "dp" in over:
+            progress(f"    same, DP-SGD at epsilon {over['dp']['epsilon']:g}: AUC {_interval_text(over['dp'])}")
     return _finish(entries, out, started, over)
 
 
