@@ -354,7 +354,7 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}",
         flush=True,
     )
-    overfit = OverfitArm(slices=32, epochs=40, dp_epsilon=None) if args.quick else OverfitArm()
+    overfit = OverfitArm(slices=48, epochs=60, dp_epsilon=None) if args.quick else OverfitArm()
     report = privacy_study(cfg, args.out, overfit=overfit, progress=lambda m: print(m, flush=True))
     rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC", "calibrated AUC [95% CI]", "n")]
     for s in report["settings"]:
