@@ -342,7 +342,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_privacy(args: argparse.Namespace) -> int:
-    from simulations.studies import privacy_study
+    from simulations.studies import OverfitArm, privacy_study
 
     quick: dict[str, object] = (
         {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
@@ -352,8 +352,9 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}",
         flush=True,
     )
-    report = privacy_study(cfg, args.out, progress=lambda m: print(m, flush=True))
-    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC")]
+    overfit = OverfitArm(slices=48, epochs=60, dp_epsilon=None) if args.quick else OverfitArm()
+    report = privacy_study(cfg, args.out, overfit=overfit, progress=lambda m: print(m, flush=True))
+    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC", "calibrated AUC [95% CI]", "n")]
     for s in report["settings"]:
         eps = list(s["epsilon_spent"].values())
         eps_txt = "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}")
@@ -364,8 +365,16 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
                 f"{s['utility']['worst'].get('dice', float('nan')):.3f}",
                 eps_txt,
                 f"{s['attack_auc'].get('mean', float('nan')):.3f}",
+                *_calibrated_cells(s.get("calibrated_attack")),
             )
         )
+    if "overfit_attack" in report:
+        o = report["overfit_attack"]
+        label = f"over-fit ({o['slices']} slices x {o['epochs']} ep)"
+        rows.append((label, "-", "-", "-", "-", *_calibrated_cells(o)))
+        if "dp" in o:
+            eps = f"{o['dp']['epsilon']:g}"
+            rows.append((f"{label}, DP-SGD", "-", "-", eps, "-", *_calibrated_cells(o["dp"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
@@ -377,6 +386,14 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         )
     print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
     return 0
+
+
+def _calibrated_cells(attack: dict | None) -> tuple[str, str]:
+    """The calibrated attack's table cells: ``AUC [low, high]`` and ``members+non-members``."""
+    if not attack:
+        return "-", "-"
+    low, high = attack["interval"]
+    return f"{attack['auc']:.3f} [{low:.3f}, {high:.3f}]", f"{attack['members']}+{attack['non_members']}"
 
 
 def _cmd_study_shift(args: argparse.Namespace) -> int:

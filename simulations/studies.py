@@ -9,6 +9,14 @@ Privacy is each site's own decision (``client/policy.py``): for every setting th
 operator of its simulated sites, writes each site's ``privacy.json`` (DP on with the setting's
 lifetime budget, the setting's ledger folder, the audit allowed) and removes it afterwards, so the
 shared simulated sites are left as they were.
+
+The study, which may see everything, also runs the *calibrated* membership attack
+(:func:`client.membership.calibrated_attack`) on each setting's final model: members are the sites'
+training slices, non-members their audit slices (held out of training, same patients), as many of
+each; the reference model is trained, with the run's recipe, on the sites' validation patients, which
+the target never saw. Each AUC comes with a bootstrap 95% interval. An extra *over-fit* arm (no DP,
+many epochs on few training slices, outside the federation) shows that the attack sees membership
+where there is some to see.
 """
 
 from __future__ import annotations
@@ -23,7 +31,19 @@ from typing import Any
 
 from common.config import RunConfig
 
-__all__ = ["PRIVACY_SETTINGS", "PrivacySetting", "plot_privacy", "privacy_study", "summarize_privacy_run"]
+__all__ = [
+    "PRIVACY_SETTINGS",
+    "AttackGame",
+    "OverfitArm",
+    "PrivacySetting",
+    "attack_game",
+    "calibrated_audit",
+    "overfit_audit",
+    "plot_privacy",
+    "privacy_study",
+    "summarize_privacy_run",
+    "train_reference",
+]
 
 log = logging.getLogger("fedsite.sim")
 
@@ -45,6 +65,161 @@ PRIVACY_SETTINGS: tuple[PrivacySetting, ...] = (
     PrivacySetting("eps-3", True, 3.0),
     PrivacySetting("eps-1", True, 1.0),
 )
+
+
+@dataclass(frozen=True)
+class OverfitArm:
+    """The over-fit arm: a model trained without DP for many epochs on few training slices."""
+
+    slices: int = 48
+    epochs: int = 100
+    dp_epsilon: float | None = 8.0
+    """Also train the same model on the same slices under DP-SGD at this epsilon (per slice); None: don't."""
+
+
+@dataclass(frozen=True)
+class AttackGame:
+    """Every site's slices pooled: members (training), non-members (audit), reference data (validation)."""
+
+    members: Any
+    non_members: Any
+    reference_data: Any
+
+
+def attack_game(cfg: RunConfig) -> AttackGame:
+    """The sites' slices as the attack sees them, split as each site splits them (:func:`client.runtime.loaded_site`).
+
+    Args:
+        cfg: A setting's run config (``sim.root`` set, ``privacy.audit`` on).
+
+    Returns:
+        The pooled training slices (members), audit slices (non-members) and validation slices (the
+        reference model's data: other patients, seen by no target).
+    """
+    import torch
+
+    from client.layout import sim_site_name
+    from client.runtime import loaded_site
+    from common.task import Batchable, stack_samples
+
+    members, others, reference = [], [], []
+    for i in range(cfg.sim.sites):
+        site = loaded_site(Path(cfg.sim.root) / sim_site_name(i), cfg)
+        members.append(site.train)
+        reference.append(site.val)
+        if site.audit is not None:
+            others.append(site.audit)
+
+    def pool(parts: list[Batchable]) -> Batchable:
+        parts = [b for b in parts if len(b)]
+        if not parts:
+            return stack_samples([])
+        return Batchable(torch.cat([b.images for b in parts]), torch.cat([b.labels for b in parts]))
+
+    return AttackGame(members=pool(members), non_members=pool(others), reference_data=pool(reference))
+
+
+def _fresh_model(cfg: RunConfig) -> Any:
+    import torch
+
+    from common.model import build_model
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, cfg.task)
+
+
+def train_reference(cfg: RunConfig, data: Any, *, epochs: int) -> Any:
+    """The attacker's reference model: the run's model and recipe, trained on ``data`` (no target saw it)."""
+    from common.task import train
+
+    model = _fresh_model(cfg)
+    train(
+        model,
+        data,
+        epochs=epochs,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer,
+        seed=cfg.seed,
+        task=cfg.task.name,
+    )
+    return model
+
+
+def calibrated_audit(cfg: RunConfig, model_path: Path, reference: Any, game: AttackGame) -> dict[str, Any]:
+    """The calibrated attack on a run's final model (members vs non-members, as many of each), as a dict.
+
+    Returns:
+        :meth:`client.membership.AttackResult.as_dict`.
+    """
+    import torch
+
+    from client.membership import calibrated_attack
+
+    model = _fresh_model(cfg)
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return calibrated_attack(model, reference, game.members, game.non_members, seed=cfg.seed).as_dict()
+
+
+def overfit_audit(cfg: RunConfig, game: AttackGame, arm: OverfitArm = OverfitArm()) -> dict[str, Any]:
+    """The calibrated attack where there is membership to see: ``arm.epochs`` epochs on ``arm.slices`` slices.
+
+    The target is trained without DP (outside the federation) on ``arm.slices`` training slices
+    drawn at random; the reference with the same recipe on as many validation slices; the
+    non-members are as many audit slices. With ``arm.dp_epsilon``, a twin of the target is trained on
+    the same slices with the same recipe under DP-SGD (:func:`client.dpsgd.train_private`, noise for
+    that epsilon per slice over the arm's steps, clipping at ``privacy.max-grad-norm``) and attacked
+    the same way.
+
+    Returns:
+        :meth:`client.membership.AttackResult.as_dict` plus ``slices`` and ``epochs``; with
+        ``arm.dp_epsilon``, ``dp``: the twin's result plus its ``epsilon``, ``delta`` and ``noise_multiplier``.
+    """
+    import numpy as np
+
+    from client.dpsgd import default_delta, noise_for_target, train_private
+    from client.membership import calibrated_attack
+    from common.task import Batchable, train
+
+    rng = np.random.default_rng(cfg.seed)
+    n = min(arm.slices, len(game.members), len(game.non_members), len(game.reference_data))
+
+    def draw(data: Batchable) -> Batchable:
+        idx = np.sort(rng.choice(len(data), size=n, replace=False))
+        return Batchable(data.images[idx], data.labels[idx])
+
+    members, others, ref_data = draw(game.members), draw(game.non_members), draw(game.reference_data)
+    recipe = {
+        "epochs": arm.epochs,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "optimizer": cfg.train.optimizer,
+        "seed": cfg.seed,
+        "task": cfg.task.name,
+    }
+    models = []
+    for data in (members, ref_data):
+        model = _fresh_model(cfg)
+        train(model, data, **recipe)
+        models.append(model)
+    target, reference = models
+    out: dict[str, Any] = {"slices": n, "epochs": arm.epochs}
+    out.update(calibrated_attack(target, reference, members, others, seed=cfg.seed).as_dict())
+    if arm.dp_epsilon:
+        batch = min(cfg.train.batch_size, n)
+        delta = default_delta(n)
+        sigma = noise_for_target(
+            arm.dp_epsilon, delta=delta, sample_rate=batch / n, steps=arm.epochs * max(1, round(n / batch))
+        )
+        twin = _fresh_model(cfg)
+        train_private(twin, members, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, **recipe)
+        out["dp"] = {
+            "epsilon": arm.dp_epsilon,
+            "delta": delta,
+            "noise_multiplier": sigma,
+            **calibrated_attack(twin, reference, members, others, seed=cfg.seed).as_dict(),
+        }
+    return out
 
 
 def _setting_config(base: RunConfig, setting: PrivacySetting) -> RunConfig:
@@ -132,6 +307,13 @@ def plot_privacy(settings: list[dict[str, Any]], path: Path) -> None:
     ax[1].plot(xs, auc, "o-", color="tab:red", label="membership attack AUC")
     base = [s["attack_auc_initial_model"].get("mean", float("nan")) for s in settings]
     ax[1].plot(xs, base, "x:", color="gray", label="same attack, initial model")
+    cal = [s.get("calibrated_attack") for s in settings]
+    cal_x = [x for x, c in zip(xs, cal, strict=True) if c]
+    if cal_x:
+        mid = [c["auc"] for c in cal if c]
+        err = [[c["auc"] - c["interval"][0] for c in cal if c], [c["interval"][1] - c["auc"] for c in cal if c]]
+        ax[1].errorbar(cal_x, mid, yerr=err, fmt="D", color="tab:purple", capsize=4, label="calibrated attack, 95% CI")
+        auc = auc + [c["interval"][k] for c in cal if c for k in (0, 1)]
     ax[1].axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)")
     finite = [v for v in auc + base if v == v]
     ax[1].set_ylim(min([0.3, *finite]) - 0.02, max([0.7, *finite]) + 0.02)
@@ -152,14 +334,19 @@ def privacy_study(
     out: Path,
     *,
     settings: tuple[PrivacySetting, ...] = PRIVACY_SETTINGS,
+    overfit: OverfitArm | None = OverfitArm(),
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every setting on the same sites and seeds; write ``privacy.json`` and ``privacy.png``.
+
+    Each setting's final model also faces the calibrated membership attack (``calibrated_attack`` in
+    its entry); the over-fit arm's attack is ``overfit_attack``.
 
     Args:
         base: The run config shared by all settings (sites, rounds, seed, model, ...).
         out: The study folder; each setting's run goes to ``out/<name>/``.
         settings: The arms to run.
+        overfit: The over-fit arm (no DP, outside the federation); None to skip it.
         progress: Called with a line per setting.
 
     Returns:
@@ -180,6 +367,15 @@ def privacy_study(
         path = root / sim_site_name(i) / POLICY_FILE
         if path.is_file():
             kept[path] = path.read_text()
+    game = attack_game(_setting_config(base, settings[0])) if settings else None
+    reference = None
+    if game is not None and len(game.non_members):
+        progress(f"reference model for the calibrated attack: {len(game.reference_data)} validation slices")
+        reference = train_reference(
+            _setting_config(base, settings[0]),
+            game.reference_data,
+            epochs=base.num_server_rounds * base.train.local_epochs,
+        )
     try:
         for i, setting in enumerate(settings, 1):
             progress(
@@ -187,8 +383,12 @@ def privacy_study(
                 f"{base.sim.sites} sites"
             )
             _write_policies(root, base.sim.sites, setting_policy(setting, out / setting.name / "ledger"))
-            results = simulate(_setting_config(base, setting), out / setting.name, quiet=True)
-            entries.append(_report_setting(setting, results, progress))
+            cfg = _setting_config(base, setting)
+            results = simulate(cfg, out / setting.name, quiet=True)
+            calibrated = None
+            if reference is not None and (out / setting.name / "final_model.pt").is_file():
+                calibrated = calibrated_audit(cfg, out / setting.name / "final_model.pt", reference, game)
+            entries.append(_report_setting(setting, results, progress, calibrated))
     finally:
         for i in range(base.sim.sites):  # leave the shared simulated sites as they were
             path = root / sim_site_name(i) / POLICY_FILE
@@ -196,12 +396,31 @@ def privacy_study(
                 path.write_text(kept[path])
             else:
                 path.unlink(missing_ok=True)
-    return _finish(entries, out, started)
+    over = None
+    if overfit is not None and game is not None and len(game.non_members):
+        progress(f"over-fit arm: no DP, {overfit.epochs} epochs on {overfit.slices} training slices")
+        over = overfit_audit(_setting_config(base, PRIVACY_SETTINGS[0]), game, overfit)
+        progress(f"    calibrated attack AUC {_interval_text(over)}")
+        if "dp" in over:
+            progress(f"    same, DP-SGD at epsilon {over['dp']['epsilon']:g}: AUC {_interval_text(over['dp'])}")
+    return _finish(entries, out, started, over)
 
 
-def _report_setting(setting: PrivacySetting, results: dict[str, Any], progress: Callable[[str], None]) -> dict:
+def _interval_text(attack: dict[str, Any]) -> str:
+    low, high = attack["interval"]
+    return f"{attack['auc']:.3f} [{low:.3f}, {high:.3f}] ({attack['members']}+{attack['non_members']} slices)"
+
+
+def _report_setting(
+    setting: PrivacySetting,
+    results: dict[str, Any],
+    progress: Callable[[str], None],
+    calibrated: dict[str, Any] | None = None,
+) -> dict:
     """Summarize one setting's run and print its line."""
     entry = summarize_privacy_run(setting, results)
+    if calibrated is not None:
+        entry["calibrated_attack"] = calibrated
     eps = [e for e in entry["epsilon_spent"].values() if e is not None]
     if not setting.dp:
         eps_txt = "-"
@@ -213,12 +432,18 @@ def _report_setting(setting: PrivacySetting, results: dict[str, Any], progress: 
         f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
         f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
     )
+    if calibrated is not None:
+        progress(f"    calibrated attack AUC {_interval_text(calibrated)}")
     return entry
 
 
-def _finish(entries: list[dict[str, Any]], out: Path, started: float) -> dict[str, Any]:
+def _finish(
+    entries: list[dict[str, Any]], out: Path, started: float, overfit: dict[str, Any] | None = None
+) -> dict[str, Any]:
     by_name = {e["name"]: e for e in entries}
     report: dict[str, Any] = {"settings": entries, "seconds": time.perf_counter() - started}
+    if overfit is not None:
+        report["overfit_attack"] = overfit
     if "no-dp" in by_name and "eps-8" in by_name:
         base_dice = by_name["no-dp"]["utility"]["mean"].get("dice")
         dp_dice = by_name["eps-8"]["utility"]["mean"].get("dice")
