@@ -141,24 +141,7 @@ def test_site_start_refuses_a_folder_without_usable_images_and_starts_nothing(
 def test_site_start_runs_the_supernode_with_the_ca_the_key_and_the_data_folder(
     small_sites: Path, pki: Path, tmp_path: Path, no_process
 ) -> None:
-    code = main(
-        [
-            "site",
-            "start",
-            "--data",
-            str(small_sites / "site-02"),
-            "--superlink",
-            "fl.example.org:8000",
-            "--headers-only",
-            "--ca",
-            str(pki / "ca.pem"),
-            "--key",
-            str(pki / "sites" / "site-01.key"),
-            "--state-dir",
-            str(tmp_path / "st"),
-        ]
-    )
-    assert code == 0
+    assert _start_site(small_sites, pki, tmp_path) == 0
     (cmd,) = no_process
     args = dict(itertools.pairwise(cmd))
     assert Path(cmd[0]).name == "flower-supernode"
