@@ -116,22 +116,7 @@ def test_site_start_refuses_a_folder_without_usable_images_and_starts_nothing(
     data = tmp_path / "site"
     (data / "dicom").mkdir(parents=True)
     (data / "dicom" / "notes.txt").write_text("not an image")
-    code = main(
-        [
-            "site",
-            "start",
-            "--data",
-            str(data),
-            "--superlink",
-            "127.0.0.1:8000",
-            "--ca",
-            str(pki / "ca.pem"),
-            "--key",
-            str(pki / "sites" / "site-01.key"),
-            "--state-dir",
-            str(tmp_path / "st"),
-        ]
-    )
+    code = _start_site(data, pki, tmp_path, headers_only=False)
     err = capsys.readouterr().err
     assert code == 1
     assert "refused" in err and "no usable series" in err
@@ -141,7 +126,7 @@ def test_site_start_refuses_a_folder_without_usable_images_and_starts_nothing(
 def test_site_start_runs_the_supernode_with_the_ca_the_key_and_the_data_folder(
     small_sites: Path, pki: Path, tmp_path: Path, no_process
 ) -> None:
-    assert _start_site(small_sites, pki, tmp_path) == 0
+    assert _start_site(small_sites / "site-02", pki, tmp_path) == 0
     (cmd,) = no_process
     args = dict(itertools.pairwise(cmd))
     assert Path(cmd[0]).name == "flower-supernode"
@@ -173,16 +158,17 @@ class _RefusedTwice(_NoProcess):
         return self.code
 
 
-def _start_site(small_sites: Path, pki: Path, tmp_path: Path, *extra: str) -> int:
+def _start_site(data: Path, pki: Path, tmp_path: Path, *extra: str, headers_only: bool = True) -> int:
+    """`fedsite site start` on ``data`` with the test PKI's CA and site-01's key (Flower's processes faked)."""
     return main(
         [
             "site",
             "start",
             "--data",
-            str(small_sites / "site-02"),
+            str(data),
             "--superlink",
             "fl.example.org:8000",
-            "--headers-only",
+            *(["--headers-only"] if headers_only else []),
             "--ca",
             str(pki / "ca.pem"),
             "--key",
@@ -202,7 +188,7 @@ def test_a_restarted_site_keeps_trying_to_join_while_the_superlink_still_holds_i
     _NoProcess.started = []
     monkeypatch.setattr(subprocess, "Popen", _RefusedTwice)
     monkeypatch.setattr(client.cli, "REJOIN_PAUSE_S", 0.0)
-    assert _start_site(small_sites, pki, tmp_path) == 0
+    assert _start_site(small_sites / "site-02", pki, tmp_path) == 0
     assert len(_NoProcess.started) == 3  # refused, refused, joined
     assert "check that the coordinator enrolled this site's public key" in capsys.readouterr().out
 
@@ -216,7 +202,7 @@ def test_a_site_refused_activation_stops_at_once_with_max_retries_or_no_rejoin_w
     _NoProcess.started = []
     monkeypatch.setattr(subprocess, "Popen", _RefusedTwice)
     monkeypatch.setattr(client.cli, "REJOIN_PAUSE_S", 0.0)
-    assert _start_site(small_sites, pki, tmp_path, *limit) == 1
+    assert _start_site(small_sites / "site-02", pki, tmp_path, *limit) == 1
     assert len(_NoProcess.started) == 1
 
 
