@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from common.task import Batchable, TrainResult, loss_function, make_optimizer
+from common.task import Batchable, TrainResult, augment_intensity, loss_function, make_optimizer
 
 __all__ = [
     "HistoryEntry",
@@ -442,6 +442,7 @@ def clipped_patient_sum(
     loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     max_grad_norm: float,
     chunk: int = 32,
+    scale: float = 1.0,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One step's sum over patients of each patient's clipped gradient (no noise).
 
@@ -456,6 +457,8 @@ def clipped_patient_sum(
         loss_of: Per-sample loss (:func:`per_sample_loss`).
         max_grad_norm: The clipping norm C, per patient.
         chunk: Slices per forward/backward pass (bounds memory; the result does not depend on it).
+        scale: Each patient's summed gradient is multiplied by it before clipping (``1/K`` for K
+            augmented copies of every slice: the mean over copies).
 
     Returns:
         ``(sums, losses)``: one tensor per trainable parameter (shaped like it), and the ``(B,)`` per-slice
@@ -484,6 +487,9 @@ def clipped_patient_sum(
     for p in params:
         p.grad_sample = None
         p.grad = None
+    if scale != 1.0:
+        for acc in per_patient:
+            acc.mul_(scale)
     norms = torch.sqrt(sum(acc.reshape(n_groups, -1).pow(2).sum(1) for acc in per_patient))
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     sums = [torch.einsum("g,g...->...", factor, acc) for acc in per_patient]
@@ -509,6 +515,8 @@ def train_private_patients(
     device: torch.device | str = "cpu",
     task: str = "segmentation",
     weights: torch.Tensor | None = None,
+    augment_multiplicity: int = 0,
+    augment: str = "intensity",
 ) -> PrivateTrainResult:
     """Patient-level DP-SGD: Poisson sampling of patients, clipping per patient, accountant over patients.
 
@@ -536,6 +544,12 @@ def train_private_patients(
         device: Where to train.
         task: ``"segmentation"`` or ``"classification"``.
         weights: Classification only: fixed per-class loss weights.
+        augment_multiplicity: K > 0: each drawn slice enters the step as K augmented copies
+            (``augment``'s transformations, :func:`common.task.augment_intensity`) and its gradient is
+            the mean of theirs, before the patient's sum is clipped: the clipping bound, and so the
+            guarantee, are unchanged; the step costs K times as much (De et al. 2022). 0: the slices
+            as they are.
+        augment: The transformations of ``augment_multiplicity`` (``"intensity"``; ``"none"`` turns it off).
 
     Returns:
         The training result and the accountant history including this call (sample rate over patients).
@@ -575,6 +589,11 @@ def train_private_patients(
     acc = _accountant(accountant)
     acc.load_state_dict(accountant_state(history, accountant))
     params = [p for p in model.parameters() if p.requires_grad]
+    # augmentation multiplicity: not private randomness (the bound holds for any augmentation)
+    copies = max(1, augment_multiplicity)
+    aug_gen = torch.Generator().manual_seed(seed + 1) if augment_multiplicity > 0 and augment != "none" else None
+    if aug_gen is None:
+        copies = 1
     steps = samples_seen = 0
     epoch_loss = 0.0
     with per_sample_module(model, grad_sample_mode) as gsm, warnings.catch_warnings():
@@ -584,9 +603,19 @@ def train_private_patients(
             for _ in range(plan.steps_per_epoch):
                 drawn = torch.nonzero(torch.rand(n_patients, generator=secret) < q).flatten().tolist()
                 rows = torch.cat([slices_of[i] for i in drawn]) if drawn else torch.zeros(0, dtype=torch.long)
-                x, y = data.images[rows].to(device), data.labels[rows].to(device)
+                x, y, owners = data.images[rows], data.labels[rows], group[rows]
+                if aug_gen is not None:
+                    x = torch.cat([augment_intensity(x, aug_gen) for _ in range(copies)])
+                    y, owners = y.repeat(copies, *([1] * (y.dim() - 1))), owners.repeat(copies)
                 sums, losses = clipped_patient_sum(
-                    gsm, x, y, group[rows], loss_of=loss_of, max_grad_norm=max_grad_norm, chunk=max(batch_size, 1)
+                    gsm,
+                    x.to(device),
+                    y.to(device),
+                    owners,
+                    loss_of=loss_of,
+                    max_grad_norm=max_grad_norm,
+                    chunk=max(batch_size, 1),
+                    scale=1.0 / copies,
                 )
                 opt.zero_grad(set_to_none=True)
                 for p, s in zip(params, sums, strict=True):
@@ -600,7 +629,7 @@ def train_private_patients(
                 acc.step(noise_multiplier=noise_multiplier, sample_rate=q)
                 steps += 1
                 samples_seen += len(rows)
-                total += float(losses.sum())
+                total += float(losses.sum()) / copies
                 seen += len(rows)
             epoch_loss = total / max(seen, 1)
     result = TrainResult(

@@ -412,7 +412,14 @@ def private_round(
             weights=weights,
         )
         if state.unit == "patient":
-            out = train_private_patients(model, data, patients, **settings)
+            out = train_private_patients(
+                model,
+                data,
+                patients,
+                augment_multiplicity=cfg.privacy.augment_multiplicity,
+                augment=cfg.train.augment,
+                **settings,
+            )
         else:
             out = train_private(model, data, **settings)
         # What was really released: the optimizer steps taken at the loader's sample rate.

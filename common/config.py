@@ -251,6 +251,22 @@ class PrivacyConfig:
     max_epsilon: float = field(default=0.0, metadata={**_range(0.0, 1e6), "help": "a site's lifetime budget; 0 = none"})
     on_budget: str = field(default="continue", metadata=_choice("continue", "stop"))
     grad_sample_mode: str = field(default="vmap", metadata=_choice("vmap", "hooks", "functorch", "ghost"))
+    batch_size: int = field(
+        default=64,
+        metadata={
+            **_range(0, 65_536),
+            "help": "expected slices per DP-SGD step (noise is divided by it: DP wants large batches); "
+            "0 = train.batch-size",
+        },
+    )
+    augment_multiplicity: int = field(
+        default=0,
+        metadata={
+            **_range(0, 64),
+            "help": "patient-level DP-SGD: K > 0 = each slice's gradient is the mean over K augmented copies "
+            "(train.augment's transformations) before clipping; 0 = the images as they are",
+        },
+    )
     central_dp: bool = False
     central_noise: float = field(
         default=1.0,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="study folder (privacy.json, privacy.png, one run per setting)"
     )
     priv.add_argument(
-        "--quick", action="store_true", help="3 sites, 3 rounds x 3 local epochs: about 4 minutes on 2 cores"
+        "--quick",
+        action="store_true",
+        help="3 small sites, 3 rounds x 3 local epochs, five settings: about 5 minutes on 2 cores; indicative only",
+    )
+    priv.add_argument(
+        "--source",
+        type=Path,
+        help="a MedMNIST-layout .npz of labelled images (e.g. chest X-rays) written as CR/DX sites; classification",
+    )
+    priv.add_argument(
+        "--site-size",
+        type=int,
+        metavar="N",
+        help="at least N training slices per site (sets sim.patients; default 1000 without --quick)",
+    )
+    priv.add_argument(
+        "--site-sizes",
+        metavar="N,N",
+        help="utility against site size: also run no DP and epsilon 8 on sites of these sizes "
+        "(default 250,500 without --quick; 'none' to skip)",
     )
     priv.add_argument("--sites", type=int)
     priv.add_argument("--rounds", type=int)
@@ -342,27 +362,74 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_privacy(args: argparse.Namespace) -> int:
-    from simulations.studies import OverfitArm, privacy_study
+    from simulations.studies import FULL_SETTINGS, PRIVACY_SETTINGS, OverfitArm, patients_for_site_size, privacy_study
 
     quick: dict[str, object] = (
-        {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3} if args.quick else {"num-server-rounds": 10}
+        {"num-server-rounds": 3, "train.local-epochs": 3, "sim.sites": 3}
+        if args.quick
+        else {"num-server-rounds": 5, "train.local-epochs": 1}
     )
+    quick.update(_source_defaults(args.source))
     cfg = _simulate_config(args, quick)
+    size = args.site_size if args.site_size is not None else (None if args.quick else 1000)
+    if size is not None:
+        try:
+            cfg = replace(cfg, sim=replace(cfg.sim, patients=patients_for_site_size(cfg, size)))
+        except ValueError as exc:
+            raise ConfigError(f"--site-size: {exc}") from None
+    sizes_text = args.site_sizes or ("none" if args.quick else "250,500")
+    try:
+        sizes = tuple(int(n) for n in _names(sizes_text)) if sizes_text != "none" else ()
+    except ValueError:
+        raise ConfigError(f"--site-sizes {sizes_text!r}: give training slices per site, e.g. 250,500") from None
+    settings = PRIVACY_SETTINGS if args.quick else FULL_SETTINGS
     print(
-        f"fedsite study privacy: 5 settings x {cfg.num_server_rounds} rounds on {cfg.sim.sites} sites, seed {cfg.seed}",
+        f"fedsite study privacy: {cfg.task.name}, {len(settings)} settings x {cfg.num_server_rounds} rounds on "
+        f"{cfg.sim.sites} sites of {cfg.sim.patients} patients, seed {cfg.seed}"
+        + (f"; site sizes {', '.join(map(str, sizes))} at no DP and epsilon 8" if sizes else ""),
         flush=True,
     )
+    if args.quick:
+        print("quick study: tiny sites, few rounds: its figures are indicative only, not a basis for a claim")
     overfit = OverfitArm(slices=48, epochs=60, dp_epsilon=None) if args.quick else OverfitArm()
-    report = privacy_study(cfg, args.out, overfit=overfit, progress=lambda m: print(m, flush=True))
-    rows = [("setting", "mean dice", "worst dice", "max epsilon", "attack AUC", "calibrated AUC [95% CI]", "n")]
+    report = privacy_study(
+        cfg, args.out, settings=settings, overfit=overfit, site_sizes=sizes, progress=lambda m: print(m, flush=True)
+    )
+    print(format_privacy_table(report))
+    print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
+    return 0
+
+
+def _source_defaults(source: Path | None) -> dict[str, object]:
+    """The run-config keys of ``--source`` (X-ray classification sites from a MedMNIST .npz)."""
+    if source is None:
+        return {}
+    if not source.is_file():
+        raise ConfigError(
+            f"--source {source} is not a file; give a MedMNIST-layout .npz, e.g. "
+            "../shared/data/pneumoniamnist/pneumoniamnist_merged.npz"
+        )
+    return {"task.name": "classification", "sim.source": str(source.resolve()), "sim.modality": "auto"}
+
+
+def format_privacy_table(report: dict[str, Any]) -> str:
+    """The privacy study's table: utility, epsilon and its unit, attack AUCs per setting; DP's cost; site sizes."""
+    from simulations.studies import entry_metric
+
+    key = entry_metric(report["settings"])
+    rows = [("setting", f"mean {key}", f"worst {key}", "max epsilon", "attack AUC", "calibrated AUC [95% CI]", "n")]
     for s in report["settings"]:
         eps = list(s["epsilon_spent"].values())
-        eps_txt = "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}")
+        units = {u for u in s.get("unit", {}).values() if u}
+        per = f" /{units.pop()}" if len(units) == 1 else ""
+        eps_txt = (
+            "-" if s["name"] == "no-dp" else ("unbounded" if any(e is None for e in eps) else f"{max(eps):.2f}{per}")
+        )
         rows.append(
             (
                 s["name"],
-                f"{s['utility']['mean'].get('dice', float('nan')):.3f}",
-                f"{s['utility']['worst'].get('dice', float('nan')):.3f}",
+                f"{s['utility']['mean'].get(key, float('nan')):.3f}",
+                f"{s['utility']['worst'].get(key, float('nan')):.3f}",
                 eps_txt,
                 f"{s['attack_auc'].get('mean', float('nan')):.3f}",
                 *_calibrated_cells(s.get("calibrated_attack")),
@@ -376,16 +443,28 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
             eps = f"{o['dp']['epsilon']:g}"
             rows.append((f"{label}, DP-SGD", "-", "-", eps, "-", *_calibrated_cells(o["dp"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    if "start_model" in report:
+        st = report["start_model"]
+        lines.append(
+            f"start model ({Path(st['init']).name}): mean {key} {st['mean'][key]:.3f}, worst {st['worst'][key]:.3f}"
+        )
     if "utility_cost_eps8" in report:
         c = report["utility_cost_eps8"]
-        print(
-            f"utility cost at epsilon 8: mean Dice {c['dice_no_dp']:.3f} without DP -> {c['dice_eps8']:.3f} "
-            f"({c['dice_drop']:+.3f} drop)"
+        lines.append(
+            f"epsilon 8 per patient keeps {c['kept']:.2f} of the no-DP mean {key}: {c['mean_no_dp']:.3f} -> "
+            f"{c['mean_eps8']:.3f} (worst site {c['worst_no_dp']:.3f} -> {c['worst_eps8']:.3f})"
         )
-    print(f"wrote {Path(args.out) / 'privacy.json'} and {Path(args.out) / 'privacy.png'} in {report['seconds']:.0f}s")
-    return 0
+    for row in report.get("site_size", []):
+        if "kept" in row:
+            lines.append(
+                f"site size {row['min_train_slices']} training slices: mean {key} {row['mean_no_dp']:.3f} without DP, "
+                f"{row['mean_eps8']:.3f} at epsilon 8 (kept {row['kept']:.2f})"
+            )
+    return "\n".join(lines)
 
 
 def _calibrated_cells(attack: dict | None) -> tuple[str, str]:
@@ -400,16 +479,7 @@ def _cmd_study_shift(args: argparse.Namespace) -> int:
     from simulations.report import format_table
     from simulations.shift import FULL_METHODS, QUICK_METHODS, check_plan, quick_defaults, shift_study
 
-    defaults: dict[str, object] = {}
-    if args.source is not None:
-        if not args.source.is_file():
-            raise ConfigError(
-                f"--source {args.source} is not a file; give a MedMNIST-layout .npz, e.g. "
-                "../shared/data/pneumoniamnist/pneumoniamnist_merged.npz"
-            )
-        defaults.update(
-            {"task.name": "classification", "sim.source": str(args.source.resolve()), "sim.modality": "auto"}
-        )
+    defaults: dict[str, object] = _source_defaults(args.source)
     task = str(defaults.get("task.name", parse_overrides(args.run_config).get("task.name", "segmentation")))
     if args.quick:
         defaults.update(quick_defaults(task))

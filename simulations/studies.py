@@ -56,6 +56,8 @@ class PrivacySetting:
     dp: bool
     target_epsilon: float | None
     """None: no DP at all ("no-dp") or clipping without noise ("clip-only")."""
+    unit: str = "patient"
+    """What the setting's epsilon protects (the simulated sites' policy): ``"patient"`` or ``"slice"``."""
 
 
 PRIVACY_SETTINGS: tuple[PrivacySetting, ...] = (
@@ -65,6 +67,30 @@ PRIVACY_SETTINGS: tuple[PrivacySetting, ...] = (
     PrivacySetting("eps-3", True, 3.0),
     PrivacySetting("eps-1", True, 1.0),
 )
+"""The quick study's arms (and the first five of the full study's)."""
+
+FULL_SETTINGS: tuple[PrivacySetting, ...] = (
+    *PRIVACY_SETTINGS,
+    PrivacySetting("eps-8-slice", True, 8.0, unit="slice"),
+)
+"""The full study adds epsilon 8 *per slice*: the same number as eps-8, a far weaker guarantee per patient."""
+
+
+def patients_for_site_size(cfg: RunConfig, train_slices: int) -> int:
+    """Patients per simulated site so that each site has at least ``train_slices`` training slices.
+
+    A site's training slices are its training patients' slices (``1 - data.val-fraction`` of the
+    patients) less the audit's share (``privacy.audit-fraction``, the study always audits). Phantom
+    patients have ``sim.slices`` slices; an X-ray patient (``sim.source``) one image. Two patients'
+    margin covers the rounding of the split.
+    """
+    import math
+
+    if train_slices < 1:
+        raise ValueError(f"site size must be at least 1 training slice, got {train_slices}")
+    per_patient = 1 if cfg.sim.source else cfg.sim.slices
+    kept = (1.0 - cfg.data.val_fraction) * (1.0 - cfg.privacy.audit_fraction)
+    return math.ceil(train_slices / (per_patient * kept)) + 2
 
 
 @dataclass(frozen=True)
@@ -120,12 +146,16 @@ def attack_game(cfg: RunConfig) -> AttackGame:
 
 
 def _fresh_model(cfg: RunConfig) -> Any:
+    """The run's round-0 model: its architecture, from ``model.init`` when the run starts from one."""
     import torch
 
-    from common.model import build_model
+    from common.model import build_model, load_start_weights
 
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, cfg.task)
+    model = build_model(cfg.model, cfg.task)
+    if cfg.model.init:
+        load_start_weights(model, cfg.model.init)
+    return model
 
 
 def train_reference(cfg: RunConfig, data: Any, *, epochs: int) -> Any:
@@ -244,8 +274,10 @@ def setting_policy(setting: PrivacySetting, ledger_dir: Path) -> Any:
     from client.policy import SitePolicy
 
     if setting.dp and setting.target_epsilon:
-        return SitePolicy(dp=True, max_epsilon=setting.target_epsilon, ledger_dir=str(ledger_dir), audit=True)
-    return SitePolicy(ledger_dir=str(ledger_dir), audit=True)
+        return SitePolicy(
+            dp=True, unit=setting.unit, max_epsilon=setting.target_epsilon, ledger_dir=str(ledger_dir), audit=True
+        )
+    return SitePolicy(unit=setting.unit, ledger_dir=str(ledger_dir), audit=True)
 
 
 def _write_policies(root: Path, sites: int, policy: Any) -> list[Path]:
@@ -261,7 +293,7 @@ def _write_policies(root: Path, sites: int, policy: Any) -> list[Path]:
 def summarize_privacy_run(setting: PrivacySetting, results: dict[str, Any]) -> dict[str, Any]:
     """One entry of ``privacy.json["settings"]`` from a run's ``results.json``."""
     final = results["final"]
-    utility_keys = ("dice", "loss")
+    utility_keys = ("dice", "auc", "accuracy", "loss")
     attack = {site: m["mia-auc"] for site, m in final["per_site"].items() if "mia-auc" in m}
     if attack:
         attack["mean"] = sum(attack.values()) / len(attack)
@@ -285,23 +317,33 @@ def summarize_privacy_run(setting: PrivacySetting, results: dict[str, Any]) -> d
     }
 
 
+def entry_metric(entries: list[dict[str, Any]]) -> str:
+    """The utility metric the study's entries carry: ``"dice"`` (segmentation) or ``"auc"`` (classification)."""
+    return "dice" if any("dice" in e["utility"]["mean"] for e in entries) else "auc"
+
+
+_METRIC_LABEL = {"dice": "Dice", "auc": "ROC AUC"}
+
+
 def plot_privacy(settings: list[dict[str, Any]], path: Path) -> None:
-    """Privacy-utility plot: mean Dice and attack AUC per setting, epsilon on the x axis."""
+    """Privacy-utility plot: mean and worst-site utility and attack AUC per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = entry_metric(settings)
+    label = _METRIC_LABEL[key]
     names = [s["name"] for s in settings]
-    dice = [s["utility"]["mean"].get("dice", float("nan")) for s in settings]
-    worst = [s["utility"]["worst"].get("dice", float("nan")) for s in settings]
+    dice = [s["utility"]["mean"].get(key, float("nan")) for s in settings]
+    worst = [s["utility"]["worst"].get(key, float("nan")) for s in settings]
     auc = [s["attack_auc"].get("mean", float("nan")) for s in settings]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     xs = range(len(names))
-    ax[0].plot(xs, dice, "o-", label="mean Dice")
-    ax[0].plot(xs, worst, "s--", label="worst-site Dice")
-    ax[0].set_xticks(list(xs), names)
-    ax[0].set_ylabel("Dice (validation)")
+    ax[0].plot(xs, dice, "o-", label=f"mean {label}")
+    ax[0].plot(xs, worst, "s--", label=f"worst-site {label}")
+    ax[0].set_xticks(list(xs), names, rotation=20)
+    ax[0].set_ylabel(f"{label} (validation patients)")
     ax[0].set_title("utility")
     ax[0].legend()
     ax[1].plot(xs, auc, "o-", color="tab:red", label="membership attack AUC")
@@ -317,7 +359,7 @@ def plot_privacy(settings: list[dict[str, Any]], path: Path) -> None:
     ax[1].axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)")
     finite = [v for v in auc + base if v == v]
     ax[1].set_ylim(min([0.3, *finite]) - 0.02, max([0.7, *finite]) + 0.02)
-    ax[1].set_xticks(list(xs), names)
+    ax[1].set_xticks(list(xs), names, rotation=20)
     ax[1].set_ylabel("attack AUC")
     ax[1].set_title("what an attacker learns")
     ax[1].legend()
@@ -335,6 +377,7 @@ def privacy_study(
     *,
     settings: tuple[PrivacySetting, ...] = PRIVACY_SETTINGS,
     overfit: OverfitArm | None = OverfitArm(),
+    site_sizes: tuple[int, ...] = (),
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every setting on the same sites and seeds; write ``privacy.json`` and ``privacy.png``.
@@ -347,26 +390,21 @@ def privacy_study(
         out: The study folder; each setting's run goes to ``out/<name>/``.
         settings: The arms to run.
         overfit: The over-fit arm (no DP, outside the federation); None to skip it.
+        site_sizes: Utility against site size: for each size (training slices per site), sites of
+            that size (:func:`patients_for_site_size`) are written and no DP and epsilon 8 per
+            patient are run on them (``site_size`` in the report; runs in ``out/size-<n>/``).
         progress: Called with a line per setting.
 
     Returns:
         The content of ``privacy.json``.
     """
-    from client.layout import POLICY_FILE, sim_site_name
-    from simulations.runner import prepare, simulate
+    from simulations.runner import prepare
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    entries = []
     # The simulated sites, written once; the study then writes their privacy policies.
     base = replace(base, sim=replace(base.sim, root=prepare(base, out).sim.root))
-    root = Path(base.sim.root)
-    kept = {}
-    for i in range(base.sim.sites):
-        path = root / sim_site_name(i) / POLICY_FILE
-        if path.is_file():
-            kept[path] = path.read_text()
     game = attack_game(_setting_config(base, settings[0])) if settings else None
     reference = None
     if game is not None and len(game.non_members):
@@ -376,6 +414,81 @@ def privacy_study(
             game.reference_data,
             epochs=base.num_server_rounds * base.train.local_epochs,
         )
+    start = start_utility(base)
+    progress(f"start model ({start['init']}): mean {start['mean']}, worst {start['worst']}")
+    entries = _run_settings(base, out, settings, progress, game=game, reference=reference)
+    over = None
+    if overfit is not None and game is not None and len(game.non_members):
+        progress(f"over-fit arm: no DP, {overfit.epochs} epochs on {overfit.slices} training slices")
+        over = overfit_audit(_setting_config(base, PRIVACY_SETTINGS[0]), game, overfit)
+        progress(f"    calibrated attack AUC {_interval_text(over)}")
+        if "dp" in over:
+            progress(f"    same, DP-SGD at epsilon {over['dp']['epsilon']:g}: AUC {_interval_text(over['dp'])}")
+    sizes = [{"train_slices": train_slices(base), "entries": entries}]
+    pair = tuple(s for s in PRIVACY_SETTINGS if s.name in ("no-dp", "eps-8"))
+    for size in site_sizes:
+        # sites of this size, written (once) where simulated sites are cached by their generator settings
+        cfg = replace(base, sim=replace(base.sim, root="", patients=patients_for_site_size(base, size)))
+        progress(f"site size {size}: {cfg.sim.patients} patients per site")
+        cfg = replace(cfg, sim=replace(cfg.sim, root=prepare(cfg, out / f"size-{size}").sim.root))
+        sized = _run_settings(cfg, out / f"size-{size}", pair, progress)
+        sizes.append({"train_slices": train_slices(cfg), "entries": sized})
+    return _finish(entries, out, started, over, sizes=sizes, start=start)
+
+
+def start_utility(cfg: RunConfig) -> dict[str, Any]:
+    """The round-0 model's scores on every site's validation patients (``model.init``, or the random start).
+
+    With a pre-trained start, the federation's gain (and DP's cost) is measured against this.
+    """
+    from client.layout import sim_site_name
+    from client.runtime import loaded_site
+    from common.metrics import summarize_sites
+    from common.task import evaluate
+
+    cfg = _setting_config(cfg, PRIVACY_SETTINGS[0])
+    model = _fresh_model(cfg)
+    per_site = {}
+    for i in range(cfg.sim.sites):
+        site = loaded_site(Path(cfg.sim.root) / sim_site_name(i), cfg)
+        per_site[site.name] = evaluate(model, site.val, task=cfg.task.name)
+    mean, worst = summarize_sites(per_site)
+    key = "dice" if cfg.task.name == "segmentation" else "auc"
+    return {"init": cfg.model.init or "random", "mean": {key: mean[key]}, "worst": {key: worst[key]}}
+
+
+def train_slices(cfg: RunConfig) -> dict[str, int]:
+    """Training slices per simulated site (after the validation and audit splits), as the sites load them."""
+    from client.layout import sim_site_name
+    from client.runtime import loaded_site
+
+    cfg = _setting_config(cfg, PRIVACY_SETTINGS[0])
+    return {
+        sim_site_name(i): len(loaded_site(Path(cfg.sim.root) / sim_site_name(i), cfg).train)
+        for i in range(cfg.sim.sites)
+    }
+
+
+def _run_settings(
+    base: RunConfig,
+    out: Path,
+    settings: tuple[PrivacySetting, ...],
+    progress: Callable[[str], None],
+    *,
+    game: AttackGame | None = None,
+    reference: Any = None,
+) -> list[dict[str, Any]]:
+    """Run ``settings`` on the sites under ``base.sim.root`` (policies written, then restored); their entries."""
+    from client.layout import POLICY_FILE, sim_site_name
+    from simulations.runner import simulate
+
+    root = Path(base.sim.root)
+    kept = {}
+    for i in range(base.sim.sites):
+        path = root / sim_site_name(i) / POLICY_FILE
+        if path.is_file():
+            kept[path] = path.read_text()
+    entries = []
     try:
         for i, setting in enumerate(settings, 1):
             progress(
@@ -386,7 +499,7 @@ def privacy_study(
             cfg = _setting_config(base, setting)
             results = simulate(cfg, out / setting.name, quiet=True)
             calibrated = None
-            if reference is not None and (out / setting.name / "final_model.pt").is_file():
+            if reference is not None and game is not None and (out / setting.name / "final_model.pt").is_file():
                 calibrated = calibrated_audit(cfg, out / setting.name / "final_model.pt", reference, game)
             entries.append(_report_setting(setting, results, progress, calibrated))
     finally:
@@ -396,14 +509,7 @@ def privacy_study(
                 path.write_text(kept[path])
             else:
                 path.unlink(missing_ok=True)
-    over = None
-    if overfit is not None and game is not None and len(game.non_members):
-        progress(f"over-fit arm: no DP, {overfit.epochs} epochs on {overfit.slices} training slices")
-        over = overfit_audit(_setting_config(base, PRIVACY_SETTINGS[0]), game, overfit)
-        progress(f"    calibrated attack AUC {_interval_text(over)}")
-        if "dp" in over:
-            progress(f"    same, DP-SGD at epsilon {over['dp']['epsilon']:g}: AUC {_interval_text(over['dp'])}")
-    return _finish(entries, out, started, over)
+    return entries
 
 
 def _interval_text(attack: dict[str, Any]) -> str:
@@ -428,8 +534,10 @@ def _report_setting(
         eps_txt = "not reported"
     else:
         eps_txt = "unbounded" if len(eps) < len(entry["epsilon_spent"]) else f"{max(eps):.3g}"
+    key = entry_metric([entry])
     progress(
-        f"    mean dice {entry['utility']['mean'].get('dice', float('nan')):.3f}, "
+        f"    mean {key} {entry['utility']['mean'].get(key, float('nan')):.3f}, "
+        f"worst {entry['utility']['worst'].get(key, float('nan')):.3f}, "
         f"attack AUC {entry['attack_auc'].get('mean', float('nan')):.3f}, max epsilon {eps_txt}"
     )
     if calibrated is not None:
@@ -438,21 +546,46 @@ def _report_setting(
 
 
 def _finish(
-    entries: list[dict[str, Any]], out: Path, started: float, overfit: dict[str, Any] | None = None
+    entries: list[dict[str, Any]],
+    out: Path,
+    started: float,
+    overfit: dict[str, Any] | None = None,
+    *,
+    sizes: list[dict[str, Any]] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    by_name = {e["name"]: e for e in entries}
+    """Write ``privacy.json`` and ``privacy.png``: the settings, DP's cost at epsilon 8, utility against site size."""
     report: dict[str, Any] = {"settings": entries, "seconds": time.perf_counter() - started}
+    if start is not None:
+        report["start_model"] = start
     if overfit is not None:
         report["overfit_attack"] = overfit
-    if "no-dp" in by_name and "eps-8" in by_name:
-        base_dice = by_name["no-dp"]["utility"]["mean"].get("dice")
-        dp_dice = by_name["eps-8"]["utility"]["mean"].get("dice")
-        if base_dice is not None and dp_dice is not None:
-            report["utility_cost_eps8"] = {
-                "dice_no_dp": base_dice,
-                "dice_eps8": dp_dice,
-                "dice_drop": base_dice - dp_dice,
-            }
+    cost = eps8_cost(entries)
+    if cost is not None:
+        report["utility_cost_eps8"] = cost
+    if sizes:
+        report["site_size"] = [
+            {"train_slices": s["train_slices"], "min_train_slices": min(s["train_slices"].values(), default=0)}
+            | (eps8_cost(s["entries"]) or {})
+            for s in sorted(sizes, key=lambda s: min(s["train_slices"].values(), default=0))
+        ]
     (out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_privacy(entries, out / "privacy.png")
     return report
+
+
+def eps8_cost(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Utility without DP and at epsilon 8 per patient, the drop and the share kept (None without both arms)."""
+    by_name = {e["name"]: e for e in entries}
+    if "no-dp" not in by_name or "eps-8" not in by_name:
+        return None
+    key = entry_metric(entries)
+    out: dict[str, Any] = {"metric": key}
+    for name, tag in (("no-dp", "no_dp"), ("eps-8", "eps8")):
+        for stat in ("mean", "worst"):
+            out[f"{stat}_{tag}"] = by_name[name]["utility"][stat].get(key)
+    if out["mean_no_dp"] is None or out["mean_eps8"] is None:
+        return None
+    out["drop"] = out["mean_no_dp"] - out["mean_eps8"]
+    out["kept"] = out["mean_eps8"] / out["mean_no_dp"] if out["mean_no_dp"] else None
+    return out

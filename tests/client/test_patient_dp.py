@@ -27,7 +27,13 @@ from tests.flower_helpers import site_context, site_message
 
 FAST = {"data.image-size": 32, "data.spacing-mm": 7.5, "model.channels": "8,16,32", "train.batch-size": 8}
 TINY = {"data.image-size": 16, "data.spacing-mm": 15.0, "model.channels": "4,8"}
-DP = {**FAST, "privacy.dp": True, "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 1.0}
+DP = {
+    **FAST,
+    "privacy.dp": True,
+    "privacy.noise-multiplier": 1.0,
+    "privacy.max-grad-norm": 1.0,
+    "privacy.batch-size": 0,
+}
 
 
 def _data(sizes: list[int], side: int = 16) -> tuple[Batchable, torch.Tensor]:
@@ -117,6 +123,44 @@ def test_a_patients_slices_are_clipped_as_one_unit_so_removing_a_patient_moves_t
     assert float(step(own, torch.arange(len(own))).norm()) > 3 * c
 
 
+def test_augmentation_multiplicity_averages_a_slices_copies_before_the_patient_is_clipped() -> None:
+    """K copies of each slice, scaled by 1/K: the patient's unit is the mean over copies, still clipped to C."""
+    torch.manual_seed(2)
+    model = build_model(parse_run_config(TINY).model)
+    data, patients = _data([3, 2])
+    copies = torch.cat([data.images, data.images + 0.05 * torch.randn_like(data.images)])
+
+    def step(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, scale: float, c: float) -> torch.Tensor:
+        with per_sample_module(model) as gsm:
+            sums, _ = clipped_patient_sum(
+                gsm, x, y, groups, loss_of=per_sample_loss("segmentation"), max_grad_norm=c, scale=scale
+            )
+        return torch.cat([s.flatten() for s in sums])
+
+    labels, owners = data.labels.repeat(2, 1, 1, 1), patients.repeat(2)
+    loose = 1e6  # no clipping: the scaled sum is the mean of the two copies' per-patient sums
+    both = step(copies, labels, owners, 0.5, loose)
+    first = step(data.images, data.labels, patients, 1.0, loose)
+    second = step(copies[len(data) :], data.labels, patients, 1.0, loose)
+    assert torch.allclose(both, (first + second) / 2, atol=1e-6, rtol=1e-4)
+    # clipping binds: each patient's mean over copies has norm at most c, so a patient moves the sum by <= c
+    c = 0.01
+    own = patients.repeat(2) == 0
+    assert float(step(copies[own], labels[own], owners[own], 0.5, c).norm()) <= c * (1 + 1e-4)
+
+
+def test_patient_dp_with_augmentation_multiplicity_trains_and_takes_the_same_steps() -> None:
+    torch.manual_seed(3)
+    data, patients = _data([4, 4, 4, 4])
+    common = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    plain = train_private_patients(build_model(parse_run_config(TINY).model), data, patients, **common)
+    model = build_model(parse_run_config(TINY).model)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = train_private_patients(model, data, patients, augment_multiplicity=3, **common)
+    assert out.steps == plain.steps and out.sample_rate == plain.sample_rate  # the guarantee's inputs unchanged
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_the_policy_unit_is_patient_unless_the_site_says_slice(tmp_path: Path) -> None:
     assert SitePolicy().unit == "patient"
     (tmp_path / "privacy.json").write_text(json.dumps({"dp": True, "max_epsilon": 8}))
@@ -153,10 +197,11 @@ def test_a_ledger_spent_per_slice_refuses_to_continue_per_patient_and_says_how(t
         open_ledger(ledger, policy, _grant("slice"), n_train=24)
 
 
-def _train(site_dir: Path, policy: Path, server_round: int = 1):
+def _train(site_dir: Path, policy: Path, server_round: int = 1, **extra: object):
     from client.app import train
 
-    run = {**DP, "train.batch-size": 4}  # 4 slices a step: q = 1/3 over 3 patients of 6 slices, 1/5 over 18 slices
+    # 4 slices a step: q = 1/3 over 3 patients of 6 slices, 1/5 over 18 slices
+    run = {**DP, "train.batch-size": 4, **extra}
     ctx = site_context(site_dir, run, node_id=3, node_config={"privacy-policy": str(policy)})
     arrays = to_arrays(build_model(parse_run_config(FAST).model))
     msg = site_message(arrays, MessageType.TRAIN, node_id=3, **{"server-round": server_round, "local-epochs": 1})
@@ -189,3 +234,14 @@ def test_a_site_trains_per_patient_by_default_and_its_ledger_and_reply_say_so(
     with pytest.raises(SiteError, match=r"LedgerError: privacy ledger .* created at patient level"):
         _train(small_sites / "site-03", policy, server_round=2)
     assert len(PrivacyLedger(tmp_path / "site-03.json").entries()) == 1  # nothing more was spent
+
+
+def test_dp_sgd_takes_its_own_expected_batch_from_privacy_batch_size(
+    small_sites: Path, tmp_path: Path, task_identity: None
+) -> None:
+    """privacy.batch-size (not train.batch-size) sets DP-SGD's expected batch: 12 slices = 2 patients of 6 a step."""
+    policy = tmp_path / "site-03-privacy.json"
+    policy.write_text(json.dumps({"ledger_dir": str(tmp_path)}))
+    _train(small_sites / "site-03", policy, **{"privacy.batch-size": 12})
+    (entry,) = PrivacyLedger(tmp_path / "site-03.json").read().entries
+    assert entry["sample_rate"] == pytest.approx(1 / 2) and entry["steps"] == 2  # ceil(3 patients / 2 a step)
