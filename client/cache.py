@@ -26,20 +26,23 @@ from typing import Any
 
 import torch
 
-from client.layout import CACHE_DIR, LEDGER_DIR
+from client.layout import CACHE_DIR, LEDGER_DIR, POLICY_FILE
 
 __all__ = ["cache_dir_for", "cached", "fingerprint"]
 
 log = logging.getLogger("fedsite.client")
 
 
-def fingerprint(root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (CACHE_DIR, LEDGER_DIR)) -> str:
+def fingerprint(
+    root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (CACHE_DIR, LEDGER_DIR, POLICY_FILE)
+) -> str:
     """A key for everything under ``root`` (paths and stat data: size, mtime, ctime, inode) and ``settings``.
 
     Args:
         root: The site folder.
         settings: Preprocessing settings that change the samples (JSON-able).
-        skip: Top-level folder names to ignore (the cache itself and the privacy ledger).
+        skip: Top-level folder and file names to ignore (the cache itself, the privacy ledger and the
+            privacy policy: editing the policy changes no sample).
 
     Returns:
         A hex digest.
@@ -50,7 +53,10 @@ def fingerprint(root: Path, *, settings: dict[str, Any], skip: Iterable[str] = (
         if Path(dirpath) == root:
             dirnames[:] = [d for d in dirnames if d not in skip]
         dirnames.sort()
+        top = Path(dirpath) == root
         for name in sorted(filenames):
+            if top and name in skip:
+                continue
             p = Path(dirpath) / name
             try:
                 st = p.stat()

@@ -252,14 +252,15 @@ def test_site_cache_is_rebuilt_when_only_the_spacing_setting_changes(small_sites
     assert sum(not torch.equal(fine[k], coarse[k]) for k in fine) == len(fine)  # every slice is resampled anew
 
 
-def test_writing_the_privacy_ledger_keeps_the_sample_cache(
+def test_writing_the_privacy_ledger_or_policy_keeps_the_sample_cache(
     small_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The ledger is written every private round inside the site folder; it is not an input of the samples."""
+    """The ledger (every private round) and the policy (the operator's edits, its ledger id) live in the site
+    folder; neither is an input of the samples."""
     import shutil
 
     import client.dataset as ds
-    from client.layout import CACHE_DIR, LEDGER_DIR
+    from client.layout import CACHE_DIR, LEDGER_DIR, POLICY_FILE
 
     site = tmp_path / "site-01"
     shutil.copytree(small_sites / "site-01", site, ignore=shutil.ignore_patterns(CACHE_DIR))
@@ -267,9 +268,10 @@ def test_writing_the_privacy_ledger_keeps_the_sample_cache(
     load_site(site, cfg, seed=1)
     (site / LEDGER_DIR).mkdir()
     (site / LEDGER_DIR / "ledger.json").write_text('{"rounds": []}')
+    (site / POLICY_FILE).write_text('{"dp": true, "max_epsilon": 8.0}')
 
     def no_decoding(*_a, **_k):
-        raise AssertionError("DICOM decoded again because the privacy ledger changed")
+        raise AssertionError("DICOM decoded again because the privacy ledger or policy changed")
 
     monkeypatch.setattr(ds, "read_usable", no_decoding)
     load_site(site, cfg, seed=1)
