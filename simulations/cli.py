@@ -79,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     priv.add_argument(
         "--quick",
         action="store_true",
-        help="3 small sites, 3 rounds x 3 local epochs, five settings: about 5 minutes on 2 cores; indicative only",
+        help="3 small sites, 3 rounds x 3 local epochs, five settings: about 6 minutes on 2 cores; indicative only",
     )
     priv.add_argument(
         "--source",
