@@ -382,6 +382,8 @@ def _cmd_study_privacy(args: argparse.Namespace) -> int:
         sizes = tuple(int(n) for n in _names(sizes_text)) if sizes_text != "none" else ()
     except ValueError:
         raise ConfigError(f"--site-sizes {sizes_text!r}: give training slices per site, e.g. 250,500") from None
+    if any(n < 1 for n in sizes):  # checked before any run, not after the main settings' hour of work
+        raise ConfigError(f"--site-sizes {sizes_text!r}: every size must be at least 1 training slice")
     settings = PRIVACY_SETTINGS if args.quick else FULL_SETTINGS
     print(
         f"fedsite study privacy: {cfg.task.name}, {len(settings)} settings x {cfg.num_server_rounds} rounds on "

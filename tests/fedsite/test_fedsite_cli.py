@@ -82,3 +82,20 @@ def test_a_config_error_is_one_line_naming_the_fix_with_exit_code_2(capsys: pyte
 def test_a_bad_run_config_pair_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--run-config", "train.lr"]) == 2
     assert "fedsite: error: --run-config expects key=value pairs, got 'train.lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--site-sizes", "250,0"], "--site-sizes '250,0': every size must be at least 1 training slice"),
+        (["--site-sizes", "many"], "--site-sizes 'many': give training slices per site"),
+        (["--site-size", "0"], "--site-size: site size must be at least 1 training slice"),
+    ],
+)
+def test_a_bad_privacy_study_size_is_refused_before_any_run(
+    args: list[str], message: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "study"
+    assert main(["study", "privacy", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was written, nothing ran
