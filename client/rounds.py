@@ -211,7 +211,7 @@ def train_round(
         # DP-SGD trains on the images as they are (augmentation there is a per-sample choice of its own)
         outcome = TrainOutcome(result=task.train(model, site.train, augment=cfg.train.augment, **kwargs))
     else:
-        # DP-SGD's own batch (its noise is divided by the expected batch) and augmentation multiplicity
+        # DP-SGD's own expected batch: its noise is divided by it, so DP wants a larger one than plain training
         kwargs["batch_size"] = cfg.privacy.batch_size or request.batch_size
         ledger = ledger_for(site_dir, site.name, policy)
         try:
